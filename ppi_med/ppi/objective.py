@@ -1,0 +1,199 @@
+"""The PPI objective ``L = L_cls + w1 L_con + w2 L_reg + w3 L_ad`` (section 2.3.1 of the method).
+
+One :class:`PPIObjective` call does a whole step's loss for a batch:
+
+1. one forward of ``x`` under the saliency tracer gives the logits for ``L_cls`` *and* the saliency
+   ``s_y(x)`` of each sample's own label (WBP by default);
+2. ``s`` is normalised per sample and turned into a mask ``T(s)``;
+3. one forward of the two contrasts together: the negative ``x* = x - T(s(x)) x`` that should lose the
+   label, and the adversarial positive ``x' = x - T(s(x_j)) x`` (``j``: the batch rolled by one) that
+   should keep it;
+4. ``L_reg`` is the mean absolute normalised saliency.
+
+``differentiable`` mode keeps ``s`` in the graph (double backward, as in the method); ``detached`` mode
+uses it as a constant mask, which is cheaper, and then ``L_reg`` carries no gradient (it is still reported).
+
+The contrast loss ``l(x*, not y)`` defaults to the bounded form ``-log(1 - p_y(x*))`` (cross-entropy
+against "any class but y"; for two classes exactly ``CE(x*, 1 - y)``). The method's text also writes it
+as ``-l(x*, y) = log p_y(x*)``, which has no lower bound: a model can drive it to minus infinity by
+making every intervened input confidently wrong, swamping the other terms. It is available as
+``contrast_loss="negate"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..saliency import frozen_buffers, make_tracer
+from .masks import MASKS, make_mask, normalize
+
+__all__ = ["PPIConfig", "PPIOutput", "PPIObjective", "contrast_loss"]
+
+MODES = ("differentiable", "detached")
+CONTRAST_LOSSES = ("flip", "negate")
+
+
+@dataclass
+class PPIConfig:
+    """Everything that defines the PPI objective.
+
+    Attributes:
+        enabled: ``False`` gives plain cross-entropy training (the baseline).
+        saliency: a method of :func:`ppi_med.saliency.compute` (``wbp``, ``gradient``, ``gradcam`` ...).
+        mode: ``differentiable`` or ``detached``.
+        mask: ``soft``, ``soft_adaptive``, ``hard``, ``box`` or ``topk``.
+        omega, sigma: the soft mask's sharpness and threshold.
+        adaptive_k: ``soft_adaptive`` threshold, mean + k std.
+        k_std: hard/box point threshold in standard deviations.
+        box_std: box half-size in standard deviations.
+        topk: points kept by the ``topk`` mask.
+        w_con, w_reg, w_ad: weights of the contrast, regulariser and adversarial terms.
+        contrast_loss: ``flip`` (bounded, default) or ``negate`` (``-l(x*, y)``).
+        warmup_epochs: epochs of plain cross-entropy before the PPI terms start.
+        con_boost, con_boost_epoch: from that epoch on, ``w_con`` is multiplied by ``con_boost``.
+        saliency_kwargs: options for the saliency method (e.g. ``{"layer": "..."}`` for gradcam).
+    """
+
+    enabled: bool = True
+    saliency: str = "wbp"
+    mode: str = "differentiable"
+    mask: str = "soft"
+    omega: float = 100.0
+    sigma: float = 0.25
+    adaptive_k: float = 1.0
+    k_std: float = 7.0
+    box_std: float = 1.2
+    topk: int = 1000
+    w_con: float = 1.0
+    w_reg: float = 0.1
+    w_ad: float = 1.0
+    contrast_loss: str = "flip"
+    warmup_epochs: int = 0
+    con_boost: float = 1.0
+    con_boost_epoch: int | None = None
+    saliency_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"PPI mode must be one of {MODES}, got '{self.mode}'")
+        if self.mask not in MASKS:
+            raise ValueError(f"PPI mask must be one of {MASKS}, got '{self.mask}'")
+        if self.contrast_loss not in CONTRAST_LOSSES:
+            raise ValueError(f"PPI contrast_loss must be one of {CONTRAST_LOSSES}, got '{self.contrast_loss}'")
+        for name in ("w_con", "w_reg", "w_ad", "omega"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPI {name} must be >= 0, got {getattr(self, name)}")
+
+    def weights(self, epoch: int | None) -> dict[str, float]:
+        """Weights of the PPI terms at ``epoch`` (1-based, as MONAI engines count; ``None``: no schedule)."""
+        if epoch is not None and epoch <= self.warmup_epochs:
+            return {"con": 0.0, "reg": 0.0, "ad": 0.0}
+        boost = self.con_boost if self.con_boost_epoch is not None and (epoch or 0) >= self.con_boost_epoch else 1.0
+        return {"con": self.w_con * boost, "reg": self.w_reg, "ad": self.w_ad}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PPIOutput:
+    """The total loss (with graph), its named parts (floats), the logits of ``x`` and the saliency used."""
+
+    loss: torch.Tensor
+    components: dict[str, float]
+    logits: torch.Tensor
+    saliency: torch.Tensor | None = None
+
+
+def contrast_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "flip") -> torch.Tensor:
+    """Loss that pushes ``logits`` away from class ``y``.
+
+    Args:
+        logits: ``(N, M)``.
+        y: ``(N,)`` class indices.
+        kind: ``flip``: ``-log(1 - p_y)``, bounded below by 0; ``negate``: ``log p_y`` = ``-CE``.
+    """
+    log_p = F.log_softmax(logits, dim=1)
+    if kind == "negate":
+        return log_p.gather(1, y[:, None]).mean()
+    others = log_p.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return -torch.logsumexp(others, dim=1).mean()
+
+
+class PPIObjective:
+    """``(model, x, y) -> PPIOutput``: the loss a MONAI trainer iteration backpropagates.
+
+    Args:
+        config: a :class:`PPIConfig` (or a dict of its fields).
+    """
+
+    def __init__(self, config: PPIConfig | dict[str, Any] | None = None) -> None:
+        self.config = config if isinstance(config, PPIConfig) else PPIConfig(**(config or {}))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int | None = None) -> PPIOutput:
+        """Loss for one batch.
+
+        Args:
+            model: the classifier (in the mode the caller wants; typically training).
+            x: inputs ``(N, C, *spatial)``.
+            y: integer labels ``(N,)`` (a ``(N, 1)`` tensor is flattened).
+            epoch: the current epoch for the warm-up schedule.
+        """
+        cfg = self.config
+        y = y.reshape(-1).long()
+        if not cfg.enabled:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            return PPIOutput(loss, {"loss": loss.item(), "loss_cls": loss.item()}, logits)
+
+        w = cfg.weights(epoch)
+        active = any(v > 0 for v in w.values())
+        tracer = make_tracer(cfg.saliency, model, **cfg.saliency_kwargs)
+        differentiable = cfg.mode == "differentiable" and tracer.differentiable
+        x = x.detach()
+        xg = x.detach().requires_grad_(active)
+        with tracer:
+            logits = model(xg)
+        loss_cls = F.cross_entropy(logits, y)
+        if not active:
+            parts = {"loss": loss_cls.item(), "loss_cls": loss_cls.item(), "loss_con": 0.0, "loss_reg": 0.0}
+            return PPIOutput(loss_cls, {**parts, "loss_ad": 0.0}, logits)
+
+        s = tracer.saliency(logits, xg, y, create_graph=differentiable, retain_graph=True)
+        s_n = normalize(s)
+        mask = make_mask(
+            cfg.mask,
+            s_n,
+            omega=cfg.omega,
+            sigma=cfg.sigma,
+            adaptive_k=cfg.adaptive_k,
+            k_std=cfg.k_std,
+            box_std=cfg.box_std,
+            topk=cfg.topk,
+        )
+        x_neg = x - mask * x
+        n = x.shape[0]
+        # the contrasts must not move batch-norm running statistics: they are not the data distribution
+        with frozen_buffers(model):
+            if n > 1:
+                out = model(torch.cat([x_neg, x - mask.roll(1, dims=0) * x]))
+                out_neg, out_adv = out[:n], out[n:]
+            else:
+                out_neg, out_adv = model(x_neg), None
+        loss_con = contrast_loss(out_neg, y, cfg.contrast_loss)
+        loss_ad = F.cross_entropy(out_adv, y) if out_adv is not None else loss_cls.new_zeros(())
+        loss_reg = s_n.abs().reshape(n, -1).mean(dim=1).mean()
+        total = loss_cls + w["con"] * loss_con + w["reg"] * loss_reg + w["ad"] * loss_ad
+        parts = {
+            "loss": total.item(),
+            "loss_cls": loss_cls.item(),
+            "loss_con": loss_con.item(),
+            "loss_reg": loss_reg.item(),
+            "loss_ad": loss_ad.item(),
+        }
+        return PPIOutput(total, parts, logits, s.detach())

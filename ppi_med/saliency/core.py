@@ -1,0 +1,114 @@
+"""Pieces every saliency method shares: target checks, the tracer protocol, buffer protection."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["Tracer", "as_target", "class_score", "frozen_buffers", "input_requiring_grad"]
+
+
+def as_target(target: int | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """One class index per sample as a LongTensor, checked against the number of classes.
+
+    Args:
+        target: an int (same class for the whole batch) or a tensor of shape ``(N,)``.
+        logits: the model output, shape ``(N, M)``.
+
+    Raises:
+        ValueError: wrong shape, non-integer classes, or a class outside ``[0, M)``.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"saliency needs class logits of shape (N, M); the model returned {tuple(logits.shape)}")
+    n, m = logits.shape
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {t.dtype}")
+    t = t.long()
+    if t.ndim == 0:
+        t = t.expand(n)
+    t = t.reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {n}")
+    bad = (t < 0) | (t >= m)
+    if bool(bad.any()):
+        raise ValueError(f"target class {int(t[bad][0])} is out of range for a model with {m} outputs")
+    return t
+
+
+def class_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of each sample's target logit (samples are independent, so one backward serves all)."""
+    return logits.gather(1, target[:, None]).sum()
+
+
+def input_requiring_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when it already takes part in a graph, else a detached leaf that requires grad."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+@contextlib.contextmanager
+def frozen_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (batch-norm running statistics, counters) on exit.
+
+    A saliency forward in training mode would otherwise update the running statistics a second time.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                # through .data: the graph of a training-mode batch norm keeps the running stats as saved
+                # inputs (unused by its backward), and a tracked in-place write would invalidate it
+                if not torch.equal(b, copy):
+                    b.data.copy_(copy)
+
+
+class Tracer:
+    """A saliency method split around the model's forward pass.
+
+    Entering attaches whatever hooks the method needs; the caller runs the forward itself (so the same
+    forward can also serve the classification loss); :meth:`saliency` then turns the logits into a map the
+    shape of the input. Leaving removes every hook.
+    """
+
+    #: whether the saliency can be kept in the autograd graph (``create_graph=True``)
+    differentiable: bool = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def saliency(
+        self,
+        logits: torch.Tensor,
+        x: torch.Tensor,
+        target: int | torch.Tensor,
+        *,
+        create_graph: bool = False,
+        retain_graph: bool | None = None,
+    ) -> torch.Tensor:
+        """Saliency of ``target`` for input ``x`` from the traced forward's ``logits``.
+
+        Args:
+            logits: output of the forward run inside this tracer, shape ``(N, M)``.
+            x: the input of that forward; it must require grad.
+            target: class per sample (int or ``(N,)`` LongTensor).
+            create_graph: keep the map in the graph so a loss on it trains the model.
+            retain_graph: keep the forward graph for a later backward (defaults to ``create_graph``).
+
+        Returns:
+            A tensor shaped like ``x``; detached unless ``create_graph``.
+        """
+        raise NotImplementedError
