@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .masks import MASKS, adaptive_sigma, box_mask, hard_point_mask, make_mask, normalize, soft_mask, topk_mask
+from .masks import (
+    MASKS,
+    adaptive_sigma,
+    box_mask,
+    hard_point_mask,
+    make_mask,
+    normalize,
+    soft_mask,
+    topk_mask,
+)
 from .objective import PPIConfig, PPIObjective, PPIOutput, contrast_loss
 
 __all__ = [

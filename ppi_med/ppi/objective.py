@@ -29,13 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..saliency import frozen_buffers, make_tracer
+from ..saliency import frozen_buffers, make_tracer, plain
 from .masks import MASKS, make_mask, normalize
 
 __all__ = ["PPIConfig", "PPIOutput", "PPIObjective", "contrast_loss"]
 
 MODES = ("differentiable", "detached")
 CONTRAST_LOSSES = ("flip", "negate")
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    # command-line overrides arrive as strings ("--ppi#enabled false")
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"PPI {name} must be true or false, got '{value}'")
+    return bool(value)
 
 
 @dataclass
@@ -79,12 +91,15 @@ class PPIConfig:
     saliency_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.enabled = _as_bool(self.enabled, "enabled")
         if self.mode not in MODES:
             raise ValueError(f"PPI mode must be one of {MODES}, got '{self.mode}'")
         if self.mask not in MASKS:
             raise ValueError(f"PPI mask must be one of {MASKS}, got '{self.mask}'")
         if self.contrast_loss not in CONTRAST_LOSSES:
-            raise ValueError(f"PPI contrast_loss must be one of {CONTRAST_LOSSES}, got '{self.contrast_loss}'")
+            raise ValueError(
+                f"PPI contrast_loss must be one of {CONTRAST_LOSSES}, got '{self.contrast_loss}'"
+            )
         for name in ("w_con", "w_reg", "w_ad", "omega"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPI {name} must be >= 0, got {getattr(self, name)}")
@@ -93,7 +108,11 @@ class PPIConfig:
         """Weights of the PPI terms at ``epoch`` (1-based, as MONAI engines count; ``None``: no schedule)."""
         if epoch is not None and epoch <= self.warmup_epochs:
             return {"con": 0.0, "reg": 0.0, "ad": 0.0}
-        boost = self.con_boost if self.con_boost_epoch is not None and (epoch or 0) >= self.con_boost_epoch else 1.0
+        boost = (
+            self.con_boost
+            if self.con_boost_epoch is not None and (epoch or 0) >= self.con_boost_epoch
+            else 1.0
+        )
         return {"con": self.w_con * boost, "reg": self.w_reg, "ad": self.w_ad}
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,7 +154,9 @@ class PPIObjective:
     def __init__(self, config: PPIConfig | dict[str, Any] | None = None) -> None:
         self.config = config if isinstance(config, PPIConfig) else PPIConfig(**(config or {}))
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int | None = None) -> PPIOutput:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int | None = None
+    ) -> PPIOutput:
         """Loss for one batch.
 
         Args:
@@ -155,7 +176,7 @@ class PPIObjective:
         active = any(v > 0 for v in w.values())
         tracer = make_tracer(cfg.saliency, model, **cfg.saliency_kwargs)
         differentiable = cfg.mode == "differentiable" and tracer.differentiable
-        x = x.detach()
+        x = plain(x).detach()
         xg = x.detach().requires_grad_(active)
         with tracer:
             logits = model(xg)

@@ -7,7 +7,7 @@ training step reuse its own forward pass for the saliency (see :mod:`ppi_med.ppi
 from __future__ import annotations
 
 from .api import METHODS, compute, make_tracer
-from .core import Tracer, as_target, frozen_buffers
+from .core import Tracer, as_target, frozen_buffers, plain
 from .gradcam import GradCAMTracer
 from .gradient import GradientTracer
 from .lrp import LRPTracer, lrp
@@ -35,4 +35,5 @@ __all__ = [
     "UnsupportedLayerError",
     "as_target",
     "frozen_buffers",
+    "plain",
 ]

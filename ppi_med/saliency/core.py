@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Tracer", "as_target", "class_score", "frozen_buffers", "input_requiring_grad"]
+__all__ = ["Tracer", "as_target", "class_score", "frozen_buffers", "input_requiring_grad", "plain"]
 
 
 def as_target(target: int | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,9 @@ def as_target(target: int | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         ValueError: wrong shape, non-integer classes, or a class outside ``[0, M)``.
     """
     if logits.ndim != 2:
-        raise ValueError(f"saliency needs class logits of shape (N, M); the model returned {tuple(logits.shape)}")
+        raise ValueError(
+            f"saliency needs class logits of shape (N, M); the model returned {tuple(logits.shape)}"
+        )
     n, m = logits.shape
     t = torch.as_tensor(target, device=logits.device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -44,8 +46,15 @@ def class_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target[:, None]).sum()
 
 
+def plain(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain tensor: subclasses such as MONAI's MetaTensor turn the outputs of custom autograd
+    functions into views, which in-place activations then refuse to modify."""
+    return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
+
+
 def input_requiring_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when it already takes part in a graph, else a detached leaf that requires grad."""
+    """``x`` (as a plain tensor) when it already takes part in a graph, else a detached leaf that requires grad."""
+    x = plain(x)
     return x if x.requires_grad else x.detach().requires_grad_(True)
 
 

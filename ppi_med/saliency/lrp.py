@@ -142,7 +142,9 @@ class LRPTracer(Tracer):
         return (grad * x_leaf).detach()
 
 
-def lrp(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, epsilon: float = 1e-6) -> torch.Tensor:
+def lrp(
+    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, epsilon: float = 1e-6
+) -> torch.Tensor:
     """Epsilon-plus LRP relevance of class ``target`` for the batch ``x`` (detached, shape of ``x``).
 
     Raises:

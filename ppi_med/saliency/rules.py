@@ -262,4 +262,3 @@ def rule_for(module: nn.Module, rules: dict[type[nn.Module], Rule] | None = None
 def is_leaf(module: nn.Module) -> bool:
     """True for a module without children (where the rules apply)."""
     return next(module.children(), None) is None
-

@@ -142,7 +142,9 @@ class WBPTracer(Tracer):
         return s if create_graph else s.detach()
 
 
-def wbp(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+def wbp(
+    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, create_graph: bool = False
+) -> torch.Tensor:
     """WBP saliency of class ``target`` for the batch ``x``.
 
     Args:
@@ -163,4 +165,3 @@ def wbp(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, create
         logits = model(xg)
     with torch.enable_grad():
         return tracer.saliency(logits, xg, target, create_graph=create_graph)
-

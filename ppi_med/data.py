@@ -1,0 +1,135 @@
+"""Datalists and splits: subject-level, stratified, with held-out sites."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+__all__ = ["load_datalist", "split_by_subject", "select_sites", "ga_split"]
+
+
+def load_datalist(
+    path: str | Path, key: str = "training", required: Sequence[str] = ("image", "label")
+) -> list[dict]:
+    """Read a decathlon-style datalist with paths resolved against its folder, checking every record.
+
+    Args:
+        path: the JSON file.
+        key: the list to read.
+        required: keys every record must have.
+
+    Raises:
+        FileNotFoundError: no such datalist, or a record's image is missing on disk.
+        ValueError: malformed JSON, missing keys, or a label that is not 0/1.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if key not in raw:
+        raise ValueError(f"{path}: no '{key}' list in the datalist")
+    items = load_decathlon_datalist(path, data_list_key=key, base_dir=path.parent)
+    for i, item in enumerate(items):
+        missing = [k for k in required if k not in item]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {missing}")
+        if not Path(item["image"]).exists():
+            raise FileNotFoundError(f"{path}: record {i} points to a missing image {item['image']}")
+        if "label" in item and item["label"] not in (0, 1):
+            raise ValueError(
+                f"{path}: record {i} ({item['image']}) has label {item['label']!r}; expected 0 or 1"
+            )
+    return items
+
+
+def select_sites(items: list[dict], sites: Sequence[str] | str | None) -> list[dict]:
+    """The records of the given sites (all of them for ``None``/empty)."""
+    if not sites:
+        return list(items)
+    wanted = {sites} if isinstance(sites, str) else set(sites)
+    known = {it.get("site") for it in items}
+    unknown = wanted - known
+    if unknown:
+        raise ValueError(
+            f"unknown site(s) {sorted(unknown)}; the datalist has {sorted(s for s in known if s)}"
+        )
+    return [it for it in items if it.get("site") in wanted]
+
+
+def split_by_subject(
+    items: list[dict], val_fraction: float = 0.25, seed: int = 0, subject_key: str = "subject"
+) -> tuple[list[dict], list[dict]]:
+    """Split records so that no subject is on both sides, stratified by the subject's label.
+
+    A subject's label is the maximum of its records' labels (a subject with any GA eye counts as GA).
+
+    Args:
+        items: records with ``label`` and ``subject_key`` (records without a subject are their own subject).
+        val_fraction: share of subjects held out per label.
+        seed: shuffling seed.
+
+    Returns:
+        ``(train, val)``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    subjects: dict[str, list[dict]] = defaultdict(list)
+    for i, it in enumerate(items):
+        subjects[str(it.get(subject_key, f"record-{i}"))].append(it)
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for sid, recs in sorted(subjects.items()):
+        by_label[max(int(r["label"]) for r in recs)].append(sid)
+    rng = np.random.default_rng(seed)
+    val_ids: set[str] = set()
+    for label in sorted(by_label):
+        ids = by_label[label]
+        rng.shuffle(ids)
+        n_val = max(1, round(val_fraction * len(ids))) if len(ids) > 1 else 0
+        val_ids.update(ids[:n_val])
+    train = [r for sid, recs in subjects.items() if sid not in val_ids for r in recs]
+    val = [r for sid, recs in subjects.items() if sid in val_ids for r in recs]
+    return train, val
+
+
+def ga_split(
+    datalist: str | Path,
+    *,
+    part: str,
+    train_sites: Sequence[str] | str | None = None,
+    val_sites: Sequence[str] | str | None = None,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The training or validation records of a GA datalist.
+
+    With ``val_sites`` empty, the training sites' subjects are split (stratified, subject-level); with
+    ``val_sites`` given, training uses all of ``train_sites`` and validation all of ``val_sites`` (a
+    held-out-site experiment, e.g. train on A-C and validate on D).
+
+    Args:
+        datalist: path of the datalist JSON.
+        part: ``train`` or ``val``.
+        train_sites: sites to train on (all for ``None``).
+        val_sites: held-out sites for validation, or ``None``.
+        val_fraction: subject share for validation when no site is held out.
+        seed: split seed.
+    """
+    if part not in ("train", "val"):
+        raise ValueError(f"part must be 'train' or 'val', got '{part}'")
+    items = load_datalist(datalist)
+    if val_sites:
+        held = select_sites(items, val_sites)
+        held_names = {it["site"] for it in held}
+        train = [it for it in select_sites(items, train_sites) if it.get("site") not in held_names]
+        return train if part == "train" else held
+    train, val = split_by_subject(select_sites(items, train_sites), val_fraction, seed)
+    return train if part == "train" else val

@@ -1,0 +1,106 @@
+"""MONAI engine glue: a training iteration that runs the PPI objective, and per-epoch loss averages."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+from .ppi import PPIConfig, PPIObjective
+
+__all__ = ["PPIIteration", "EpochLossAverages"]
+
+
+class PPIIteration:
+    """``iteration_update`` for :class:`monai.engines.SupervisedTrainer` that trains with PPI.
+
+    It replaces the trainer's own forward/loss/backward with :class:`~ppi_med.ppi.PPIObjective` (which
+    falls back to plain cross-entropy when ``enabled`` is false), keeps AMP (``trainer.amp``) and the
+    trainer's iteration events, and returns a dict output with the image, label, prediction, the total
+    ``loss`` and each named term (``loss_cls``, ``loss_con``, ``loss_reg``, ``loss_ad``).
+
+    Args:
+        ppi: a :class:`~ppi_med.ppi.PPIConfig` or a dict of its fields (e.g. straight from a bundle).
+    """
+
+    def __init__(self, ppi: PPIConfig | dict[str, Any] | None = None) -> None:
+        self.objective = PPIObjective(ppi)
+
+    @property
+    def config(self) -> PPIConfig:
+        return self.objective.config
+
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("the training data loader returned no data")
+        # (inputs, targets) or (inputs, targets, args, kwargs), depending on the prepare_batch
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with torch.autocast(device_type=inputs.device.type, enabled=bool(engine.amp)):
+            out = self.objective(engine.network, inputs, targets, epoch=engine.state.epoch)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(out.loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            out.loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {
+            Keys.IMAGE: inputs,
+            Keys.LABEL: targets,
+            Keys.PRED: out.logits.detach(),
+            Keys.LOSS: out.components["loss"],
+            **out.components,
+        }
+
+
+class EpochLossAverages:
+    """Average the scalar loss terms of a trainer's outputs over each epoch into ``engine.state.metrics``.
+
+    MONAI's MLflow and stats handlers log ``state.metrics`` at the end of an epoch, so attaching this first
+    puts ``loss``, ``loss_cls``, ``loss_con`` ... into MLflow once per epoch.
+
+    Args:
+        keys: which output entries to average (default: every key starting with ``loss``).
+    """
+
+    def __init__(self, keys: list[str] | None = None) -> None:
+        self.keys = keys
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        # run before the loggers attached later
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums.clear()
+        self._count = 0
+
+    def _update(self, engine: Engine) -> None:
+        output = engine.state.output
+        if not isinstance(output, dict):
+            return
+        keys = self.keys or [k for k in output if isinstance(k, str) and k.startswith("loss")]
+        for k in keys:
+            if k in output:
+                self._sums[k] += float(output[k])
+        self._count += 1
+
+    def _publish(self, engine: Engine) -> None:
+        if self._count:
+            for k, v in self._sums.items():
+                engine.state.metrics[k] = v / self._count

@@ -1,0 +1,634 @@
+"""Tests of ppi_med.saliency: WBP's rules and identities, the baselines, and what they leave untouched.
+
+WBP is checked against its own definition (DESIGN.md section 3): an explicit layer-by-layer recursion of
+Table 2.1 written here without autograd hooks, input x gradient where the two must agree, completeness
+where the network is positively homogeneous, and finite differences for the trainable (create_graph)
+version. Grad-CAM is checked against MONAI's post-hoc implementation, LRP against hand-computed relevance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DenseNet, ResNet
+from monai.visualize import GradCAM
+from monai.visualize.class_activation_maps import default_normalizer
+from torch import nn
+from torch.func import functional_call
+
+from ppi_med.saliency import (
+    METHODS,
+    RULES,
+    Secant,
+    UnsupportedLayerError,
+    compute,
+    lrp,
+    register_rule,
+    wbp,
+)
+
+SPATIAL = {2: 12, 3: 8}
+
+
+def _conv(sd: int) -> type[nn.Module]:
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[sd]
+
+
+def _bn(sd: int) -> type[nn.Module]:
+    return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[sd]
+
+
+def _maxpool(sd: int) -> type[nn.Module]:
+    return {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[sd]
+
+
+def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
+    """Give every batch norm non-trivial statistics and affine parameters (fresh ones are the identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+
+
+def vgg(sd: int, classes: int = 3, act: type[nn.Module] = nn.ReLU, bias: bool = True, bn: bool = True) -> nn.Sequential:
+    """A small VGG-style classifier for inputs of side ``SPATIAL[sd]``."""
+    conv, norm, pool = _conv(sd), _bn(sd), _maxpool(sd)
+    side = SPATIAL[sd] // 4
+    layers: list[nn.Module] = [conv(1, 4, 3, padding=1, bias=bias)]
+    layers += [norm(4)] if bn else []
+    layers += [act(), pool(2), conv(4, 6, 3, padding=1, bias=bias)]
+    layers += [norm(6)] if bn else []
+    layers += [act(), pool(2), nn.Flatten(), nn.Linear(6 * side**sd, 10, bias=bias), act(), nn.Dropout(0.3)]
+    layers += [nn.Linear(10, classes, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+def small_resnet(sd: int) -> nn.Module:
+    return ResNet(
+        block="basic",
+        layers=[1, 1, 1, 1],
+        block_inplanes=[8, 16, 32, 64],
+        spatial_dims=sd,
+        n_input_channels=1,
+        num_classes=3,
+    )
+
+
+def small_densenet(sd: int) -> nn.Module:
+    return DenseNet(sd, 1, 3, init_features=8, growth_rate=4, block_config=(2, 2))
+
+
+def _input(sd: int, n: int = 2, side: int | None = None, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, *([side or SPATIAL[sd]] * sd), generator=gen, dtype=dtype)
+
+
+def _input_x_gradient(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+    """Reference input x gradient straight from autograd (no ppi_med code)."""
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    t = torch.as_tensor(target).expand(x.shape[0]) if torch.as_tensor(target).ndim == 0 else target
+    (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xg)
+    return g * x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an explicit WBP recursion (Table 2.1), written without autograd, to check the hook implementation against
+
+
+def reference_wbp(seq: nn.Sequential, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``W~0 * x`` by the update rules of Table 2.1 applied layer by layer from ``W~L = e_target``."""
+    inputs = []
+    h = x
+    with torch.no_grad():
+        for layer in seq:
+            inputs.append(h)
+            h = layer(h)
+        w = F.one_hot(target, h.shape[1]).to(x.dtype)
+        for layer, v in reversed(list(zip(seq, inputs))):
+            if isinstance(layer, nn.Linear):
+                w = w @ layer.weight
+            elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                sd = v.ndim - 2
+                k, s, p = layer.kernel_size, layer.stride, layer.padding
+                extra = [v.shape[2 + i] - ((w.shape[2 + i] - 1) * s[i] - 2 * p[i] + k[i]) for i in range(sd)]
+                transposed = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[sd]
+                w = transposed(w, layer.weight, None, s, p, extra)
+            elif isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+                sd = v.ndim - 2
+                pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[sd]
+                unpool = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}[sd]
+                _, idx = pool(v, layer.kernel_size, layer.stride, return_indices=True)
+                w = unpool(w, idx, layer.kernel_size, layer.stride, output_size=v.shape[2:])
+            elif isinstance(layer, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+                assert layer.output_size in (1, (1,) * (v.ndim - 2))
+                w = w.expand_as(v) / v[0, 0].numel()
+            elif isinstance(layer, nn.Flatten):
+                w = w.reshape(v.shape)
+            elif isinstance(layer, (nn.Dropout, nn.Identity)):
+                assert not layer.training or not isinstance(layer, nn.Dropout) or layer.p == 0
+            elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                dims = [0, *range(2, v.ndim)]
+                var = v.var(dim=dims, unbiased=False) if layer.training else layer.running_var
+                scale = layer.weight / torch.sqrt(var + layer.eps)
+                w = w * scale.reshape(1, -1, *([1] * (v.ndim - 2)))
+            else:  # element-wise activation: the secant slope g(v) / v
+                assert bool((v != 0).all())
+                w = w * layer(v) / v
+    return w * x
+
+
+def rich_sequential(sd: int = 2) -> nn.Sequential:
+    conv, norm, pool = _conv(sd), _bn(sd), _maxpool(sd)
+    avg = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[sd]
+    return nn.Sequential(
+        conv(1, 3, 3, padding=1),
+        norm(3),
+        nn.Tanh(),
+        pool(2),
+        conv(3, 5, 3, stride=2, padding=1),
+        norm(5),
+        nn.ELU(),
+        avg(1),
+        nn.Flatten(),
+        nn.Linear(5, 6),
+        nn.SiLU(),
+        nn.Linear(6, 3),
+    )
+
+
+@pytest.mark.parametrize("sd", [1, 2, 3])
+@pytest.mark.parametrize("training", [False, True])
+def test_wbp_matches_explicit_recursion_of_table_2_1(sd: int, training: bool) -> None:
+    torch.manual_seed(1)
+    model = rich_sequential(sd).double()
+    _randomize_bn(model, torch.Generator().manual_seed(2))
+    model.train(training)
+    x = _input(sd, n=3, side=8, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    expected = reference_wbp(model, x, target)
+    torch.testing.assert_close(wbp(model, x, target), expected, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# WBP == input x gradient for ReLU / BN / pooling networks
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+@pytest.mark.parametrize("factory", [small_resnet, small_densenet, vgg], ids=["resnet", "densenet", "vgg"])
+def test_wbp_equals_input_x_gradient_on_relu_networks(sd: int, factory) -> None:
+    torch.manual_seed(0)
+    model = factory(sd)
+    _randomize_bn(model, torch.Generator().manual_seed(1))
+    model.eval()
+    side = 16 if factory is not vgg else None
+    x = _input(sd, n=2, side=side)
+    target = torch.tensor([2, 0])
+    s = wbp(model, x, target)
+    expected = _input_x_gradient(model, x, target)
+    assert s.shape == x.shape
+    assert s.abs().max() > 0
+    torch.testing.assert_close(s, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(compute("wbp", model, x, target), s)
+    torch.testing.assert_close(compute("input_x_gradient", model, x, target), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_method_is_the_plain_input_gradient() -> None:
+    torch.manual_seed(0)
+    model = vgg(2).eval()
+    x = _input(2)
+    g = compute("gradient", model, x, 1)
+    torch.testing.assert_close(g * x, _input_x_gradient(model, x, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# completeness on bias-free networks, and where WBP parts from the gradient
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.ELU, nn.SiLU, nn.Sigmoid, nn.GELU])
+def test_wbp_completeness_on_bias_free_networks(sd: int, act: type[nn.Module]) -> None:
+    torch.manual_seed(3)
+    model = vgg(sd, act=act, bias=False, bn=False).double().eval()
+    x = _input(sd, n=3, dtype=torch.float64, seed=4)
+    target = torch.tensor([0, 1, 2])
+    s = wbp(model, x, target)
+    logits = model(x).gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(s.reshape(3, -1).sum(dim=1), logits, rtol=1e-9, atol=1e-12)
+    ixg = _input_x_gradient(model, x, target)
+    if act is nn.ReLU:
+        torch.testing.assert_close(s, ixg)
+    else:  # the secant slope is not the derivative
+        assert (s - ixg).abs().max() > 1e-3 * s.abs().max()
+
+
+def test_wbp_completeness_with_batch_norm_as_a_pure_scale() -> None:
+    """Eval-mode BN with zero mean and zero bias is a per-channel scale: completeness still holds."""
+    torch.manual_seed(5)
+    model = vgg(2, act=nn.Tanh, bias=False, bn=True).double().eval()
+    _randomize_bn(model, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_()
+                m.bias.zero_()
+    x = _input(2, n=2, dtype=torch.float64)
+    s = wbp(model, x, 1)
+    torch.testing.assert_close(s.reshape(2, -1).sum(dim=1), model(x)[:, 1], rtol=1e-9, atol=1e-12)
+
+
+def test_secant_slope_takes_the_derivative_at_exact_zeros() -> None:
+    """A pre-activation of exactly 0 uses g'(0): tanh'(0) = 1, so W~0 = 3 [1, 1] + 5 tanh(2)/2 [2, 0]."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Tanh(), nn.Linear(2, 1, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1.0], [2.0, 0.0]]))
+        model[2].weight.copy_(torch.tensor([[3.0, 5.0]]))
+    x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)  # first hidden unit: exactly 0
+    s = wbp(model, x, 0)
+    t2 = torch.tanh(torch.tensor(2.0, dtype=torch.float64))
+    expected = torch.stack([3 + 5 * t2, torch.tensor(-3.0, dtype=torch.float64)])[None]
+    torch.testing.assert_close(s, expected, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(s).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# targets
+
+
+def test_per_sample_targets_give_each_sample_its_own_class_map() -> None:
+    torch.manual_seed(7)
+    model = vgg(2, act=nn.ELU)
+    _randomize_bn(model, torch.Generator().manual_seed(8))
+    model.eval()
+    x = _input(2, n=3)
+    target = torch.tensor([2, 0, 1])
+    for method in ("wbp", "gradient", "input_x_gradient", "gradcam", "lrp"):
+        batch = compute(method, model, x, target)
+        for i in range(3):
+            single = compute(method, model, x[i : i + 1], int(target[i]))
+            torch.testing.assert_close(batch[i : i + 1], single, rtol=1e-4, atol=1e-6, msg=method)
+        # a different class really gives a different map
+        other = compute(method, model, x, (target + 1) % 3)
+        assert not torch.allclose(batch, other), method
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trainable WBP (create_graph=True)
+
+
+class _WithParams(nn.Module):
+    """Runs ``model`` with substituted parameters, so gradcheck can treat them as inputs."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.params = params  # a plain dict: not registered, the wrapper itself owns nothing
+
+    def forward(self, x):
+        return functional_call(self.model, self.params, (x,))
+
+
+def _tiny_trainable() -> nn.Sequential:
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.BatchNorm2d(2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 3),
+    ).double()
+    _randomize_bn(model, torch.Generator().manual_seed(10))
+    return model.train()
+
+
+def test_create_graph_second_order_gradients_pass_gradcheck() -> None:
+    model = _tiny_trainable()
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    x = _input(2, n=3, side=3, dtype=torch.float64, seed=11).requires_grad_(True)
+    target = torch.tensor([0, 2, 1])
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+
+    def f(xx, *ps):
+        wrapped = _WithParams(model, dict(zip(names, ps)))
+        s = wbp(wrapped, xx, target, create_graph=True)
+        return (s * probe).sum() + (s**2).sum()
+
+    # fast mode compares random projections of the Jacobian: a few evaluations instead of one per entry
+    for seed in range(3):
+        torch.manual_seed(seed)
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+    # the gradient w.r.t. the parameters is really there (not all zeros); the last bias cannot matter
+    grads = torch.autograd.grad(f(x, *params), params, allow_unused=True)
+    assert all(g.abs().max() > 0 for g in grads[:-1])
+    assert names[-1] == "4.bias" and grads[-1] is None
+
+
+def test_create_graph_trains_the_model_and_matches_a_finite_difference() -> None:
+    model = _tiny_trainable()
+    x = _input(2, n=3, side=3, dtype=torch.float64, seed=13)
+    s = wbp(model, x, 1, create_graph=True)
+    assert s.requires_grad
+    loss = s.abs().sum()
+    loss.backward()
+    w = model[0].weight
+    assert w.grad is not None and w.grad.abs().max() > 0
+    # directional finite difference along the gradient of the first conv weight
+    direction = w.grad / w.grad.norm()
+    h = 1e-6
+    with torch.no_grad():
+        w.add_(h * direction)
+        up = wbp(model, x, 1).abs().sum()
+        w.sub_(2 * h * direction)
+        down = wbp(model, x, 1).abs().sum()
+        w.add_(h * direction)
+    torch.testing.assert_close((up - down) / (2 * h), (w.grad * direction).sum(), rtol=1e-5, atol=1e-8)
+
+
+def test_without_create_graph_the_map_is_detached() -> None:
+    model = _tiny_trainable()
+    x = _input(2, n=2, side=3, dtype=torch.float64)
+    for method in METHODS:
+        s = compute(method, model, x, 0)
+        assert not s.requires_grad and s.grad_fn is None, method
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training-mode batch norm
+
+
+def test_training_mode_batch_norm_uses_batch_statistics_as_constants() -> None:
+    torch.manual_seed(14)
+    conv, bn, lin = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Linear(2 * 5 * 5, 2)
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), lin).double().train()
+    _randomize_bn(model, torch.Generator().manual_seed(15))
+    x = _input(2, n=4, side=5, dtype=torch.float64, seed=16)
+    target = torch.tensor([1, 0, 1, 1])
+
+    with torch.no_grad():
+        z = conv(x)
+        y = bn(z)
+        w = lin.weight[target].reshape(4, 2, 5, 5) * (y > 0)
+        var = z.var(dim=(0, 2, 3), unbiased=False)
+        w = w * (bn.weight / torch.sqrt(var + bn.eps)).reshape(1, 2, 1, 1)
+        expected = F.conv_transpose2d(w, conv.weight, padding=1) * x
+    torch.testing.assert_close(wbp(model, x, target), expected, rtol=1e-10, atol=1e-12)
+    # the exact gradient also differentiates the batch statistics, so it is different
+    assert (expected - _input_x_gradient(model, x, target)).abs().max() > 1e-3 * expected.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model is left exactly as it was
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("training", [True, False])
+def test_model_state_is_untouched(method: str, training: bool) -> None:
+    torch.manual_seed(17)
+    model = vgg(2, act=nn.SiLU)
+    _randomize_bn(model, torch.Generator().manual_seed(18))
+    x = _input(2, n=3)
+    # give the model gradients of its own, as in the middle of a training step
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
+    model.train(training)
+    model[4].eval()  # a mixed-mode model: one layer differs from the rest
+    modes = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    kwargs = {"create_graph": True} if method != "lrp" else {}
+
+    s = compute(method, model, x, torch.tensor([1, 1, 0]), **kwargs)
+
+    assert s.shape == x.shape and torch.isfinite(s).all()
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n]), n
+    if method != "wbp":
+        return
+    s2 = wbp(model, x, 0, create_graph=False)
+    assert s2.shape == x.shape
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grad-CAM
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+@pytest.mark.parametrize("layer", ["layer2", "layer3"])
+def test_gradcam_matches_monai(sd: int, layer: str) -> None:
+    torch.manual_seed(21)
+    model = small_resnet(sd)
+    _randomize_bn(model, torch.Generator().manual_seed(20))
+    model.eval()
+    x = _input(sd, n=2, side=16)
+    ours = compute("gradcam", model, x, 1, layer=layer)
+    reference = GradCAM(model, target_layers=layer)(x, class_idx=1)
+    assert ours.shape == x.shape
+    assert ours.min() >= 0 and bool((ours.reshape(2, -1).amax(dim=1) > 0).all())  # non-trivial maps
+    torch.testing.assert_close(default_normalizer(ours[:, :1]), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcam_picks_the_last_spatial_layer_by_default() -> None:
+    torch.manual_seed(21)
+    model = small_resnet(2).eval()
+    big = _input(2, n=2, side=64)  # layer4's output is 2 x 2: the default
+    torch.testing.assert_close(compute("gradcam", model, big, 1), compute("gradcam", model, big, 1, layer="layer4"))
+    small = _input(2, n=2, side=16)  # layer4's output is 1 x 1, not spatial: layer3 is the default
+    torch.testing.assert_close(
+        compute("gradcam", model, small, 1), compute("gradcam", model, small, 1, layer="layer3")
+    )
+
+
+def test_gradcam_is_differentiable() -> None:
+    torch.manual_seed(22)
+    model = small_resnet(2).train()
+    x = _input(2, n=3, side=32)
+    cam = compute("gradcam", model, x, torch.tensor([0, 1, 2]), create_graph=True)
+    assert cam.requires_grad
+    cam.mean().backward()
+    # parameters before the feature layer (through the activations) and after it (through the class weights)
+    assert model.conv1.weight.grad.abs().max() > 0
+    assert model.fc.weight.grad.abs().max() > 0
+
+
+class TinyMultiView(nn.Module):
+    """A 2D backbone on every view of ``(N, 1, V, H, W)``, max-pooled over the views, then a linear head."""
+
+    def __init__(self, classes: int = 2) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        n, c, v, h, w = x.shape
+        f = self.backbone(x.transpose(1, 2).reshape(n * v, c, h, w))
+        f = f.amax(dim=(2, 3)).reshape(n, v, -1).amax(dim=1)
+        return self.head(f)
+
+
+def test_gradcam_regroups_multi_view_maps_per_volume() -> None:
+    torch.manual_seed(23)
+    model = TinyMultiView().eval()
+    n, views = 2, 3
+    x = torch.randn(n, 1, views, 8, 8)
+    cam = compute("gradcam", model, x, 1)
+    assert cam.shape == x.shape
+
+    # reference: the 2D Grad-CAM of every view image, from the backbone's own output
+    feats = model.backbone(x.transpose(1, 2).reshape(n * views, 1, 8, 8))
+    logits = model.head(feats.amax(dim=(2, 3)).reshape(n, views, -1).amax(dim=1))
+    (grad,) = torch.autograd.grad(logits[:, 1].sum(), feats)
+    maps = F.relu((grad.mean(dim=(2, 3), keepdim=True) * feats).sum(dim=1, keepdim=True))
+    maps = F.interpolate(maps, size=(8, 8), mode="bilinear", align_corners=False)
+    assert maps.abs().max() > 0
+    for i in range(n):
+        for v in range(views):
+            torch.testing.assert_close(cam[i, 0, v], maps[i * views + v, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LRP
+
+
+def test_lrp_hand_computed_example() -> None:
+    """x = [2, 1, -1], conv kernel [1, -0.5], ReLU, dense [2, 1]: z-plus then epsilon gives [3, 1, 0.5]."""
+    model = nn.Sequential(
+        nn.Conv1d(1, 1, 2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1, bias=False)
+    ).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[[1.0, -0.5]]]))
+        model[3].weight.copy_(torch.tensor([[2.0, 1.0]]))
+    x = torch.tensor([[[2.0, 1.0, -1.0]]], dtype=torch.float64)
+    r = lrp(model, x, 0)
+    torch.testing.assert_close(r, torch.tensor([[[3.0, 1.0, 0.5]]], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compute("lrp", model, x, 0), r)
+    # z-plus differs from the gradient rule (input x gradient gives [2, 0.5, -1 + ...])
+    assert not torch.allclose(r, _input_x_gradient(model, x, 0))
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_lrp_conserves_relevance_on_bias_free_relu_networks(sd: int) -> None:
+    torch.manual_seed(24)
+    model = vgg(sd, bias=False, bn=False).double().eval()
+    x = _input(sd, n=3, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    logits = model(x).gather(1, target[:, None]).squeeze(1)
+    # the stabiliser epsilon absorbs a share of the relevance of order epsilon
+    r = compute("lrp", model, x, target, epsilon=1e-12)
+    torch.testing.assert_close(r.reshape(3, -1).sum(dim=1), logits, rtol=1e-9, atol=1e-10)
+    r = compute("lrp", model, x, target)
+    torch.testing.assert_close(r.reshape(3, -1).sum(dim=1), logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(r, _input_x_gradient(model, x, target))
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_lrp_merges_batch_norm_into_the_preceding_layer(sd: int) -> None:
+    torch.manual_seed(25)
+    model = vgg(sd, bias=True, bn=True).double()
+    _randomize_bn(model, torch.Generator().manual_seed(26))
+    model.train()  # LRP must use the running statistics (eval mode) whatever the model's mode
+    folded = vgg(sd, bias=True, bn=False).double().eval()
+    pairs = [(0, 1), (4, 5)]  # (conv, bn) indices in the model with BN
+    with torch.no_grad():
+        for (ci, bi), fi in zip(pairs, (0, 3)):
+            conv, bn, dst = model[ci], model[bi], folded[fi]
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            dst.weight.copy_(conv.weight * scale.reshape(-1, *([1] * (conv.weight.ndim - 1))))
+            dst.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+        for src, dst in ((model[9], folded[7]), (model[12], folded[10])):
+            dst.load_state_dict(src.state_dict())
+    x = _input(sd, n=2, dtype=torch.float64)
+    model.eval()
+    torch.testing.assert_close(model(x), folded(x))  # the folding is right
+    model.train()
+    r = lrp(model, x, torch.tensor([1, 2]))
+    assert model.training
+    torch.testing.assert_close(r, lrp(folded, x, torch.tensor([1, 2])), rtol=1e-8, atol=1e-10)
+    # without merging (BN's own gradient) the relevance would differ
+    assert not torch.allclose(r, _input_x_gradient(model.eval(), x, torch.tensor([1, 2])))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_unknown_method_is_rejected() -> None:
+    model = vgg(2).eval()
+    with pytest.raises(ValueError, match="unknown saliency method 'smoothgrad'"):
+        compute("smoothgrad", model, _input(2), 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_target_out_of_range_names_the_class_and_the_count(method: str) -> None:
+    model = vgg(2, classes=3).eval()
+    with pytest.raises(ValueError, match="target class 3 is out of range for a model with 3 outputs"):
+        compute(method, model, _input(2), 3)
+    with pytest.raises(ValueError, match="target class -1 is out of range"):
+        compute(method, model, _input(2, n=2), torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="target has 3 entries for a batch of 2"):
+        compute(method, model, _input(2, n=2), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="integer class"):
+        compute(method, model, _input(2, n=2), torch.tensor([0.0, 1.0]))
+
+
+class _WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        t = self.embed(x)
+        t, _ = self.attn(t, t, t)
+        return self.head(t.mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["wbp", "lrp"])
+def test_unsupported_layer_is_named(method: str) -> None:
+    with pytest.raises(UnsupportedLayerError, match=r"'attn' \(MultiheadAttention\)"):
+        compute(method, _WithAttention(), torch.randn(2, 5, 4), 0)
+
+
+class _Cube(nn.Module):
+    def forward(self, x):
+        return x**3
+
+
+def test_register_rule_teaches_wbp_a_new_activation() -> None:
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), _Cube(), nn.Linear(4, 2, bias=False)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(_Cube\)"):
+        wbp(model, x, 0)
+    register_rule(_Cube, Secant())
+    try:
+        s = wbp(model, x, 0)
+    finally:
+        RULES.pop(_Cube)
+    v = model[0](x)
+    expected = ((model[2].weight[0] * v**2) @ model[0].weight) * x  # secant slope of v^3 is v^2
+    torch.testing.assert_close(s, expected)
+    torch.testing.assert_close(s.sum(dim=1), model(x)[:, 0])
+    with pytest.raises(TypeError, match="Rule instance"):
+        register_rule(_Cube, "secant")  # type: ignore[arg-type]
+
+
+def test_create_graph_with_lrp_is_rejected() -> None:
+    with pytest.raises(ValueError, match="post-hoc"):
+        compute("lrp", vgg(2).eval(), _input(2), 0, create_graph=True)
+
+
+def test_unknown_option_and_unknown_gradcam_layer_are_rejected() -> None:
+    model = vgg(2).eval()
+    with pytest.raises(ValueError, match="does not take option"):
+        compute("gradient", model, _input(2), 0, layer="0")
+    with pytest.raises(ValueError, match="Grad-CAM layer 'nope'"):
+        compute("gradcam", model, _input(2), 0, layer="nope")
