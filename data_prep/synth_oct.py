@@ -153,7 +153,11 @@ def _config(
         raise ValueError(f"subjects_per_site must be an integer >= 2, got {subjects_per_site!r}")
     if cue_site is not None and cue_site not in sites:
         raise ValueError(f"cue_site {cue_site!r} is not one of the sites {sites}; use cue_site=None for no cue")
-    for name, rate in (("cue_rate_pos", cue_rate_pos), ("cue_rate_neg", cue_rate_neg), ("cue_rate_other", cue_rate_other)):
+    for name, rate in (
+        ("cue_rate_pos", cue_rate_pos),
+        ("cue_rate_neg", cue_rate_neg),
+        ("cue_rate_other", cue_rate_other),
+    ):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must be a probability in [0, 1], got {rate!r}")
     size = VolumeSize(int(n_bscans), int(height), int(width))
@@ -411,9 +415,7 @@ def ensure_default(root: str | Path, **overrides: object) -> Path:
     if unknown:
         raise TypeError(f"ensure_default() got unknown keyword arguments {unknown}")
     phantom = PhantomParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
-    wanted = _config(
-        **{k: args[k] for k in inspect.signature(_config).parameters if k != "phantom"}, phantom=phantom
-    )
+    wanted = _config(**{k: args[k] for k in inspect.signature(_config).parameters if k != "phantom"}, phantom=phantom)
     datalist_path = root / _DATALIST
     if not datalist_path.exists():
         return generate(root, **overrides)

@@ -1,0 +1,127 @@
+"""The GA bundle end to end through MONAI's own CLI, on a tiny synthetic data set, with a real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "ga_ppi.json"
+
+
+def _run_bundle(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(BUNDLE),
+        "--bundle_root",
+        str(ROOT / "bundles"),
+        "--default_dataset_dir",
+        str(tmp_path / "data"),
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--synthetic#sites",
+        "['A','B']",
+        "--synthetic#subjects_per_site",
+        "8",
+        "--synthetic#n_bscans",
+        "4",
+        "--synthetic#height",
+        "32",
+        "--synthetic#width",
+        "48",
+        "--synthetic#cue_site",
+        "B",
+        "--spatial_size",
+        "[4,32,48]",
+        "--network_def#width",
+        "4",
+        "--batch_size",
+        "4",
+        "--max_epochs",
+        "2",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--tracking_uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def _runs(tmp_path: Path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ga_ppi")
+    assert exp is not None, "the bundle created no MLflow experiment"
+    return client, client.search_runs([exp.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """One PPI run and one baseline run into the same store, as a user comparing them would make."""
+    tmp = tmp_path_factory.mktemp("ga_bundle")
+    ppi = _run_bundle(tmp, "--ppi#warmup_epochs", "0")
+    assert ppi.returncode == 0, ppi.stdout[-3000:] + ppi.stderr[-3000:]
+    base = _run_bundle(tmp, "--ppi#enabled", "false")
+    assert base.returncode == 0, base.stdout[-3000:] + base.stderr[-3000:]
+    return tmp, ppi, base
+
+
+def test_bundle_logs_a_complete_mlflow_run(two_runs):
+    tmp, ppi, _ = two_runs
+    client, runs = _runs(tmp)
+    run = next(r for r in runs if r.data.tags.get("method") == "ppi_wbp")
+    metrics = run.data.metrics
+    for key in ("loss", "loss_cls", "loss_con", "loss_reg", "loss_ad", "val_auc"):
+        assert key in metrics, f"metric {key} missing from the MLflow run: {sorted(metrics)}"
+    history = client.get_metric_history(run.info.run_id, "loss_con")
+    assert [m.step for m in history] == [1, 2]
+    assert 0.0 <= metrics["val_auc"] <= 1.0
+    params = run.data.params
+    assert params["ppi.enabled"] == "True" and params["ppi.saliency"] == "wbp"
+    assert params["max_epochs"] == "2" and params["backbone"] == "resnet10"
+    assert int(params["n_train"]) + int(params["n_val"]) == 16
+    assert run.data.tags["seed"] == "0" and len(run.data.tags["git_commit"]) >= 7
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_best.pt", "model_final.pt", "ga_ppi.json", "metadata.json", "params.json"} <= artifacts
+    assert run.info.status == "FINISHED"
+    # the console tells the user where to look
+    assert "best val_auc" in ppi.stdout and "mlflow ui --backend-store-uri" in ppi.stdout
+
+
+def test_checkpoint_loads_into_the_network(two_runs):
+    tmp, _, _ = two_runs
+    from ppi_med.networks import MVCNN
+
+    best = sorted((tmp / "runs").glob("ga-ppi_wbp-*/models/model_best.pt"))
+    assert best, "no best checkpoint written"
+    net = MVCNN(width=4)
+    net.load_state_dict(torch.load(best[0], map_location="cpu", weights_only=True))
+    assert net(torch.rand(2, 1, 4, 32, 48)).shape == (2, 2)
+
+
+def test_baseline_override_disables_ppi(two_runs):
+    tmp, _, base = two_runs
+    _, runs = _runs(tmp)
+    run = next(r for r in runs if r.data.tags.get("method") == "baseline")
+    assert run.data.params["ppi.enabled"] == "False"
+    assert "loss_con" not in run.data.metrics and "loss_ad" not in run.data.metrics
+    # the plain objective: total loss is the classification loss
+    assert run.data.metrics["loss"] == pytest.approx(run.data.metrics["loss_cls"])
+    # both runs sit in one experiment with the same parameter columns, for the MLflow compare view
+    ppi_run = next(r for r in runs if r.data.tags.get("method") == "ppi_wbp")
+    assert set(run.data.params) == set(ppi_run.data.params)
+
+
+def test_runs_never_overwrite_each_other(two_runs):
+    tmp, _, _ = two_runs
+    run_dirs = sorted(p.name for p in (tmp / "runs").iterdir())
+    assert len(run_dirs) == 2 and len(set(run_dirs)) == 2
