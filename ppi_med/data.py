@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
-__all__ = ["load_datalist", "split_by_subject", "select_sites", "ga_split"]
+__all__ = ["load_datalist", "split_by_subject", "select_sites", "ga_split", "fold_split"]
 
 
 def load_datalist(
@@ -133,3 +133,23 @@ def ga_split(
         return train if part == "train" else held
     train, val = split_by_subject(select_sites(items, train_sites), val_fraction, seed)
     return train if part == "train" else val
+
+
+def fold_split(datalist: str | Path, *, part: str, val_fold: int = 0) -> list[dict[str, Any]]:
+    """The training (every other fold) or validation (``val_fold``) records of a datalist with ``fold`` keys.
+
+    Raises:
+        ValueError: a bad ``part``, records without a fold, or a fold that holds no record.
+    """
+    if part not in ("train", "val"):
+        raise ValueError(f"part must be 'train' or 'val', got '{part}'")
+    items = load_datalist(datalist)
+    missing = [it["image"] for it in items if "fold" not in it]
+    if missing:
+        raise ValueError(f"{datalist}: {len(missing)} record(s) have no 'fold', e.g. {missing[0]}")
+    folds = sorted({int(it["fold"]) for it in items})
+    if int(val_fold) not in folds:
+        raise ValueError(f"{datalist}: validation fold {val_fold} holds no record; folds are {folds}")
+    if part == "val":
+        return [it for it in items if int(it["fold"]) == int(val_fold)]
+    return [it for it in items if int(it["fold"]) != int(val_fold)]
