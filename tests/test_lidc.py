@@ -208,12 +208,17 @@ def _missing(folder: Path) -> str:
 def _duplicate(folder: Path) -> str:
     src = sorted(folder.glob("*.dcm"))[3]
     shutil.copy(src, folder / "zz_copy.dcm")
-    return f"duplicate slice position(s): z=.* in ({src.name} and zz_copy.dcm|zz_copy.dcm and {src.name})"
+    pair = f"({re.escape(src.name)} and zz_copy\\.dcm|zz_copy\\.dcm and {re.escape(src.name)})"
+    return rf"duplicate slice position\(s\): z=[-0-9.]+ in {pair}"
 
 
 def _not_found(folder: Path) -> str:
-    shutil.rmtree(folder)
-    return f"series {folder.name} not found under"
+    # The patient is there, but with another series only (as if the wrong one was downloaded).
+    for f in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = "1.2.3.4.5"
+        ds.save_as(f, enforce_file_format=True)
+    return rf"series {re.escape(folder.name)} not found under .*1 folder\(s\) with PatientID {BAD}"
 
 
 def _bad_pixels(folder: Path) -> str:
