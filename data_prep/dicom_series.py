@@ -250,9 +250,12 @@ def _f(ds: pydicom.Dataset, keyword: str, path: Path) -> list[float]:
         raise SeriesError(f"{path.name}: missing {keyword}")
     value = ds[keyword].value
     try:
-        return [float(v) for v in value]
-    except TypeError:  # a single value
-        return [float(value)]
+        try:
+            return [float(v) for v in value]
+        except TypeError:  # a single value
+            return [float(value)]
+    except (TypeError, ValueError) as exc:
+        raise SeriesError(f"{path.name}: malformed {keyword} {value!r}") from exc
 
 
 def read_ct_series(files: Sequence[Path], series_uid: str, expected_z: Sequence[float] | None = None) -> CtSeries:

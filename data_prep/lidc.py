@@ -517,9 +517,11 @@ def preprocess(
 def ensure_default(root: str | os.PathLike[str], *, progress: bool = True) -> Path:
     """Build the default phantom under ``root/dicom`` and its patches under ``root/patches``.
 
-    Idempotent: finished series and scans are kept, so a second call only re-reads the
-    records and rewrites the datalist (seconds). The first call on 2 CPU cores takes about a
-    minute (see the module report in the tests / README of the bundle).
+    The default is :data:`data_prep.lidc_phantom.DEFAULT_PATIENTS` (8 patients, all slices:
+    45 labelled nodules, 21 malignant / 24 benign, and 5 excluded as ambiguous). Idempotent:
+    finished series and scans are kept, so a later call only re-reads the records and
+    rewrites the datalist (well under a second). The first call took 45 s wall (35 s CPU) on
+    2 busy CPU cores and writes about 110 MB (54 MB DICOM, 56 MB NIfTI).
 
     Args:
         root: Folder for the default data.

@@ -521,7 +521,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--patients",
         default=",".join(DEFAULT_PATIENTS),
-        help="comma-separated patient ids (default: the %(default)s), or 'test' for the tiny test set",
+        help="comma-separated patient ids (default: the 8 DEFAULT_PATIENTS), or 'test' for the tiny test set",
     )
     p.add_argument("--slice-step", type=int, default=None, help="keep every Nth slice (default 1; 3 for 'test')")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic anatomy (default 0)")

@@ -13,7 +13,14 @@ from typing import Any
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-__all__ = ["default_tracking_uri", "flatten_params", "git_commit", "unique_run_name", "RunTracker"]
+__all__ = [
+    "default_tracking_uri",
+    "flatten_params",
+    "git_commit",
+    "latest_checkpoint",
+    "unique_run_name",
+    "RunTracker",
+]
 
 
 def default_tracking_uri(folder: str | Path = ".") -> str:
@@ -24,6 +31,20 @@ def default_tracking_uri(folder: str | Path = ".") -> str:
 def unique_run_name(prefix: str) -> str:
     """``prefix-YYYYmmdd-HHMMSS-pid``: never merges into an earlier run of the same name."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def latest_checkpoint(runs_dir: str | Path, prefix: str = "", name: str = "model_best.pt") -> str:
+    """The most recent ``runs_dir/<prefix>*/models/<name>``.
+
+    Raises:
+        FileNotFoundError: no run folder holds such a checkpoint.
+    """
+    found = sorted(Path(runs_dir).glob(f"{prefix}*/models/{name}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no {name} under {runs_dir}/{prefix}*/models/; train first or pass --checkpoint PATH"
+        )
+    return str(found[-1])
 
 
 def git_commit(folder: str | Path = ".") -> str:

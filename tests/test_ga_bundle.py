@@ -125,3 +125,46 @@ def test_runs_never_overwrite_each_other(two_runs):
     tmp, _, _ = two_runs
     run_dirs = sorted(p.name for p in (tmp / "runs").iterdir())
     assert len(run_dirs) == 2 and len(set(run_dirs)) == 2
+
+
+def test_inference_override_writes_predictions(two_runs):
+    tmp, _, _ = two_runs
+    best = sorted((tmp / "runs").glob("ga-ppi_wbp-*/models/model_best.pt"))[0]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        f"['{BUNDLE}','{ROOT / 'bundles' / 'ga_inference.json'}']",
+        "--default_dataset_dir",
+        str(tmp / "data"),
+        "--dataset_dir",
+        str(tmp / "data"),
+        "--synthetic#sites",
+        "['A','B']",
+        "--synthetic#subjects_per_site",
+        "8",
+        "--synthetic#n_bscans",
+        "4",
+        "--synthetic#height",
+        "32",
+        "--synthetic#width",
+        "48",
+        "--synthetic#cue_site",
+        "B",
+        "--spatial_size",
+        "[4,32,48]",
+        "--network_def#width",
+        "4",
+        "--runs_dir",
+        str(tmp / "infer_runs"),
+        "--checkpoint",
+        str(best),
+    ]
+    done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (csv,) = (tmp / "infer_runs").glob("ga-inference-*/predictions.csv")
+    rows = [line.split(",") for line in csv.read_text().splitlines()]
+    assert len(rows) == 4  # the validation subjects of 2 sites x 8 eyes at val_fraction 0.25
+    assert all(Path(r[0]).is_file() and 0.0 <= float(r[1]) <= 1.0 for r in rows)
