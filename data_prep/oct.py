@@ -367,13 +367,15 @@ def read_volume(path: str | Path, spacing: Sequence[float] = DEFAULT_SPACING) ->
         raise OCTInputError(path, f"degenerate shape {arr.shape}: every axis needs at least 2 voxels")
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise OCTInputError(path, f"unsupported data type {arr.dtype}; expected integer or real values")
-    data = arr.astype(np.float32)
-    finite = np.isfinite(data)
-    if not finite.all():
-        n_nan = int(np.isnan(data).sum())
-        n_inf = int((~finite).sum()) - n_nan
+    n_nan = int(np.isnan(arr).sum()) if np.issubdtype(arr.dtype, np.floating) else 0
+    n_inf = int(np.isinf(arr).sum()) if np.issubdtype(arr.dtype, np.floating) else 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = arr.astype(np.float32)
+    n_overflow = int((~np.isfinite(data)).sum()) - n_nan - n_inf
+    if n_nan or n_inf or n_overflow:
+        overflow = f", {n_overflow} beyond the float32 range" if n_overflow else ""
         raise OCTInputError(
-            path, f"non-finite values: {n_nan} NaN and {n_inf} infinite (including float32 overflow) of {data.size}"
+            path, f"non-finite values: {n_nan} NaN and {n_inf} infinite{overflow} (of {data.size} voxels)"
         )
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:

@@ -172,7 +172,9 @@ def _paired(preds: pd.DataFrame, method: str, reference: str) -> pd.DataFrame:
         )
     if (merged["label"] != merged["label_ref"]).any():
         row = merged[merged["label"] != merged["label_ref"]].iloc[0]
-        raise ValueError(f"case {row['case']} has label {row['label']} for {method} but {row['label_ref']} for {reference}")
+        raise ValueError(
+            f"case {row['case']} has label {row['label']} for {method} but {row['label_ref']} for {reference}"
+        )
     return merged.drop(columns=["_merge", "label_ref"])
 
 
@@ -367,9 +369,7 @@ class SiteCVTables:
         """JSON-ready nested dictionaries (NaN as ``None``)."""
 
         def frame(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
-            return {
-                str(r): {str(c): _json_float(df.loc[r, c]) for c in df.columns} for r in df.index
-            }
+            return {str(r): {str(c): _json_float(df.loc[r, c]) for c in df.columns} for r in df.index}
 
         return {
             "methods": self.methods,
@@ -381,9 +381,7 @@ class SiteCVTables:
             "auc_by_seed": {m: {str(s): frame(df) for s, df in d.items()} for m, d in self.auc_by_seed.items()},
             "pvalues": {m: frame(df) for m, df in self.pvalues.items()},
             "auc_diff": {m: frame(df) for m, df in self.auc_diff.items()},
-            "pvalues_by_seed": {
-                m: {str(s): frame(df) for s, df in d.items()} for m, d in self.pvalues_by_seed.items()
-            },
+            "pvalues_by_seed": {m: {str(s): frame(df) for s, df in d.items()} for m, d in self.pvalues_by_seed.items()},
             "pooled": {m: {k: _json_float(v) for k, v in p.to_dict().items()} for m, p in self.pooled.items()},
             "summary_metrics": {k: _json_float(v) for k, v in self.summary_metrics().items()},
         }

@@ -120,8 +120,16 @@ def plot_auc_heatmaps(tables: SiteCVTables, out_dir: str | Path) -> list[Path]:
                 v = values[i, j]
                 dark = j < n_cols - 1 and math.isfinite(v) and (v - vmin) / (vmax - vmin) > 0.6
                 weight = "bold" if j < len(tables.test_sites) and tables.train_sites[i] == cols[j] else "normal"
-                ax.text(j, i, _fmt(v), ha="center", va="center", fontsize=9, weight=weight,
-                        color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    _fmt(v),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    weight=weight,
+                    color="white" if dark else "black",
+                )
         ax.axvline(len(tables.test_sites) - 0.5, color="black", lw=1.2)
         ax.set_xticks(range(n_cols), cols)
         ax.set_yticks(range(n_rows), tables.train_sites)
@@ -308,7 +316,9 @@ def _pooled_rows(tables: SiteCVTables) -> pd.DataFrame:
 def console_report(tables: SiteCVTables) -> str:
     """The AUC matrices, p-value matrices and pooled comparisons as aligned plain text."""
     parts = []
-    seeds = f" (mean of {len(tables.seeds)} seeds: {', '.join(map(str, tables.seeds))})" if len(tables.seeds) > 1 else ""
+    seeds = (
+        f" (mean of {len(tables.seeds)} seeds: {', '.join(map(str, tables.seeds))})" if len(tables.seeds) > 1 else ""
+    )
     parts.append(f"AUC, rows = training site, columns = test site{seeds}")
     for m, df in tables.auc.items():
         parts += ["", format_matrix(df, method_title(m))]

@@ -1,0 +1,62 @@
+"""The LIDC bundle end to end on a small phantom download, through MONAI's CLI, with a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+
+from data_prep.lidc import preprocess
+from data_prep.lidc_phantom import TEST_PATIENTS, TEST_SLICE_STEP, write_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lidc_bundle_trains_on_the_phantom(tmp_path):
+    write_phantom(tmp_path / "dicom", TEST_PATIENTS, slice_step=TEST_SLICE_STEP, progress=False)
+    datalist = preprocess(
+        tmp_path / "dicom", tmp_path / "patches", patients=list(TEST_PATIENTS), folds=2, progress=False
+    )
+    records = json.loads(datalist.read_text())["training"]
+    labelled = [r for r in records if r.get("label") in (0, 1)]
+    assert labelled, "the phantom produced no labelled nodule"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(ROOT / "bundles" / "lidc_ppi.json"),
+        "--bundle_root",
+        str(ROOT / "bundles"),
+        "--dataset_dir",
+        str(tmp_path / "patches"),
+        "--network_def#width",
+        "4",
+        "--spatial_size",
+        "[24,24,24]",
+        "--batch_size",
+        "4",
+        "--max_epochs",
+        "2",
+        "--ppi#warmup_epochs",
+        "0",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--tracking_uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("lidc_ppi").experiment_id])
+    for key in ("loss_cls", "loss_con", "loss_reg", "loss_ad", "val_auc"):
+        assert key in run.data.metrics, f"{key} missing: {sorted(run.data.metrics)}"
+    params = run.data.params
+    assert params["ppi.w_con"] == "10.0" and params["val_fold"] == "0"
+    n_val = sum(1 for r in labelled if r["fold"] == 0)
+    assert int(params["n_val"]) == n_val and int(params["n_train"]) == len(labelled) - n_val
+    assert (next((tmp_path / "runs").iterdir()) / "models" / "model_best.pt").is_file()
