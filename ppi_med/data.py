@@ -38,6 +38,12 @@ def load_datalist(
     if key not in raw:
         raise ValueError(f"{path}: no '{key}' list in the datalist")
     items = load_decathlon_datalist(path, data_list_key=key, base_dir=path.parent)
+    for item, rec in zip(items, raw[key]):
+        # MONAI turns any value naming an existing path into one: site "A" beside a folder A/ would
+        # become ".../A"; site and subject are identifiers, so keep them as written
+        for ident in ("site", "subject"):
+            if isinstance(rec, dict) and ident in rec:
+                item[ident] = rec[ident]
     for i, item in enumerate(items):
         missing = [k for k in required if k not in item]
         if missing:

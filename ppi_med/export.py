@@ -29,10 +29,22 @@ these (e.g. ``["predicted", 1]``) for several overlays per case.
 Open a case (ITK-SNAP / 3D Slicer)::
 
     itksnap -g OUT/<case>/image.nii.gz -o OUT/<case>/wbp_pred.nii.gz
-    Slicer --python-code "slicer.util.loadVolume('IMAGE'); v = slicer.util.loadVolume('OVERLAY'); \
-slicer.util.setSliceViewerLayers(foreground=v, foregroundOpacity=0.5)"
+    Slicer --python-code "b = slicer.util.loadVolume('IMAGE'); f = slicer.util.loadVolume('OVERLAY'); \
+slicer.util.setSliceViewerLayers(background=b, foreground=f, foregroundOpacity=0.5)"
 
 The index's ``view_command`` column holds the ITK-SNAP line of each row.
+
+Bundle run id ``export`` (in ``bundles/ga_ppi.json`` and ``bundles/lidc_ppi.json``)::
+
+    python -m monai.bundle run export --config_file bundles/ga_ppi.json \
+        --checkpoint runs/<run>/models/model_best.pt --export_dir exports/ga-wbp \
+        [--export_method wbp] [--export_target predicted] [--export_datalist DATALIST.json | IMAGE | DICOM_DIR]
+
+Its ids: ``checkpoint`` (default: the newest ``runs/ga-*/models/model_best.pt``, ``lidc-*`` for LIDC),
+``export_dir`` (default: a new ``runs/export-<method>-<time>-<pid>``), ``export_method`` (``wbp``),
+``export_target`` (``predicted``; ``label``, a class index, or ``"['predicted',1]"``), ``export_datalist``
+(default ``@validate#datalist``; a datalist JSON's ``training`` list, records, or one image path / DICOM folder),
+``export_interp`` (``linear``), ``export_montage`` (``true``), and ``export_job``, the call itself.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -479,19 +492,19 @@ class SaliencyExporter:
 
         was_training = self.network.training
         self.network.eval()
-        rows: list[dict] = []
-        try:
-            bar = tqdm(list(zip(ids, records, plans)), desc=f"export {self.method_name}", disable=not self.progress)
-            for cid, rec, plan in bar:
-                bar.set_postfix_str(cid)
-                rows.extend(self.export_case(rec, cid, plan, out_dir))
-        finally:
-            self.network.train(was_training)
-            self._scan_cache = None
+        # the index grows case by case, so an interrupted export still lists what it wrote
         with open(index, "x", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
             writer.writeheader()
-            writer.writerows(rows)
+            try:
+                bar = tqdm(list(zip(ids, records, plans)), desc=f"export {self.method_name}", disable=not self.progress)
+                for cid, rec, plan in bar:
+                    bar.set_postfix_str(cid)
+                    writer.writerows(self.export_case(rec, cid, plan, out_dir))
+                    fh.flush()
+            finally:
+                self.network.train(was_training)
+                self._scan_cache = None
         return index
 
     def _saliency(self, x: torch.Tensor, target: int) -> torch.Tensor:
@@ -588,9 +601,16 @@ class SaliencyExporter:
                     f"{cid}  |  {self.method_name} saliency of class {cls} ({spec})  |  "
                     f"predicted {pred} (p={float(probs[pred]):.2f}), label {lab}"
                 )
+                codes = nib.aff2axcodes(src.affine)  # which way each array axis points, e.g. ('I', 'P', 'R')
                 save_montage(
-                    paths["montage"], src.array, arr, mask=mask, spacing=src.spacing, title=title,
+                    paths["montage"],
+                    src.array,
+                    arr,
+                    mask=mask,
+                    spacing=src.spacing,
+                    title=title,
                     signed=self.signed_montage,
+                    axis_names=[f"axis {a} (to {c})" for a, c in enumerate(codes)],
                 )
                 row["montage"] = str(paths["montage"])
             rows.append(row)

@@ -190,6 +190,9 @@ def write_nifti(
     os.close(fd)
     try:
         nib.save(img, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise stick to the output
         os.link(tmp, path)
     except FileExistsError as err:
         raise FileExistsError(f"refusing to overwrite existing output {path}") from err

@@ -21,10 +21,17 @@ def peak_index(saliency: np.ndarray, signed: bool = False) -> tuple[int, ...]:
 
 
 def montage_slices(peak: int, size: int, n: int = 3) -> list[int]:
-    """``n`` distinct slice indices centred on ``peak``, a sixth of the axis apart (fewer on short axes)."""
+    """``n`` distinct slice indices around ``peak`` (always included), a sixth of the axis apart where the axis is
+    long enough; the window slides inwards at the ends of the axis. Fewer only when the axis has fewer slices."""
+    n = min(n, size)
     step = max(1, size // 6)
-    half = n // 2
-    picks = [min(max(peak + (i - half) * step, 0), size - 1) for i in range(n)]
+    while step > 1 and (n - 1) * step > size - 1:
+        step -= 1
+    start = min(max(peak - (n // 2) * step, 0), size - 1 - (n - 1) * step)
+    picks = [start + i * step for i in range(n)]
+    if peak not in picks:  # the peak falls between the picks: put it in place of the nearest one
+        nearest = min(range(n), key=lambda i: abs(picks[i] - peak))
+        picks[nearest] = peak
     return sorted(set(picks))
 
 
@@ -44,14 +51,15 @@ def save_montage(
     n_slices: int = 3,
     alpha: float = 0.7,
     axis_names: Sequence[str] | None = None,
+    display_percentile: float = 99.5,
     dpi: int = 90,
 ) -> Path:
     """Write a montage: rows = array axes, columns = slices through the saliency peak.
 
     The image is shown in grey (1-99 percentile window); the saliency as a colour overlay whose opacity grows
-    with its value: the positive part on ``inferno`` (normalised by its maximum), or with ``signed`` the
-    whole map on a diverging ``RdBu_r`` scale symmetric about zero; the ground-truth mask, if any, as a cyan
-    outline. The peak slice of each row is marked.
+    with its value: the positive part on ``inferno``, or with ``signed`` the whole map on a diverging
+    ``RdBu_r`` scale symmetric about zero (both scaled by a robust maximum); the ground-truth mask, if any, as
+    a cyan outline. The peak slice of each row is marked.
 
     Args:
         path: the PNG to write (must not exist).
@@ -64,6 +72,8 @@ def save_montage(
         n_slices: slices per axis.
         alpha: the overlay's opacity at the map's maximum.
         axis_names: a label per axis (default ``axis 0`` ...).
+        display_percentile: the colour scale's maximum is this percentile of the shown (positive or absolute)
+            values, so one extreme voxel does not hide the rest.
         dpi: resolution.
 
     Returns:
@@ -90,24 +100,30 @@ def save_montage(
 
     lo, hi = np.percentile(image, [1, 99])
     hi = hi if hi > lo else lo + 1.0
+    shown = np.abs(saliency) if signed else np.clip(saliency, 0, None)
+    # a robust maximum: one extreme voxel would otherwise leave the rest of the map invisible
+    scale = float(np.percentile(shown[shown > 0], display_percentile)) if (shown > 0).any() else 1.0
     if signed:
-        scale = float(np.abs(saliency).max()) or 1.0
-        norm_map = saliency / scale  # in [-1, 1]
+        norm_map = np.clip(saliency / scale, -1, 1)
         cmap, vmin, vmax = colormaps["RdBu_r"], -1.0, 1.0
     else:
-        pos = np.clip(saliency, 0, None)
-        scale = float(pos.max()) or 1.0
-        norm_map = pos / scale  # in [0, 1]
+        norm_map = np.clip(saliency / scale, 0, 1)
         cmap, vmin, vmax = colormaps["inferno"], 0.0, 1.0
     peak = peak_index(saliency, signed)
 
     rows = [(a, montage_slices(peak[a], image.shape[a], n_slices)) for a in range(3)]
     ncols = max(len(s) for _, s in rows)
-    fig = Figure(figsize=(3.0 * ncols + 0.8, 8.4))  # no pyplot: leaves the caller's backend alone
-    axes = fig.subplots(3, ncols, squeeze=False)
-    for r, (axis, slices) in enumerate(rows):
+    aspects, heights = [], []
+    for axis, _ in rows:
         others = [d for d in range(3) if d != axis]
         aspect = float(np.clip(spacing[others[0]] / spacing[others[1]], *_ASPECT_BOUNDS))
+        aspects.append(aspect)
+        heights.append(image.shape[others[0]] * aspect / image.shape[others[1]])  # panel height / width
+    panel_w = 2.8
+    fig = Figure(figsize=(panel_w * ncols + 1.0, sum(panel_w * h + 0.35 for h in heights) + 0.6))
+    axes = fig.subplots(3, ncols, squeeze=False, gridspec_kw={"height_ratios": heights})  # no pyplot
+    for r, (axis, slices) in enumerate(rows):
+        aspect = aspects[r]
         for c in range(ncols):
             ax = axes[r][c]
             ax.set_xticks([])
@@ -119,7 +135,7 @@ def save_montage(
             ax.imshow(_take(image, axis, idx), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
             sal = _take(norm_map, axis, idx)
             rgba = cmap((sal - vmin) / (vmax - vmin))
-            rgba[..., 3] = alpha * np.sqrt(np.clip(np.abs(sal), 0, 1))
+            rgba[..., 3] = alpha * np.sqrt(np.abs(sal))
             ax.imshow(rgba, aspect=aspect, interpolation="nearest")
             if mask is not None:
                 m = _take(np.asarray(mask), axis, idx) > 0.5
@@ -128,9 +144,10 @@ def save_montage(
             mark = " (peak)" if idx == peak[axis] else ""
             ax.set_title(f"{names[axis]} = {idx}{mark}", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.93, 0.96))
-    cax = fig.add_axes((0.94, 0.15, 0.015, 0.7))
-    fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), cax=cax, label="saliency / max |saliency|")
+    fig.tight_layout(rect=(0, 0, 0.88, 0.97))
+    cax = fig.add_axes((0.895, 0.15, 0.015, 0.7))
+    label = f"saliency / {display_percentile:g}th percentile of |saliency|" + (" (positive part)" if not signed else "")
+    fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), cax=cax, label=label)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
 from monai.transforms import (
@@ -33,8 +32,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from torch import nn
 
+from ppi_med.data import ga_split
 from ppi_med.export import SaliencyExporter, case_ids, export_saliency, load_checkpoint, parse_targets
 from ppi_med.image_grid import resample_to_grid, voxel_to_world, world_centroid
+from ppi_med.montage import montage_slices
 
 ROOT = Path(__file__).resolve().parents[1]
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
@@ -165,16 +166,19 @@ def test_dicom_series_overlay_lands_on_the_marker(tmp_path):
     # oblique (rotated 20 deg about the patient axis), anisotropic (0.7 x 0.9 mm pixels, 2.5 mm slices)
     row_dir = np.array([np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20)), 0.0])
     col_dir = np.array([0.0, 0.0, -1.0])
-    geo = {"pixel_spacing": (0.7, 0.9), "step": 2.5, "ipp0": (12.5, -40.0, 88.0), "row_dir": row_dir,
-           "col_dir": col_dir}
+    geo = {
+        "pixel_spacing": (0.7, 0.9),
+        "step": 2.5,
+        "ipp0": (12.5, -40.0, 88.0),
+        "row_dir": row_dir,
+        "col_dir": col_dir,
+    }
     vol = np.full((6, 14, 12), -1000, dtype=np.int16)
     marker = (3, 6, 8)  # slice, row, column
     vol[marker] = 900
     vol[3, 5:8, 7:10] = 900
     _write_dicom_series(tmp_path / "series", vol, **geo)
-    expected = np.mean(
-        [_dicom_world_ras(3, r, c, **geo) for r in range(5, 8) for c in range(7, 10)], axis=0
-    )
+    expected = np.mean([_dicom_world_ras(3, r, c, **geo) for r in range(5, 8) for c in range(7, 10)], axis=0)
 
     out = tmp_path / "out"
     index = export_saliency(
@@ -203,8 +207,13 @@ def test_dicom_series_overlay_lands_on_the_marker(tmp_path):
         (
             "oblique",
             np.block(
-                [[_rotation("x", 25) @ _rotation("z", -35) @ np.diag([0.6, 0.9, 2.0]), np.array([[5.0], [-7.5], [3.0]])],
-                 [np.zeros((1, 3)), np.ones((1, 1))]]
+                [
+                    [
+                        _rotation("x", 25) @ _rotation("z", -35) @ np.diag([0.6, 0.9, 2.0]),
+                        np.array([[5.0], [-7.5], [3.0]]),
+                    ],
+                    [np.zeros((1, 3)), np.ones((1, 1))],
+                ]
             ),
         ),
         # permuted axes as an OCT file has them (B-scan -> inferior, depth -> posterior, lateral -> right)
@@ -231,14 +240,17 @@ def test_nifti_overlay_keeps_the_header_and_lands_on_the_marker(tmp_path, name, 
     assert np.linalg.norm(got - expected) < np.linalg.norm(affine[:3, :3], axis=0).max(), (got, expected)
 
 
-def test_ga_style_resize_is_inverted_onto_the_oct_grid(tmp_path):
+@pytest.mark.parametrize("interp", ["linear", "nearest", "trace"])
+def test_ga_style_resize_is_inverted_onto_the_oct_grid(tmp_path, interp):
     """The GA preprocessing (percentile scaling + area Resize to another size) on an OCT-style affine."""
     oct_affine = np.array([[0, 0, 0.011, 0], [0, -0.0039, 0, 0], [-0.1, 0, 0, 0], [0, 0, 0, 1]])
     shape, marker = (6, 40, 30), (2, 25, 9)
     vol = np.zeros(shape, dtype=np.float32)
     vol[1:4, 23:28, 7:12] = 1.0
     src = _save_nifti(tmp_path / "eye.nii.gz", vol, oct_affine)
-    index = export_saliency(MeanNet(), _ga_preprocessing(), src, tmp_path / "out", method=blob_at_marker)
+    index = export_saliency(
+        MeanNet(), _ga_preprocessing(), src, tmp_path / "out", method=blob_at_marker, interp=interp, montage=False
+    )
     overlay = nib.load(_read_index(index)[0]["overlay"])
     assert overlay.shape == shape and np.allclose(overlay.affine, oct_affine)
     got = world_centroid(np.asarray(overlay.dataobj), overlay.affine)
@@ -286,10 +298,13 @@ def test_resample_to_grid_places_a_voxel_exactly():
     src_aff[:3, 3] = [10, 20, 30]
     src = np.zeros((3, 3, 3), np.float32)
     src[1, 2, 0] = 5.0  # world (12, 24, 30)
-    dst_aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    dst_aff = np.eye(4)
+    dst_aff[:3, 3] = 0.25  # 1 mm voxels centred off the source's voxel borders
     out = resample_to_grid(src, src_aff, (40, 40, 40), dst_aff, order=0)
-    assert out[12, 24, 30] == 5.0 and out.sum() == 5.0 * 8  # a 2 mm voxel covers 2x2x2 one-mm voxels
-    assert out[:9].sum() == 0 and out[16:].sum() == 0
+    # the 2 mm voxel spans [11, 13] x [23, 25] x [29, 31] mm: the 1 mm voxels centred at 11.25 and 12.25, ...
+    assert out[11:13, 23:25, 29:31].tolist() == np.full((2, 2, 2), 5.0).tolist() and out.sum() == 5.0 * 8
+    linear = resample_to_grid(src, src_aff, (40, 40, 40), dst_aff, order=1)
+    assert linear[:9].sum() == 0 and linear[16:].sum() == 0 and linear[:, 26:].sum() == 0
 
 
 # -- outputs, index, refusal to overwrite ------------------------------------------------------------------
@@ -305,9 +320,7 @@ def test_two_targets_index_and_no_overwrite(tmp_path):
     out = tmp_path / "out"
     net = MeanNet()
     rec = {"image": str(src), "mask": str(mask_path), "label": 1}
-    index = export_saliency(
-        net, _ct_preprocessing(), [rec], out, method="input_x_gradient", targets=["predicted", 1]
-    )
+    index = export_saliency(net, _ct_preprocessing(), [rec], out, method="input_x_gradient", targets=["predicted", 1])
     rows = _read_index(index)
     assert [r["target"] for r in rows] == ["predicted", "1"]
     with torch.no_grad():
@@ -363,9 +376,19 @@ def test_a_spatial_step_outside_the_trace_is_caught(tmp_path):
         SaliencyExporter(MeanNet(), pre, method=blob_at_marker, montage=False).run(src, tmp_path / "o")
 
 
+def test_montage_slices_always_include_the_peak():
+    assert montage_slices(0, 8) == [0, 1, 2] and montage_slices(7, 8) == [5, 6, 7]
+    assert montage_slices(50, 128) == [29, 50, 71] and montage_slices(126, 128) == [85, 106, 126]
+    assert montage_slices(0, 1) == [0] and montage_slices(1, 2) == [0, 1]
+
+
 def test_case_ids_are_unique_and_safe():
-    recs = [{"image": "/d/A/A-000_img.nii.gz"}, {"image": "/e/A/A-000_img.nii.gz"}, {"image": "/x/series 1"},
-            {"image": "/y.nii", "case_id": "eye/left"}]
+    recs = [
+        {"image": "/d/A/A-000_img.nii.gz"},
+        {"image": "/e/A/A-000_img.nii.gz"},
+        {"image": "/x/series 1"},
+        {"image": "/y.nii", "case_id": "eye/left"},
+    ]
     assert case_ids(recs) == ["A-000_img", "A-000_img-2", "series_1", "eye_left"]
 
 
@@ -393,15 +416,13 @@ def test_ga_bundle_export_run(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _read_index(out / "index.csv")
-    import json
-
-    datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())["training"]
-    assert len(rows) == 2 * 1  # validation part of 4 subjects (val_fraction 0.25 per label), two targets
-    assert {r["method"] for r in rows} == {"wbp"} and [r["target"] for r in rows] == ["predicted", "1"]
-    names = {Path(d["image"]).name for d in datalist}
-    for r in rows:
+    # by default the bundle's validation records, each with the two targets asked for
+    val = ga_split(tmp_path / "data" / "datalist.json", part="val", val_fraction=0.25, seed=0)
+    assert len(val) >= 2 and [r["source"] for r in rows] == [v["image"] for v in val for _ in range(2)]
+    assert {r["method"] for r in rows} == {"wbp"} and [r["target"] for r in rows] == ["predicted", "1"] * len(val)
+    for r, v in zip(rows, [v for v in val for _ in range(2)]):
+        assert r["label"] == str(v["label"])
         src, ov = nib.load(r["source"]), nib.load(r["overlay"])
-        assert Path(r["source"]).name in names
         assert ov.shape == src.shape and np.allclose(ov.affine, src.affine)
         assert np.abs(np.asarray(ov.dataobj)).max() == pytest.approx(1.0)
         assert Path(r["montage"]).is_file()
