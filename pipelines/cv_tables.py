@@ -77,14 +77,14 @@ def check_predictions(preds: pd.DataFrame) -> pd.DataFrame:
     bad = ~np.isin(labels, (0, 1))
     if bad.any():
         row = out.loc[bad].iloc[0]
-        raise ValueError(f"case {row['case']} has label {row['label']!r}; expected 0 or 1")
+        raise ValueError(f"case {row['case']} has label {_plain(row['label'])!r}; expected 0 or 1")
     out["label"] = out["label"].astype(int)
     out["score"] = out["score"].astype(float)
     if not np.isfinite(out["score"].to_numpy()).all():
         row = out.loc[~np.isfinite(out["score"].to_numpy())].iloc[0]
         raise ValueError(
             f"case {row['case']} (method {row['method']}, trained on {row['train_site']}, seed {row['seed']}) "
-            f"has a non-finite score {row['score']!r}"
+            f"has a non-finite score {_plain(row['score'])!r}"
         )
     dup = out.duplicated(["method", "train_site", "seed", "test_site", "case"])
     if dup.any():
@@ -449,6 +449,11 @@ def site_cv_tables(
                 averaged, m, reference, train_sites, test_sites, cell_diff=tables.auc_diff[m]
             )
     return tables
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value, so messages read ``2`` rather than ``np.int64(2)``."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -104,8 +104,7 @@ def plot_auc_heatmaps(tables: SiteCVTables, out_dir: str | Path) -> list[Path]:
     """
     out_dir = Path(out_dir)
     vmin, vmax = _auc_range(tables)
-    cmap = plt.get_cmap("Blues").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("Blues").with_extremes(bad="#eeeeee")
     paths = []
     for method, df in tables.auc.items():
         cols = [*tables.test_sites, *STAT_COLUMNS]
@@ -163,8 +162,7 @@ def plot_pvalue_heatmap(tables: SiteCVTables, out_dir: str | Path) -> Path | Non
     fig, axes = plt.subplots(
         1, len(tested), figsize=(len(tested) * (1.05 * n_cols + 2.4), 0.7 * n_rows + 1.7), squeeze=False
     )
-    cmap = plt.get_cmap("Reds_r").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("Reds_r").with_extremes(bad="#eeeeee")
     norm = LogNorm(vmin=1e-4, vmax=1.0)
     im = None
     for ax, method in zip(axes[0], tested):
@@ -237,7 +235,7 @@ def plot_roc_grids(preds: pd.DataFrame, tables: SiteCVTables, out_dir: str | Pat
                 if j == 0:
                     ax.set_ylabel(f"trained on {train}\nsensitivity", fontsize=7)
         legend = f"{method} (solid)" + (f" vs {ref} (dashed)" if ref else "")
-        fig.suptitle(f"ROC per cell: {legend}; rows training site, columns test site", fontsize=9)
+        fig.suptitle(f"ROC per cell: {legend}\nrows: training site, columns: test site", fontsize=9)
         fig.tight_layout()
         path = out_dir / f"roc_{method}.png"
         fig.savefig(path, dpi=110)
@@ -267,7 +265,7 @@ def write_tables(tables: SiteCVTables, out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
 
     def save(df: pd.DataFrame, stem: str, with_json: bool = True) -> None:
-        df.to_csv(out_dir / f"{stem}.csv", float_format="%.6g")
+        df.to_csv(out_dir / f"{stem}.csv")
         written.append(out_dir / f"{stem}.csv")
         if with_json:
             (out_dir / f"{stem}.json").write_text(json.dumps(_frame_json(df), indent=2))
@@ -287,7 +285,7 @@ def write_tables(tables: SiteCVTables, out_dir: str | Path) -> list[Path]:
                 save(sdf, f"pvalue_{m}_vs_{ref}_seed{s}", with_json=False)
     if tables.pooled:
         pooled = pd.DataFrame([p.to_dict() for p in tables.pooled.values()]).set_index("method")
-        pooled.to_csv(out_dir / "pooled_offdiag.csv", float_format="%.6g")
+        pooled.to_csv(out_dir / "pooled_offdiag.csv")
         (out_dir / "pooled_offdiag.json").write_text(
             json.dumps({m: tables.to_dict()["pooled"][m] for m in tables.pooled}, indent=2)
         )

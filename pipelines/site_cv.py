@@ -41,11 +41,9 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -54,14 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from ppi_med.data import load_datalist
-from ppi_med.ppi.masks import MASKS
-from ppi_med.saliency import METHODS as SALIENCY_METHODS
 from ppi_med.tracking import git_commit
+
+from .cv_cells import CELL_FORMAT, Cell, CellRunner, SiteCVError, cell_key, method_overrides, sha256_file
+from .cv_tables import SiteCVTables, site_cv_tables
 
 __all__ = [
     "CELL_FORMAT",
@@ -77,7 +75,6 @@ __all__ = [
     "run_site_cv",
 ]
 
-CELL_FORMAT = 1
 # bundle ids that the pipeline sets per cell; the user sets them through the command's own options
 RESERVED_OVERRIDES = {
     "train_sites": "--sites",
@@ -92,10 +89,7 @@ RESERVED_OVERRIDES = {
     "tracking_uri": "--tracking-uri",
 }
 _REPORT_MARKER = "summary.json"
-
-
-class SiteCVError(ValueError):
-    """A bad request: unknown site or method, conflicting override, malformed option."""
+_REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -116,6 +110,8 @@ class SiteCVConfig:
         checkpoint: ``best`` (best validation AUC) or ``final`` checkpoint for the tables.
         bundle_logging: apply the bundle's ``logging.conf`` (the engines' INFO logs) instead of staying quiet.
         progress: show the tqdm bar.
+        num_threads: CPU threads for torch during the invocation (torch's default when ``None``); on a shared
+            machine with busy cores, 1 can be many times faster for small networks.
     """
 
     config_file: str | Path
@@ -131,6 +127,7 @@ class SiteCVConfig:
     checkpoint: str = "best"
     bundle_logging: bool = False
     progress: bool = True
+    num_threads: int | None = None
 
 
 @dataclass
@@ -149,41 +146,13 @@ class SiteCVResult:
     """
 
     out_dir: Path
-    tables: Any
+    tables: SiteCVTables
     predictions: pd.DataFrame
     cells: pd.DataFrame
     parent_run_id: str
     tracking_uri: str
     files: list[Path]
     seconds: float
-
-
-def method_overrides(method: str) -> dict[str, Any]:
-    """The bundle overrides that make a method.
-
-    Args:
-        method: ``baseline``, ``ppi_<saliency>`` or ``ppi_<saliency>_<mask>``.
-
-    Returns:
-        ``{"ppi#enabled": False}`` or ``{"ppi#enabled": True, "ppi#saliency": ..., ["ppi#mask": ...]}``.
-
-    Raises:
-        SiteCVError: an unknown method, saliency or mask.
-    """
-    if method == "baseline":
-        return {"ppi#enabled": False}
-    if method.startswith("ppi_"):
-        rest = method[len("ppi_") :]
-        for saliency in sorted(SALIENCY_METHODS, key=len, reverse=True):
-            if rest == saliency:
-                return {"ppi#enabled": True, "ppi#saliency": saliency}
-            if rest.startswith(saliency + "_") and rest[len(saliency) + 1 :] in MASKS:
-                return {"ppi#enabled": True, "ppi#saliency": saliency, "ppi#mask": rest[len(saliency) + 1 :]}
-    raise SiteCVError(
-        f"unknown method '{method}': use 'baseline', 'ppi_<saliency>' with saliency one of "
-        f"{', '.join(SALIENCY_METHODS)}, or 'ppi_<saliency>_<mask>' with mask one of {', '.join(MASKS)} "
-        "(e.g. ppi_wbp, ppi_gradcam, ppi_wbp_box)"
-    )
 
 
 def _parse_value(text: str) -> Any:
@@ -231,69 +200,11 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def cell_key(
-    bundle_sha256: str, datalist_sha256: str, overrides: Mapping[str, Any], method: str, site: str, seed: int
-) -> tuple[str, dict[str, Any]]:
-    """The key of a (method, site, seed) cell and the material it hashes.
-
-    Args:
-        bundle_sha256: hash of the bundle config file's bytes.
-        datalist_sha256: hash of the datalist file's bytes.
-        overrides: the user's bundle overrides.
-        method: the method.
-        site: the training site.
-        seed: the seed.
-
-    Returns:
-        ``(key, material)``: 16 hex digits of the SHA-256 of ``material`` as canonical JSON.
-    """
-    material = {
-        "format": CELL_FORMAT,
-        "bundle_sha256": bundle_sha256,
-        "datalist_sha256": datalist_sha256,
-        "overrides": {k: overrides[k] for k in sorted(overrides)},
-        "method": method,
-        "train_site": site,
-        "seed": int(seed),
-    }
-    text = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16], material
-
-
-def _metric_name(site: str) -> str:
-    """A site name as MLflow allows it in a metric key."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(site))
-
-
-def _case_id(image: str, root: Path) -> str:
-    path = Path(image)
-    with contextlib.suppress(ValueError):
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    return str(path)
-
-
 def _artifact_location(tracking_uri: str) -> str | None:
     """Artifacts beside a local SQLite store (``<folder>/mlruns``), as MONAI's MLflow handler puts them."""
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
     return None
-
-
-@dataclass
-class _Cell:
-    method: str
-    site: str
-    seed: int
-    key: str
-    material: dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        return f"{self.method} trained on {self.site}, seed {self.seed}"
 
 
 class _Study:
@@ -312,6 +223,8 @@ class _Study:
         self.meta_file = meta if meta.is_file() else None
         if cfg.checkpoint not in ("best", "final"):
             raise SiteCVError(f"checkpoint must be 'best' or 'final', got '{cfg.checkpoint}'")
+        if cfg.num_threads is not None and int(cfg.num_threads) < 1:
+            raise SiteCVError(f"--num-threads must be at least 1, got {cfg.num_threads}")
         if int(cfg.seeds) < 1:
             raise SiteCVError(f"--seeds must be at least 1, got {cfg.seeds}")
         self.methods = list(dict.fromkeys(cfg.methods))
@@ -364,10 +277,10 @@ class _Study:
         self.tracking_uri = cfg.tracking_uri or env_uri or str(parser.get_parsed_content("tracking_uri"))
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "site_cv" / self.stamp
-        self.bundle_sha = _sha256(self.config_file)
-        self.datalist_sha = _sha256(self.datalist)
+        self.bundle_sha = sha256_file(self.config_file)
+        self.datalist_sha = sha256_file(self.datalist)
         self.cells = [
-            _Cell(m, site, seed, *cell_key(self.bundle_sha, self.datalist_sha, cfg.overrides, m, site, seed))
+            Cell(m, site, seed, *cell_key(self.bundle_sha, self.datalist_sha, cfg.overrides, m, site, seed))
             for seed in self.seeds
             for site in self.sites
             for m in self.methods
@@ -376,6 +289,7 @@ class _Study:
     # ----- MLflow -----------------------------------------------------------------------------------------
 
     def open_parent(self) -> None:
+        """Create (or find) the experiment, start the parent run, and set up the cell runner."""
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
@@ -390,7 +304,7 @@ class _Study:
             exp_id = exp.experiment_id
         self.experiment_id = exp_id
         tags = {
-            "git_commit": git_commit(),
+            "git_commit": git_commit(_REPO),
             "cv_kind": "site_cv_parent",
             "cv_out_dir": str(self.out_dir.resolve()),
             "bundle": self.config_file.name,
@@ -409,257 +323,24 @@ class _Study:
         for k, v in params.items():
             self.client.log_param(self.parent_id, k, v)
 
+        self.runner = CellRunner(
+            config_file=self.config_file,
+            meta_file=self.meta_file,
+            overrides=self.overrides,
+            out_dir=self.out_dir,
+            datalist=self.datalist,
+            items=self.items,
+            client=self.client,
+            tracking_uri=self.tracking_uri,
+            experiment=self.cfg.experiment,
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent_id,
+            bundle_logging=self.cfg.bundle_logging,
+        )
+
     def close_parent(self, status: str) -> None:
+        """End the parent run with ``status`` (FINISHED or FAILED)."""
         self.client.set_terminated(self.parent_id, status)
-
-    def _run_ok(self, run_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_run(run_id).info.status == "FINISHED"
-        except MlflowException:
-            return False
-
-    # ----- cells ------------------------------------------------------------------------------------------
-
-    def _attempts(self, cell: _Cell) -> list[Path]:
-        folder = self.out_dir / "cells" / cell.key
-        found = [p for p in folder.glob("attempt-*") if p.is_dir() and p.name[len("attempt-") :].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[len("attempt-") :]))
-
-    def reusable(self, cell: _Cell) -> dict[str, Any] | None:
-        """The record of the latest complete attempt of ``cell`` whose MLflow run is FINISHED, if any."""
-        for attempt in reversed(self._attempts(cell)):
-            path = attempt / "cell.json"
-            if not path.is_file():
-                continue
-            try:
-                rec = json.loads(path.read_text())
-            except ValueError:
-                continue
-            needed = [
-                attempt / rec.get("predictions", ""),
-                Path(rec.get("checkpoint_best", "")),
-                Path(rec.get("checkpoint_final", "")),
-            ]
-            if all(p.is_file() for p in needed) and self._run_ok(rec.get("run_id", "")):
-                return rec
-        return None
-
-    def train(self, cell: _Cell) -> dict[str, Any]:
-        """Train one cell with the bundle, score every test case, and write the attempt's record."""
-        import torch
-        from monai.bundle import ConfigWorkflow
-
-        attempts = self._attempts(cell)
-        n = int(attempts[-1].name[len("attempt-") :]) + 1 if attempts else 1
-        cell_dir = self.out_dir / "cells" / cell.key
-        attempt = cell_dir / f"attempt-{n}"
-        attempt.mkdir(parents=True, exist_ok=False)
-        (cell_dir / "key.json").write_text(json.dumps(cell.material, indent=2, default=str))
-        run_name = f"cv-{cell.method}-{cell.site}-s{cell.seed}-{cell.key[:8]}" + (f"-a{n}" if n > 1 else "")
-        overrides = {
-            **self.overrides,
-            **self.method_ov[cell.method],
-            "train_sites": [cell.site],
-            "val_sites": None,
-            "seed": cell.seed,
-            "experiment_name": self.cfg.experiment,
-            "tracking_uri": self.tracking_uri,
-            "run_name": run_name,
-            "runs_dir": str(cell_dir.resolve()),
-            "output_dir": str(attempt.resolve()),
-            "run_tags": {
-                "mlflow.parentRunId": self.parent_id,
-                "train_site": cell.site,
-                "cv_method": cell.method,
-                "cv_seed": cell.seed,
-                "cv_key": cell.key,
-                "cv_attempt": n,
-            },
-        }
-        t0 = time.perf_counter()
-        logging_file = None if self.cfg.bundle_logging else False
-        try:
-            with _quiet_monai(not self.cfg.bundle_logging):
-                wf = ConfigWorkflow(
-                    config_file=str(self.config_file),
-                    meta_file=str(self.meta_file) if self.meta_file else None,
-                    logging_file=logging_file,
-                    workflow_type="train",
-                    **overrides,
-                )
-            wf.initialize()
-            wf.run()
-            parse = wf.parser.get_parsed_content
-            train_list, heldout = parse("train#datalist"), parse("validate#datalist")
-            ckpt_dir = Path(parse("ckpt_dir"))
-            ckpts = {"best": ckpt_dir / "model_best.pt", "final": ckpt_dir / "model_final.pt"}
-            for name, path in ckpts.items():
-                if not path.is_file():
-                    raise FileNotFoundError(f"{cell.label}: the bundle wrote no {name} checkpoint at {path}")
-            cases = self._test_cases(cell.site, heldout)
-            scores = _predict(
-                parse("network"),
-                parse("preprocessing"),
-                [c["image"] for c in cases],
-                parse("device"),
-                int(parse("batch_size")),
-                {k: p for k, p in ckpts.items()},
-                torch,
-            )
-            wf.finalize()
-        except BaseException:
-            self._fail_children(cell, n)
-            raise
-        run = self._child_run(cell, n)
-        preds = pd.DataFrame(
-            {
-                "test_site": [c["site"] for c in cases],
-                "case": [c["case"] for c in cases],
-                "subject": [c["subject"] for c in cases],
-                "label": [c["label"] for c in cases],
-                "role": [c["role"] for c in cases],
-                "score_best": scores["best"],
-                "score_final": scores["final"],
-            }
-        )
-        preds.to_csv(attempt / "predictions.csv", index=False)
-        aucs = self._log_child_metrics(run.info.run_id, preds)
-        rec = {
-            "key": cell.key,
-            "material": cell.material,
-            "method": cell.method,
-            "train_site": cell.site,
-            "seed": cell.seed,
-            "attempt": n,
-            "run_id": run.info.run_id,
-            "run_name": run_name,
-            "experiment": self.cfg.experiment,
-            "tracking_uri": self.tracking_uri,
-            "checkpoint_best": str(ckpts["best"].resolve()),
-            "checkpoint_final": str(ckpts["final"].resolve()),
-            "predictions": "predictions.csv",
-            "train_subjects": sorted({str(it.get("subject", it["image"])) for it in train_list}),
-            "heldout_subjects": sorted({str(it.get("subject", it["image"])) for it in heldout}),
-            "n_train": len(train_list),
-            "n_heldout": len(heldout),
-            "auc_best": aucs["best"],
-            "auc_final": aucs["final"],
-            "seconds": round(time.perf_counter() - t0, 2),
-            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        tmp = attempt / "cell.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=2, default=str))
-        tmp.replace(attempt / "cell.json")  # written last: its presence marks a complete attempt
-        return rec
-
-    def _test_cases(self, site: str, heldout: list[dict]) -> list[dict[str, Any]]:
-        """The training site's held-out records, then every record of every other site of the datalist."""
-        root = self.datalist.parent
-        cases = []
-        for role, records in (("heldout", heldout), ("site", [it for it in self.items if str(it.get("site")) != site])):
-            for it in records:
-                cases.append(
-                    {
-                        "image": it["image"],
-                        "site": str(it.get("site")),
-                        "case": _case_id(it["image"], root),
-                        "subject": str(it.get("subject", _case_id(it["image"], root))),
-                        "label": int(it["label"]),
-                        "role": role,
-                    }
-                )
-        return cases
-
-    def _child_runs(self, cell: _Cell, attempt: int) -> list[Any]:
-        return self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.cv_key = '{cell.key}' and tags.cv_attempt = '{attempt}'",
-        )
-
-    def _child_run(self, cell: _Cell, attempt: int) -> Any:
-        runs = self._child_runs(cell, attempt)
-        if len(runs) != 1:
-            raise RuntimeError(
-                f"{cell.label}: expected one MLflow run tagged cv_key={cell.key}, cv_attempt={attempt} in "
-                f"experiment '{self.cfg.experiment}' of {self.tracking_uri}, found {len(runs)}"
-            )
-        return runs[0]
-
-    def _fail_children(self, cell: _Cell, attempt: int) -> None:
-        """Mark the crashed attempt's run FAILED (it would stay RUNNING); the run itself is kept."""
-        with contextlib.suppress(Exception):
-            for run in self._child_runs(cell, attempt):
-                if run.info.status == "RUNNING":
-                    self.client.set_terminated(run.info.run_id, "FAILED")
-
-    def _log_child_metrics(self, run_id: str, preds: pd.DataFrame) -> dict[str, dict[str, float | None]]:
-        """Log ``auc_<site>`` (best checkpoint) and ``auc_final_<site>`` into the cell's run; return them."""
-        from .cv_tables import cell_auc
-
-        aucs: dict[str, dict[str, float | None]] = {"best": {}, "final": {}}
-        for site, g in preds.groupby("test_site", sort=True):
-            for which, prefix in (("best", "auc_"), ("final", "auc_final_")):
-                auc = cell_auc(g["label"].to_numpy(), g[f"score_{which}"].to_numpy())
-                aucs[which][str(site)] = None if math.isnan(auc) else auc
-                if not math.isnan(auc):
-                    self.client.log_metric(run_id, prefix + _metric_name(site), auc)
-        return aucs
-
-
-@contextlib.contextmanager
-def _quiet_monai(quiet: bool):
-    """Silence MONAI's 'logging file is False' warning when the bundle's logging config is skipped on purpose."""
-    import logging
-
-    if not quiet:
-        yield
-        return
-    names = ["monai.bundle.workflows", "monai.bundle"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
-
-
-def _load_weights(network: Any, path: Path, device: Any, torch: Any) -> None:
-    state = torch.load(path, map_location=device, weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # CheckpointSaver keeps {"model": ..., "optimizer": ...} when it saves several
-    network.load_state_dict(state)
-
-
-def _predict(
-    network: Any,
-    preprocessing: Any,
-    images: Sequence[str],
-    device: Any,
-    batch_size: int,
-    checkpoints: Mapping[str, Path],
-    torch: Any,
-) -> dict[str, np.ndarray]:
-    """Softmax probability of class 1 of every image, with each checkpoint's weights loaded in turn."""
-    tensors = []
-    for image in images:
-        item = preprocessing({"image": image})
-        x = item["image"]
-        tensors.append(x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x))
-    out: dict[str, np.ndarray] = {}
-    network.eval()
-    for name, path in checkpoints.items():
-        _load_weights(network, path, device, torch)
-        probs = []
-        with torch.no_grad():
-            for i in range(0, len(tensors), batch_size):
-                batch = torch.stack(tensors[i : i + batch_size]).to(device)
-                probs.append(torch.softmax(network(batch).float(), dim=1)[:, 1].cpu().numpy())
-        out[name] = np.concatenate(probs) if probs else np.zeros(0)
-    return out
 
 
 def _archive_previous_report(out_dir: Path) -> Path | None:
@@ -671,11 +352,11 @@ def _archive_previous_report(out_dir: Path) -> Path | None:
         old = json.loads(marker.read_text())
     except ValueError:
         old = {}
-    dest = out_dir / "history" / str(old.get("stamp", time.strftime("%Y%m%d-%H%M%S")))
-    k = 1
-    while dest.exists():
-        dest = dest.with_name(f"{dest.name.split('+')[0]}+{k}")
+    base = out_dir / "history" / str(old.get("stamp", time.strftime("%Y%m%d-%H%M%S")))
+    dest, k = base, 1
+    while dest.exists():  # two invocations in the same second
         k += 1
+        dest = base.with_name(f"{base.name}-{k}")
     dest.mkdir(parents=True)
     names = set(old.get("files", [])) | {_REPORT_MARKER}
     for name in sorted(names):
@@ -722,37 +403,74 @@ def run_site_cv(cfg: SiteCVConfig) -> SiteCVResult:
         SiteCVError: an unknown site or method, a reserved or conflicting override.
         RuntimeError: a cell's training left no MLflow run.
     """
-    from . import report
-    from .cv_tables import site_cv_tables
-
     t_start = time.perf_counter()
     study = _Study(cfg)
-    out_dir = study.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with _torch_threads(cfg.num_threads):
+        return _run(study, cfg, t_start)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Set torch's intra-op thread count for the block, then restore it."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(study: _Study, cfg: SiteCVConfig, t_start: float) -> SiteCVResult:
+    """Open the parent run, run or reuse every cell, write the report; the parent ends FINISHED or FAILED."""
+    study.out_dir.mkdir(parents=True, exist_ok=True)
     study.open_parent()
     status = "FAILED"
     try:
-        records, cell_rows = [], []
-        bar = tqdm(total=len(study.cells), desc="site CV", unit="cell", disable=not cfg.progress)
+        records, cells = _run_cells(study, cfg)
+        preds = _collect_predictions(records, study.out_dir, cfg.checkpoint)
+        preds = preds[preds["test_site"].isin(study.sites)].reset_index(drop=True)
+        tables = site_cv_tables(preds, study.methods, study.sites, study.sites)
+        files = _write_report(study, cfg, tables, preds, cells, t_start)
+        status = "FINISHED"
+        return SiteCVResult(
+            out_dir=study.out_dir,
+            tables=tables,
+            predictions=preds,
+            cells=cells,
+            parent_run_id=study.parent_id,
+            tracking_uri=study.tracking_uri,
+            files=files,
+            seconds=time.perf_counter() - t_start,
+        )
+    finally:
+        study.close_parent(status)
+
+
+def _run_cells(study: _Study, cfg: SiteCVConfig) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """Reuse or train every cell, with a progress bar and one line per cell; their records and a cell table."""
+    records, rows = [], []
+    n = len(study.cells)
+    with tqdm(total=n, desc="site CV", unit="cell", disable=not cfg.progress) as bar:
         for i, cell in enumerate(study.cells, 1):
             t0 = time.perf_counter()
-            rec = study.reusable(cell)
+            rec = study.runner.reusable(cell)
             state = "reused" if rec is not None else "trained"
             if rec is None:
-                tqdm.write(f"[{i}/{len(study.cells)}] training {cell.label} (cell {cell.key}) ...")
-                rec = study.train(cell)
-            row_aucs = " ".join(
-                f"{s}={rec['auc_' + cfg.checkpoint][s]:.3f}"
-                if rec["auc_" + cfg.checkpoint].get(s) is not None
-                else f"{s}=n/a"
-                for s in study.sites
-            )
+                tqdm.write(f"[{i}/{n}] training {cell.label} (cell {cell.key}) ...")
+                rec = study.runner.train(cell)
+            aucs = rec[f"auc_{cfg.checkpoint}"]
+            shown = " ".join(f"{s}={aucs[s]:.3f}" if aucs.get(s) is not None else f"{s}=n/a" for s in study.sites)
             tqdm.write(
-                f"[{i}/{len(study.cells)}] {cell.label}: {state} in {time.perf_counter() - t0:.1f} s; "
-                f"AUC {row_aucs} (run {rec['run_id']})"
+                f"[{i}/{n}] {cell.label}: {state} in {time.perf_counter() - t0:.1f} s; AUC {shown} "
+                f"(run {rec['run_id']})"
             )
             records.append(rec)
-            cell_rows.append(
+            rows.append(
                 {
                     "method": cell.method,
                     "train_site": cell.site,
@@ -768,112 +486,115 @@ def run_site_cv(cfg: SiteCVConfig) -> SiteCVResult:
                 }
             )
             bar.update()
-        bar.close()
+    return records, pd.DataFrame(rows)
 
-        preds = _collect_predictions(records, out_dir, cfg.checkpoint)
-        preds = preds[preds["test_site"].isin(study.sites)].reset_index(drop=True)
-        tables = site_cv_tables(preds, study.methods, study.sites, study.sites)
-        cells = pd.DataFrame(cell_rows)
 
-        archived = _archive_previous_report(out_dir)
-        files = report.write_tables(tables, out_dir)
-        preds.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
-        cells.to_csv(out_dir / "cells.csv", index=False)
-        files += [out_dir / "predictions.csv", out_dir / "cells.csv"]
-        figures = report.plot_auc_heatmaps(tables, out_dir)
-        pfig = report.plot_pvalue_heatmap(tables, out_dir)
-        figures += [pfig] if pfig is not None else []
-        figures += report.plot_roc_grids(preds, tables, out_dir)
-        files += figures
-
-        seconds = time.perf_counter() - t_start
-        n_trained = int((cells["status"] == "trained").sum())
-        if cfg.checkpoint == "best":
-            notes = [
-                f"Diagonal cells use the training site's held-out subjects (val_fraction {study.val_fraction}); "
-                "they also chose the best checkpoint (best validation AUC), so the diagonal is optimistic. "
-                "--checkpoint final scores the last epoch's weights instead."
-            ]
-        else:
-            notes = [
-                f"Diagonal cells use the training site's held-out subjects (val_fraction {study.val_fraction}); "
-                "the final checkpoint is scored, so they did not select the model."
-            ]
-        if tables.reference is None:
-            notes.append("No 'baseline' among the methods: no DeLong tests.")
-        nan_cells = [
-            f"{m} {r}->{c}"
-            for m, df in tables.auc.items()
-            for r in df.index
-            for c in study.sites
-            if not math.isfinite(float(df.loc[r, c]))
+def _notes(study: _Study, cfg: SiteCVConfig, tables: SiteCVTables) -> list[str]:
+    """Caveats for the summary: what the diagonal means, missing tests, undefined cells."""
+    where = f"Diagonal cells use the training site's held-out subjects (val_fraction {study.val_fraction}); "
+    if cfg.checkpoint == "best":
+        notes = [
+            where + "they also chose the best checkpoint (best validation AUC), so the diagonal is optimistic; "
+            "--checkpoint final scores the last epoch's weights instead."
         ]
-        if nan_cells:
-            notes.append(f"AUC undefined (a class missing) in: {', '.join(nan_cells)}")
-        header = [
-            f"- bundle: `{study.config_file}`; datalist: `{study.datalist}`",
-            f"- sites: {', '.join(study.sites)}; methods: {', '.join(study.methods)}; "
-            f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
-            f"- bundle overrides: `{json.dumps(dict(cfg.overrides), default=str)}`",
-            f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, store `{study.tracking_uri}`",
-            f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
-            f"wall time {seconds:.1f} s; git {git_commit()[:12]}",
-        ]
-        md = report.markdown_report(tables, header, figures, cells.drop(columns=["key"]), notes, base=out_dir)
-        (out_dir / "summary.md").write_text(md)
-        files.append(out_dir / "summary.md")
-        summary = {
-            "stamp": study.stamp,
-            "command": sys.argv,
-            "config_file": str(study.config_file),
-            "datalist": str(study.datalist),
-            "sites": study.sites,
-            "methods": study.methods,
-            "seeds": study.seeds,
-            "checkpoint": cfg.checkpoint,
-            "overrides": dict(cfg.overrides),
-            "tracking_uri": study.tracking_uri,
-            "experiment": cfg.experiment,
-            "parent_run_id": study.parent_id,
-            "n_trained": n_trained,
-            "n_reused": len(cells) - n_trained,
-            "wall_seconds": round(seconds, 2),
-            "previous_report": str(archived) if archived else None,
-            "summary_metrics": tables.to_dict()["summary_metrics"],
-            "cells": cell_rows,
-            "files": [f.name for f in files] + [_REPORT_MARKER],
-        }
-        (out_dir / _REPORT_MARKER).write_text(json.dumps(summary, indent=2, default=str))
-        files.append(out_dir / _REPORT_MARKER)
+    else:
+        notes = [where + "the final checkpoint is scored, so they did not select the model."]
+    if tables.reference is None:
+        notes.append("No 'baseline' among the methods: no DeLong tests.")
+    undefined = [
+        f"{m} {r}->{c}"
+        for m, df in tables.auc.items()
+        for r in df.index
+        for c in study.sites
+        if not math.isfinite(float(df.loc[r, c]))
+    ]
+    if undefined:
+        notes.append(f"AUC undefined (a class missing) in: {', '.join(undefined)}")
+    return notes
 
-        for name, value in tables.summary_metrics().items():
-            if math.isfinite(value):
-                study.client.log_metric(study.parent_id, name, value)
-        study.client.log_metric(study.parent_id, "n_trained_cells", n_trained)
-        study.client.log_metric(study.parent_id, "wall_seconds", seconds)
-        for f in files:
-            folder = (
-                "figures" if f.suffix == ".png" else (None if f.name in ("summary.md", _REPORT_MARKER) else "tables")
-            )
-            study.client.log_artifact(study.parent_id, str(f), artifact_path=folder)
-        print("\n" + report.console_report(tables))
-        print(f"\nreport: {out_dir / 'summary.md'}")
-        print(f"MLflow parent run {study.parent_id} in experiment '{cfg.experiment}' ({study.tracking_uri})")
-        if study.tracking_uri.startswith("sqlite:///"):
-            print(f"  open it with: mlflow ui --backend-store-uri {study.tracking_uri}")
-        status = "FINISHED"
-        return SiteCVResult(
-            out_dir=out_dir,
-            tables=tables,
-            predictions=preds,
-            cells=cells,
-            parent_run_id=study.parent_id,
-            tracking_uri=study.tracking_uri,
-            files=files,
-            seconds=seconds,
+
+def _write_report(
+    study: _Study,
+    cfg: SiteCVConfig,
+    tables: SiteCVTables,
+    preds: pd.DataFrame,
+    cells: pd.DataFrame,
+    t_start: float,
+) -> list[Path]:
+    """Files, figures and summary in the output folder, the same in the parent run, the tables on the console."""
+    from . import report
+
+    out_dir = study.out_dir
+    archived = _archive_previous_report(out_dir)
+    files = report.write_tables(tables, out_dir)
+    preds.to_csv(out_dir / "predictions.csv", index=False)
+    cells.to_csv(out_dir / "cells.csv", index=False)
+    files += [out_dir / "predictions.csv", out_dir / "cells.csv"]
+    figures = report.plot_auc_heatmaps(tables, out_dir)
+    pfig = report.plot_pvalue_heatmap(tables, out_dir)
+    figures += [pfig] if pfig is not None else []
+    figures += report.plot_roc_grids(preds, tables, out_dir)
+    files += figures
+
+    seconds = time.perf_counter() - t_start
+    n_trained = int((cells["status"] == "trained").sum())
+    header = [
+        f"- bundle: `{study.config_file}`; datalist: `{study.datalist}`",
+        f"- sites: {', '.join(study.sites)}; methods: {', '.join(study.methods)}; "
+        f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
+        f"- bundle overrides: `{json.dumps(dict(cfg.overrides), default=str)}`",
+        f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, store `{study.tracking_uri}`",
+        f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
+        f"wall time {seconds:.1f} s; git {git_commit(_REPO)[:12]}",
+    ]
+    md = report.markdown_report(
+        tables, header, figures, cells.drop(columns=["key"]), _notes(study, cfg, tables), base=out_dir
+    )
+    (out_dir / "summary.md").write_text(md)
+    files.append(out_dir / "summary.md")
+    summary = {
+        "stamp": study.stamp,
+        "command": sys.argv,
+        "config_file": str(study.config_file),
+        "datalist": str(study.datalist),
+        "sites": study.sites,
+        "methods": study.methods,
+        "seeds": study.seeds,
+        "checkpoint": cfg.checkpoint,
+        "overrides": dict(cfg.overrides),
+        "tracking_uri": study.tracking_uri,
+        "experiment": cfg.experiment,
+        "parent_run_id": study.parent_id,
+        "n_trained": n_trained,
+        "n_reused": len(cells) - n_trained,
+        "wall_seconds": round(seconds, 2),
+        "previous_report": str(archived) if archived else None,
+        "summary_metrics": tables.to_dict()["summary_metrics"],
+        "cells": cells.to_dict(orient="records"),
+        "files": [f.name for f in files] + [_REPORT_MARKER],
+    }
+    (out_dir / _REPORT_MARKER).write_text(json.dumps(summary, indent=2, default=str))
+    files.append(out_dir / _REPORT_MARKER)
+
+    client, run_id = study.client, study.parent_id
+    for name, value in tables.summary_metrics().items():
+        if math.isfinite(value):
+            client.log_metric(run_id, name, value)
+    client.log_metric(run_id, "n_trained_cells", n_trained)
+    client.log_metric(run_id, "wall_seconds", seconds)
+    for f in files:
+        top = f.name in ("summary.md", _REPORT_MARKER)
+        client.log_artifact(
+            run_id, str(f), artifact_path="figures" if f.suffix == ".png" else None if top else "tables"
         )
-    finally:
-        study.close_parent(status)
+    print("\n" + report.console_report(tables))
+    print(f"\nreport: {out_dir / 'summary.md'}")
+    if cfg.out_dir is None:
+        print(f"  to resume or extend this study (more seeds, methods), run again with --out {out_dir}")
+    print(f"MLflow parent run {run_id} in experiment '{cfg.experiment}' ({study.tracking_uri})")
+    if study.tracking_uri.startswith("sqlite:///"):
+        print(f"  open it with: mlflow ui --backend-store-uri {study.tracking_uri}")
+    return files
 
 
 def _comma_list(text: str) -> list[str]:
@@ -929,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="ga_site_cv", help="MLflow experiment (default: %(default)s)")
     p.add_argument("--bundle-logging", action="store_true", help="apply the bundle's logging.conf (engine INFO logs)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own); 1 is often much faster on a busy shared CPU",
+    )
     return p
 
 
@@ -958,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides=overrides,
             checkpoint=args.checkpoint,
             bundle_logging=args.bundle_logging,
+            num_threads=args.num_threads,
             progress=not args.no_progress,
         )
         run_site_cv(cfg)

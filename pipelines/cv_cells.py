@@ -1,0 +1,504 @@
+"""One cell of a site-wise cross-validation: a (method, training site, seed) trained with the bundle and scored.
+
+A cell trains the bundle in-process (``monai.bundle.ConfigWorkflow``) with ``train_sites=[site]`` and
+``val_sites=None`` (the site's subjects split into training and held-out parts by the bundle's ``seed`` and
+``val_fraction``), then scores, with the bundle's own ``preprocessing`` and ``network`` and both the best and
+the final checkpoint, the site's held-out records and every record of every other site of the datalist.
+
+Layout of a cell in the output folder::
+
+    cells/<key>/key.json                 what the key hashes (bundle, datalist, overrides, method, site, seed)
+    cells/<key>/attempt-<n>/models/      the bundle's checkpoints (model_best.pt, model_final.pt)
+    cells/<key>/attempt-<n>/predictions.csv
+    cells/<key>/attempt-<n>/cell.json    the record, written last: an attempt without it did not finish
+
+The cell's MLflow run is the bundle's own (its ``RunTracker``), tagged as a child of the parent run and with
+``cv_key``/``cv_attempt``; ``auc_<site>`` (best checkpoint) and ``auc_final_<site>`` are logged into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ppi_med.ppi.masks import MASKS
+from ppi_med.saliency import METHODS as SALIENCY_METHODS
+
+from .cv_tables import cell_auc
+
+__all__ = [
+    "CELL_FORMAT",
+    "Cell",
+    "CellRunner",
+    "SiteCVError",
+    "TensorCache",
+    "cell_key",
+    "method_overrides",
+    "predict_probabilities",
+    "sha256_file",
+]
+
+CELL_FORMAT = 1
+
+
+class SiteCVError(ValueError):
+    """A bad request: unknown site or method, conflicting override, malformed option."""
+
+
+def method_overrides(method: str) -> dict[str, Any]:
+    """The bundle overrides that make a method.
+
+    Args:
+        method: ``baseline``, ``ppi_<saliency>`` or ``ppi_<saliency>_<mask>``.
+
+    Returns:
+        ``{"ppi#enabled": False}`` or ``{"ppi#enabled": True, "ppi#saliency": ..., ["ppi#mask": ...]}``.
+
+    Raises:
+        SiteCVError: an unknown method, saliency or mask.
+    """
+    if method == "baseline":
+        return {"ppi#enabled": False}
+    if method.startswith("ppi_"):
+        rest = method[len("ppi_") :]
+        for saliency in sorted(SALIENCY_METHODS, key=len, reverse=True):
+            if rest == saliency:
+                return {"ppi#enabled": True, "ppi#saliency": saliency}
+            if rest.startswith(saliency + "_") and rest[len(saliency) + 1 :] in MASKS:
+                return {"ppi#enabled": True, "ppi#saliency": saliency, "ppi#mask": rest[len(saliency) + 1 :]}
+    raise SiteCVError(
+        f"unknown method '{method}': use 'baseline', 'ppi_<saliency>' with saliency one of "
+        f"{', '.join(SALIENCY_METHODS)}, or 'ppi_<saliency>_<mask>' with mask one of {', '.join(MASKS)} "
+        "(e.g. ppi_wbp, ppi_gradcam, ppi_wbp_box)"
+    )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cell_key(
+    bundle_sha256: str, datalist_sha256: str, overrides: Mapping[str, Any], method: str, site: str, seed: int
+) -> tuple[str, dict[str, Any]]:
+    """The key of a (method, site, seed) cell and the material it hashes.
+
+    Args:
+        bundle_sha256: hash of the bundle config file's bytes.
+        datalist_sha256: hash of the datalist file's bytes.
+        overrides: the user's bundle overrides.
+        method: the method.
+        site: the training site.
+        seed: the seed.
+
+    Returns:
+        ``(key, material)``: 16 hex digits of the SHA-256 of ``material`` as canonical JSON.
+    """
+    material = {
+        "format": CELL_FORMAT,
+        "bundle_sha256": bundle_sha256,
+        "datalist_sha256": datalist_sha256,
+        "overrides": {k: overrides[k] for k in sorted(overrides)},
+        "method": method,
+        "train_site": site,
+        "seed": int(seed),
+    }
+    text = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16], material
+
+
+def _metric_name(site: str) -> str:
+    """A site name as MLflow allows it in a metric key."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(site))
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it, else absolute."""
+    with contextlib.suppress(ValueError):
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    return str(path.resolve())
+
+
+def _case_id(image: str, root: Path) -> str:
+    """A case's name: its image path relative to the datalist's folder (absolute when outside it)."""
+    path = Path(image)
+    with contextlib.suppress(ValueError):
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    return str(path)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A (method, training site, seed) of the cross-validation and its key."""
+
+    method: str
+    site: str
+    seed: int
+    key: str
+    material: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """How the cell is named in messages."""
+        return f"{self.method} trained on {self.site}, seed {self.seed}"
+
+
+class CellRunner:
+    """Trains, scores and reuses cells for one invocation.
+
+    Args:
+        config_file: the bundle config.
+        meta_file: the bundle metadata (or ``None``).
+        overrides: bundle overrides for every cell (the user's, plus ``bundle_root``).
+        out_dir: the study's output folder (cells go to ``out_dir/cells``).
+        datalist: the resolved datalist file.
+        items: its records (from :func:`ppi_med.data.load_datalist`).
+        client: MLflow client of the tracking store.
+        tracking_uri: that store's URI (passed to the bundle).
+        experiment: the MLflow experiment name.
+        experiment_id: its id.
+        parent_run_id: the invocation's parent run.
+        bundle_logging: apply the bundle's ``logging.conf`` rather than keeping MONAI quiet.
+    """
+
+    def __init__(
+        self,
+        *,
+        config_file: Path,
+        meta_file: Path | None,
+        overrides: Mapping[str, Any],
+        out_dir: Path,
+        datalist: Path,
+        items: list[dict],
+        client: Any,
+        tracking_uri: str,
+        experiment: str,
+        experiment_id: str,
+        parent_run_id: str,
+        bundle_logging: bool = False,
+    ) -> None:
+        self.config_file = config_file
+        self.meta_file = meta_file
+        self.overrides = dict(overrides)
+        self.out_dir = out_dir
+        self.datalist = datalist
+        self.items = items
+        self.client = client
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.bundle_logging = bundle_logging
+        # preprocessed test images, shared by the cells: every cell has the same overrides but for the
+        # method, site and seed, which the evaluation preprocessing does not depend on
+        self._tensors = TensorCache()
+
+    def _run_ok(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.status == "FINISHED"
+        except MlflowException:
+            return False
+
+    def _attempts(self, cell: Cell) -> list[Path]:
+        folder = self.out_dir / "cells" / cell.key
+        found = [p for p in folder.glob("attempt-*") if p.is_dir() and p.name[len("attempt-") :].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[len("attempt-") :]))
+
+    def reusable(self, cell: Cell) -> dict[str, Any] | None:
+        """The record of the latest complete attempt of ``cell`` whose MLflow run is FINISHED, if any."""
+        for attempt in reversed(self._attempts(cell)):
+            path = attempt / "cell.json"
+            if not path.is_file():
+                continue
+            try:
+                rec = json.loads(path.read_text())
+            except ValueError:
+                continue
+            needed = [attempt / rec.get(k, "") for k in ("predictions", "checkpoint_best", "checkpoint_final")]
+            if all(p.is_file() for p in needed) and self._run_ok(rec.get("run_id", "")):
+                return rec
+        return None
+
+    def train(self, cell: Cell) -> dict[str, Any]:
+        """Train one cell with the bundle, score every test case, and write the attempt's record."""
+        import torch
+        from monai.bundle import ConfigWorkflow
+
+        attempts = self._attempts(cell)
+        n = int(attempts[-1].name[len("attempt-") :]) + 1 if attempts else 1
+        cell_dir = self.out_dir / "cells" / cell.key
+        attempt = cell_dir / f"attempt-{n}"
+        attempt.mkdir(parents=True, exist_ok=False)
+        (cell_dir / "key.json").write_text(json.dumps(cell.material, indent=2, default=str))
+        run_name = f"cv-{cell.method}-{cell.site}-s{cell.seed}-{cell.key[:8]}" + (f"-a{n}" if n > 1 else "")
+        overrides = {
+            **self.overrides,
+            **method_overrides(cell.method),
+            "train_sites": [cell.site],
+            "val_sites": None,
+            "seed": cell.seed,
+            "experiment_name": self.experiment,
+            "tracking_uri": self.tracking_uri,
+            "run_name": run_name,
+            "runs_dir": str(cell_dir.resolve()),
+            "output_dir": str(attempt.resolve()),
+            "run_tags": {
+                "mlflow.parentRunId": self.parent_run_id,
+                "train_site": cell.site,
+                "cv_method": cell.method,
+                "cv_seed": cell.seed,
+                "cv_key": cell.key,
+                "cv_attempt": n,
+            },
+        }
+        t0 = time.perf_counter()
+        logging_file = None if self.bundle_logging else False
+        try:
+            with _quiet_monai(not self.bundle_logging):
+                wf = ConfigWorkflow(
+                    config_file=str(self.config_file),
+                    meta_file=str(self.meta_file) if self.meta_file else None,
+                    logging_file=logging_file,
+                    workflow_type="train",
+                    **overrides,
+                )
+            wf.initialize()
+            wf.run()
+            parse = wf.parser.get_parsed_content
+            train_list, heldout = parse("train#datalist"), parse("validate#datalist")
+            ckpt_dir = Path(parse("ckpt_dir"))
+            ckpts = {"best": ckpt_dir / "model_best.pt", "final": ckpt_dir / "model_final.pt"}
+            for name, path in ckpts.items():
+                if not path.is_file():
+                    raise FileNotFoundError(f"{cell.label}: the bundle wrote no {name} checkpoint at {path}")
+            cases = self._test_cases(cell.site, heldout)
+            scores = predict_probabilities(
+                parse("network"),
+                parse("preprocessing"),
+                [c["image"] for c in cases],
+                parse("device"),
+                int(parse("batch_size")),
+                ckpts,
+                torch,
+                cache=self._tensors,
+            )
+            wf.finalize()
+        except BaseException:
+            self._fail_children(cell, n)
+            raise
+        run = self._child_run(cell, n)
+        preds = pd.DataFrame(
+            {
+                "test_site": [c["site"] for c in cases],
+                "case": [c["case"] for c in cases],
+                "subject": [c["subject"] for c in cases],
+                "label": [c["label"] for c in cases],
+                "role": [c["role"] for c in cases],
+                "score_best": scores["best"],
+                "score_final": scores["final"],
+            }
+        )
+        preds.to_csv(attempt / "predictions.csv", index=False)
+        aucs = self._log_child_metrics(run.info.run_id, preds)
+        rec = {
+            "key": cell.key,
+            "material": cell.material,
+            "method": cell.method,
+            "train_site": cell.site,
+            "seed": cell.seed,
+            "attempt": n,
+            "run_id": run.info.run_id,
+            "run_name": run_name,
+            "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri,
+            # relative to the attempt folder, so that a moved output folder still resumes
+            "checkpoint_best": _relative(ckpts["best"], attempt),
+            "checkpoint_final": _relative(ckpts["final"], attempt),
+            "predictions": "predictions.csv",
+            "train_subjects": sorted({str(it.get("subject", it["image"])) for it in train_list}),
+            "heldout_subjects": sorted({str(it.get("subject", it["image"])) for it in heldout}),
+            "n_train": len(train_list),
+            "n_heldout": len(heldout),
+            "auc_best": aucs["best"],
+            "auc_final": aucs["final"],
+            "seconds": round(time.perf_counter() - t0, 2),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        tmp = attempt / "cell.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=2, default=str))
+        tmp.replace(attempt / "cell.json")  # written last: its presence marks a complete attempt
+        return rec
+
+    def _test_cases(self, site: str, heldout: list[dict]) -> list[dict[str, Any]]:
+        """The training site's held-out records, then every record of every other site of the datalist."""
+        root = self.datalist.parent
+        cases = []
+        for role, records in (("heldout", heldout), ("site", [it for it in self.items if str(it.get("site")) != site])):
+            for it in records:
+                cases.append(
+                    {
+                        "image": it["image"],
+                        "site": str(it.get("site")),
+                        "case": _case_id(it["image"], root),
+                        "subject": str(it.get("subject", _case_id(it["image"], root))),
+                        "label": int(it["label"]),
+                        "role": role,
+                    }
+                )
+        return cases
+
+    def _child_runs(self, cell: Cell, attempt: int) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.cv_key = '{cell.key}' and tags.cv_attempt = '{attempt}'",
+        )
+
+    def _child_run(self, cell: Cell, attempt: int) -> Any:
+        runs = self._child_runs(cell, attempt)
+        if len(runs) != 1:
+            raise RuntimeError(
+                f"{cell.label}: expected one MLflow run tagged cv_key={cell.key}, cv_attempt={attempt} in "
+                f"experiment '{self.experiment}' of {self.tracking_uri}, found {len(runs)}"
+            )
+        return runs[0]
+
+    def _fail_children(self, cell: Cell, attempt: int) -> None:
+        """Mark the crashed attempt's run FAILED (it would stay RUNNING); the run itself is kept."""
+        with contextlib.suppress(Exception):
+            for run in self._child_runs(cell, attempt):
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def _log_child_metrics(self, run_id: str, preds: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+        """Log ``auc_<site>`` (best checkpoint) and ``auc_final_<site>`` into the cell's run; return them."""
+        aucs: dict[str, dict[str, float | None]] = {"best": {}, "final": {}}
+        for site, g in preds.groupby("test_site", sort=True):
+            for which, prefix in (("best", "auc_"), ("final", "auc_final_")):
+                auc = cell_auc(g["label"].to_numpy(), g[f"score_{which}"].to_numpy())
+                aucs[which][str(site)] = None if math.isnan(auc) else auc
+                if not math.isnan(auc):
+                    self.client.log_metric(run_id, prefix + _metric_name(site), auc)
+        return aucs
+
+
+@contextlib.contextmanager
+def _quiet_monai(quiet: bool):
+    """Silence MONAI's 'logging file is False' warning when the bundle's logging config is skipped on purpose."""
+    import logging
+
+    if not quiet:
+        yield
+        return
+    names = ["monai.bundle.workflows", "monai.bundle"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+class TensorCache:
+    """Preprocessed images by path, up to a memory budget (beyond it, images are preprocessed every time).
+
+    Args:
+        max_bytes: the budget (4 GiB by default).
+    """
+
+    def __init__(self, max_bytes: int = 4 * 2**30) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        """The tensor stored for ``key``, or ``None``."""
+        return self._items.get(key)
+
+    def put(self, key: str, tensor: Any) -> None:
+        """Keep ``tensor`` if it fits in the budget."""
+        size = tensor.element_size() * tensor.nelement()
+        if key not in self._items and self.nbytes + size <= self.max_bytes:
+            self._items[key] = tensor
+            self.nbytes += size
+
+
+def _load_state(path: Path, device: Any, torch: Any) -> dict[str, Any]:
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # CheckpointSaver keeps {"model": ..., "optimizer": ...} when it saves several
+    return state
+
+
+def _same_weights(a: Mapping[str, Any], b: Mapping[str, Any], torch: Any) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def predict_probabilities(
+    network: Any,
+    preprocessing: Any,
+    images: Sequence[str],
+    device: Any,
+    batch_size: int,
+    checkpoints: Mapping[str, Path],
+    torch: Any,
+    cache: TensorCache | None = None,
+) -> dict[str, np.ndarray]:
+    """Softmax probability of class 1 of every image, with each checkpoint's weights loaded in turn.
+
+    Args:
+        network: the bundle's network (on ``device``).
+        preprocessing: the bundle's evaluation transforms, applied to ``{"image": path}``.
+        images: image paths.
+        device: the network's device.
+        batch_size: images per forward pass.
+        checkpoints: name -> checkpoint file (a state dict, or ``{"model": state dict, ...}``); a checkpoint
+            with the same weights as an earlier one (best = final epoch) reuses its scores.
+        torch: the torch module (imported by the caller, which keeps this module light to import).
+        cache: preprocessed tensors by image path, filled and read here; share it only between calls with
+            the same (deterministic) preprocessing.
+
+    Returns:
+        name -> probabilities, in the order of ``images``.
+    """
+    cache = TensorCache() if cache is None else cache
+    tensors = []
+    for image in images:
+        x = cache.get(image)
+        if x is None:
+            x = preprocessing({"image": image})["image"]
+            x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+            cache.put(image, x)
+        tensors.append(x)
+    out: dict[str, np.ndarray] = {}
+    seen: list[tuple[dict[str, Any], np.ndarray]] = []
+    network.eval()
+    for name, path in checkpoints.items():
+        state = _load_state(path, device, torch)
+        earlier = next((scores for st, scores in seen if _same_weights(st, state, torch)), None)
+        if earlier is not None:
+            out[name] = earlier
+            continue
+        network.load_state_dict(state)
+        probs = []
+        with torch.no_grad():
+            for i in range(0, len(tensors), batch_size):
+                batch = torch.stack(tensors[i : i + batch_size]).to(device)
+                probs.append(torch.softmax(network(batch).float(), dim=1)[:, 1].cpu().numpy())
+        out[name] = np.concatenate(probs) if probs else np.zeros(0)
+        seen.append((state, out[name]))
+    return out

@@ -1,0 +1,482 @@
+"""Site-wise cross-validation: the tables on hand-made predictions, and the pipeline end to end on a tiny set."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pipelines.cv_tables import add_row_stats, delong_matrix, pooled_offdiag, site_cv_tables
+from pipelines.site_cv import SiteCVError, main, method_overrides, parse_overrides
+from ppi_med.data import ga_split
+from ppi_med.stats import delong_test
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "ga_ppi.json"
+
+# table 2.3 of the method's text, "With PPI": cells and the printed row Mean / STD
+TABLE_23 = {
+    "A": ([1.000, 0.906, 0.877, 0.865], 0.912, 0.061),
+    "B": ([0.851, 0.975, 0.863, 0.910], 0.900, 0.056),
+    "C": ([0.954, 0.875, 0.904, 0.931], 0.916, 0.034),
+    "D": ([0.824, 0.846, 0.853, 0.904], 0.857, 0.034),
+}
+SITES = ["A", "B", "C", "D"]
+
+
+def _cell_rows(method: str, train: str, test: str, seed: int, auc: float, tag: str = "") -> list[dict]:
+    """Two positives and 500 negatives whose AUC is exactly ``auc`` (a multiple of 1/1000)."""
+    k = round(auc * 1000)
+    below = (min(500, k), k - min(500, k))  # negatives scored below each positive
+    rows = [
+        dict(
+            method=method,
+            train_site=train,
+            seed=seed,
+            test_site=test,
+            case=f"{test}-n{i}{tag}",
+            subject=f"{test}-n{i}",
+            label=0,
+            score=float(i),
+        )
+        for i in range(500)
+    ]
+    rows += [
+        dict(
+            method=method,
+            train_site=train,
+            seed=seed,
+            test_site=test,
+            case=f"{test}-p{j}{tag}",
+            subject=f"{test}-p{j}",
+            label=1,
+            score=b - 0.5,
+        )
+        for j, b in enumerate(below)
+    ]
+    return rows
+
+
+def test_matrix_mean_and_std_reproduce_table_2_3():
+    rows = [r for tr in SITES for te, auc in zip(SITES, TABLE_23[tr][0]) for r in _cell_rows("ppi_wbp", tr, te, 0, auc)]
+    tables = site_cv_tables(pd.DataFrame(rows), ["ppi_wbp"], SITES)
+    mat = tables.auc["ppi_wbp"]
+    assert list(mat.index) == SITES and list(mat.columns) == [*SITES, "Mean", "STD"]
+    for tr, (cells, mean, std) in TABLE_23.items():
+        np.testing.assert_allclose(mat.loc[tr, SITES].to_numpy(), cells, atol=1e-12)
+        assert round(mat.loc[tr, "Mean"], 3) == pytest.approx(mean, abs=1e-9)
+        assert round(mat.loc[tr, "STD"], 3) == pytest.approx(std, abs=1e-9)  # sample std, ddof = 1
+    assert tables.reference is None and not tables.pvalues  # no baseline: nothing to test against
+    metrics = tables.summary_metrics()
+    assert metrics["diag_auc_ppi_wbp"] == pytest.approx(np.mean([1.0, 0.975, 0.904, 0.904]))
+
+
+def test_row_stats_skip_undefined_cells():
+    block = pd.DataFrame([[0.8, math.nan, 0.6], [0.7, math.nan, math.nan]], index=["A", "B"], columns=SITES[:3])
+    out = add_row_stats(block)
+    assert out.loc["A", "Mean"] == pytest.approx(0.7) and out.loc["A", "STD"] == pytest.approx(
+        np.std([0.8, 0.6], ddof=1)
+    )
+    assert out.loc["B", "Mean"] == pytest.approx(0.7) and math.isnan(out.loc["B", "STD"])
+
+
+def test_several_seeds_average_cells_and_keep_each_seed():
+    rows = _cell_rows("baseline", "A", "A", 0, 0.6) + _cell_rows("baseline", "A", "B", 0, 0.9)
+    rows += _cell_rows("baseline", "A", "A", 1, 0.8) + _cell_rows("baseline", "A", "B", 1, 0.7)
+    tables = site_cv_tables(pd.DataFrame(rows), ["baseline"], ["A"], ["A", "B"])
+    assert tables.seeds == [0, 1]
+    assert tables.auc["baseline"].loc["A", "A"] == pytest.approx(0.7)
+    assert tables.auc["baseline"].loc["A", "B"] == pytest.approx(0.8)
+    assert tables.auc["baseline"].loc["A", "Mean"] == pytest.approx(0.75)
+    assert tables.auc_by_seed["baseline"][1].loc["A", "A"] == pytest.approx(0.8)
+    assert tables.auc_by_seed["baseline"][0].loc["A", "Mean"] == pytest.approx(0.75)
+
+
+def _two_method_predictions(rng: np.random.Generator) -> pd.DataFrame:
+    """Two sites, a baseline and a PPI method scored on the same 30 cases per cell, with noise."""
+    rows = []
+    for tr in ("A", "B"):
+        for te in ("A", "B"):
+            labels = np.array([0, 1] * 15)
+            signal = labels + rng.normal(0, 1.0, labels.size)
+            for method, noise in (("baseline", 1.5), ("ppi_wbp", 0.5)):
+                score = signal + rng.normal(0, noise, labels.size)
+                if tr == te:
+                    score = labels * 10.0 if method == "ppi_wbp" else -labels * 10.0  # must not enter the pool
+                for i, (y, s) in enumerate(zip(labels, score)):
+                    rows.append(
+                        dict(
+                            method=method,
+                            train_site=tr,
+                            seed=0,
+                            test_site=te,
+                            case=f"{te}-{i}",
+                            subject=f"{te}-{i}",
+                            label=int(y),
+                            score=float(s),
+                        )
+                    )
+    return pd.DataFrame(rows)
+
+
+def test_delong_matrix_and_pooled_offdiag_match_direct_computation():
+    preds = _two_method_predictions(np.random.default_rng(3))
+    tables = site_cv_tables(preds, ["baseline", "ppi_wbp"], ["A", "B"])
+    p = tables.pvalues["ppi_wbp"]
+    assert p.shape == (2, 2) and ((p.to_numpy() >= 0) & (p.to_numpy() <= 1)).all()
+    for tr in ("A", "B"):
+        for te in ("A", "B"):
+            a = preds[(preds.method == "ppi_wbp") & (preds.train_site == tr) & (preds.test_site == te)]
+            b = preds[(preds.method == "baseline") & (preds.train_site == tr) & (preds.test_site == te)]
+            ref = delong_test(a.label.to_numpy(), a.score.to_numpy(), b.score.to_numpy())
+            assert p.loc[tr, te] == pytest.approx(ref.p_value, rel=1e-12)
+            assert tables.auc_diff["ppi_wbp"].loc[tr, te] == pytest.approx(ref.auc_diff, rel=1e-12)
+    assert p.loc["A", "A"] < 1e-6  # perfect vs inverted on the diagonal
+
+    pooled = tables.pooled["ppi_wbp"]
+    off = preds[preds.train_site != preds.test_site].sort_values(["train_site", "test_site", "case"])
+    a, b = off[off.method == "ppi_wbp"], off[off.method == "baseline"]
+    ref = delong_test(a.label.to_numpy(), a.score.to_numpy(), b.score.to_numpy())
+    assert pooled.n_cases == 60 and pooled.n_pos == 30
+    assert pooled.auc == pytest.approx(roc_auc_score(a.label, a.score))
+    assert pooled.auc_reference == pytest.approx(roc_auc_score(b.label, b.score))
+    assert pooled.p_value == pytest.approx(ref.p_value, rel=1e-12) and pooled.z == pytest.approx(ref.z, rel=1e-12)
+    diffs = [tables.auc_diff["ppi_wbp"].loc["A", "B"], tables.auc_diff["ppi_wbp"].loc["B", "A"]]
+    assert pooled.mean_cell_diff == pytest.approx(np.mean(diffs))
+    assert pooled.auc > pooled.auc_reference  # the less noisy method ranks better
+    metrics = tables.summary_metrics()
+    assert metrics["pooled_p_ppi_wbp"] == pooled.p_value
+    assert metrics["offdiag_auc_ppi_wbp"] == pytest.approx(
+        np.mean([tables.auc["ppi_wbp"].loc["A", "B"], tables.auc["ppi_wbp"].loc["B", "A"]])
+    )
+
+
+def test_several_seeds_test_seed_averaged_scores_and_keep_per_seed_tests():
+    rng = np.random.default_rng(7)
+    frames = []
+    for seed in (0, 1):
+        part = _two_method_predictions(rng)
+        part["seed"] = seed
+        diag = part.train_site == part.test_site
+        part.loc[diag, "case"] = part.loc[diag, "case"] + f"-s{seed}"  # each seed holds out other subjects
+        frames.append(part)
+    preds = pd.concat(frames, ignore_index=True)
+    tables = site_cv_tables(preds, ["baseline", "ppi_wbp"], ["A", "B"])
+    off = preds[(preds.train_site == "A") & (preds.test_site == "B")]
+    mean = off.groupby(["method", "case"]).agg(label=("label", "first"), score=("score", "mean")).reset_index()
+    a, b = mean[mean.method == "ppi_wbp"], mean[mean.method == "baseline"]
+    assert (a.case.to_numpy() == b.case.to_numpy()).all()
+    ref = delong_test(a.label.to_numpy(), a.score.to_numpy(), b.score.to_numpy())
+    assert tables.pvalues["ppi_wbp"].loc["A", "B"] == pytest.approx(ref.p_value, rel=1e-12)
+    for seed in (0, 1):
+        one = off[off.seed == seed]
+        ref = delong_test(
+            one[one.method == "ppi_wbp"].label.to_numpy(),
+            one[one.method == "ppi_wbp"].score.to_numpy(),
+            one[one.method == "baseline"].score.to_numpy(),
+        )
+        assert tables.pvalues_by_seed["ppi_wbp"][seed].loc["A", "B"] == pytest.approx(ref.p_value, rel=1e-12)
+    # off-diagonal cases are averaged over the seeds, not repeated: 2 cells x 30 cases
+    assert tables.pooled["ppi_wbp"].n_cases == 60
+    # a diagonal cell holds both seeds' held-out cases, each scored by its own seed's models
+    diag = preds[(preds.train_site == "A") & (preds.test_site == "A")].sort_values(["seed", "case"])
+    ref = delong_test(
+        diag[diag.method == "ppi_wbp"].label.to_numpy(),
+        diag[diag.method == "ppi_wbp"].score.to_numpy(),
+        diag[diag.method == "baseline"].score.to_numpy(),
+    )
+    assert ref.n_pos + ref.n_neg == 60
+    assert tables.pvalues["ppi_wbp"].loc["A", "A"] == pytest.approx(ref.p_value, rel=1e-12)
+    per_seed = [tables.auc_by_seed["ppi_wbp"][s].loc["B", "A"] for s in (0, 1)]
+    assert tables.auc["ppi_wbp"].loc["B", "A"] == pytest.approx(np.mean(per_seed))
+
+
+def test_unpaired_cases_are_refused():
+    preds = _two_method_predictions(np.random.default_rng(0))
+    drop = preds[(preds.method == "baseline") & (preds.case == "B-3") & (preds.train_site == "A")].index
+    with pytest.raises(ValueError, match="not tested on the same cases.*B-3"):
+        delong_matrix(preds.drop(index=drop), "ppi_wbp", "baseline", ["A", "B"], ["A", "B"])
+    with pytest.raises(ValueError, match="not tested on the same cases"):
+        pooled_offdiag(preds.drop(index=drop), "ppi_wbp", "baseline", ["A", "B"], ["A", "B"])
+
+
+def test_bad_predictions_are_named():
+    preds = _two_method_predictions(np.random.default_rng(0))
+    preds.loc[5, "label"] = 2
+    with pytest.raises(ValueError, match="label 2"):
+        site_cv_tables(preds, ["baseline"], ["A", "B"])
+
+
+def test_methods_and_overrides_parse():
+    assert method_overrides("baseline") == {"ppi#enabled": False}
+    assert method_overrides("ppi_wbp") == {"ppi#enabled": True, "ppi#saliency": "wbp"}
+    assert method_overrides("ppi_gradient") == {"ppi#enabled": True, "ppi#saliency": "gradient"}
+    assert method_overrides("ppi_input_x_gradient")["ppi#saliency"] == "input_x_gradient"
+    assert method_overrides("ppi_wbp_box") == {"ppi#enabled": True, "ppi#saliency": "wbp", "ppi#mask": "box"}
+    for bad in ("ppi", "ppi_foo", "ppi_wbp_circle", "PPI_wbp", "wbp"):
+        with pytest.raises(SiteCVError, match="unknown method"):
+            method_overrides(bad)
+    got = parse_overrides(
+        [
+            "--max_epochs",
+            "3",
+            "--ppi#mode=differentiable",
+            "--spatial_size",
+            "[4,32,48]",
+            "--",
+            "--amp",
+            "false",
+            "--network_def#backbone",
+            "resnet18",
+        ]
+    )
+    assert got == {
+        "max_epochs": 3,
+        "ppi#mode": "differentiable",
+        "spatial_size": [4, 32, 48],
+        "amp": False,
+        "network_def#backbone": "resnet18",
+    }
+    with pytest.raises(SiteCVError, match="--train_sites.*--sites"):
+        parse_overrides(["--train_sites", "['A']"])
+    with pytest.raises(SiteCVError, match="no value"):
+        parse_overrides(["--max_epochs"])
+    with pytest.raises(SiteCVError, match="unexpected argument 'stray'"):
+        parse_overrides(["stray"])
+
+
+# ----- end to end ------------------------------------------------------------------------------------------
+
+TINY = [
+    "--synthetic#sites", "['A','B']", "--synthetic#subjects_per_site", "8", "--synthetic#n_bscans", "4",
+    "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "B",
+    "--spatial_size", "[4,32,48]", "--network_def#width", "4", "--batch_size", "4", "--max_epochs", "2",
+    "--val_fraction", "0.5", "--ppi#warmup_epochs", "0",
+]  # fmt: skip
+
+
+def _argv(tmp: Path, *extra: str) -> list[str]:
+    return [
+        "--config_file", str(BUNDLE), "--out", str(tmp / "cv"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+        "--methods", "baseline,ppi_wbp", "--no-progress", "--num-threads", "1",
+        "--default_dataset_dir", str(tmp / "data"), "--dataset_dir", str(tmp / "data"), *TINY, *extra,
+    ]  # fmt: skip
+
+
+def _client(tmp: Path) -> tuple[mlflow.MlflowClient, str]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ga_site_cv")
+    assert exp is not None, "no MLflow experiment ga_site_cv"
+    return client, exp.experiment_id
+
+
+@pytest.fixture(scope="module")
+def cv_twice(tmp_path_factory):
+    """The CV run once, then again into the same folder (everything reused)."""
+    tmp = tmp_path_factory.mktemp("site_cv")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)  # anything the bundle writes relative to the working folder stays in tmp
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        t0 = time.perf_counter()
+        assert main(_argv(tmp)) == 0
+        first_seconds = time.perf_counter() - t0
+        first = json.loads((tmp / "cv" / "summary.json").read_text())
+        first_auc = {m: pd.read_csv(tmp / "cv" / f"auc_{m}.csv", index_col=0) for m in ("baseline", "ppi_wbp")}
+        client, exp_id = _client(tmp)
+        runs_after_first = {r.info.run_id for r in client.search_runs([exp_id])}
+        t0 = time.perf_counter()
+        assert main(_argv(tmp)) == 0
+        second_seconds = time.perf_counter() - t0
+    finally:
+        mp.undo()
+    return dict(tmp=tmp, first=first, first_auc=first_auc, first_seconds=first_seconds,
+                second_seconds=second_seconds, runs_after_first=runs_after_first)  # fmt: skip
+
+
+def test_matrices_and_report_files(cv_twice):
+    out = cv_twice["tmp"] / "cv"
+    for m in ("baseline", "ppi_wbp"):
+        auc = pd.read_csv(out / f"auc_{m}.csv", index_col=0)
+        assert list(auc.index) == ["A", "B"] and list(auc.columns) == ["A", "B", "Mean", "STD"]
+        cells = auc[["A", "B"]].to_numpy()
+        assert ((cells >= 0) & (cells <= 1)).all()
+        np.testing.assert_allclose(auc["Mean"], cells.mean(axis=1))
+        np.testing.assert_allclose(auc["STD"], cells.std(axis=1, ddof=1))
+        as_json = json.loads((out / f"auc_{m}.json").read_text())
+        assert as_json["A"]["B"] == pytest.approx(auc.loc["A", "B"])
+    p = pd.read_csv(out / "pvalue_ppi_wbp_vs_baseline.csv", index_col=0)
+    assert p.shape == (2, 2) and ((p.to_numpy() >= 0) & (p.to_numpy() <= 1)).all()
+    assert json.loads((out / "pvalue_ppi_wbp_vs_baseline.json").read_text()).keys() == {"A", "B"}
+    pooled = json.loads((out / "pooled_offdiag.json").read_text())["ppi_wbp"]
+    assert pooled["n_cases"] == 16 and 0 <= pooled["p_value"] <= 1  # 8 cases of B (model of A) + 8 of A
+    pngs = ["heatmap_auc_baseline.png", "heatmap_auc_ppi_wbp.png", "heatmap_pvalue.png", "roc_baseline.png",
+            "roc_ppi_wbp.png"]  # fmt: skip
+    for name in pngs:
+        img = mpimg.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, name
+        assert img[..., :3].std() > 0.05, f"{name} is blank"
+    md = (out / "summary.md").read_text()
+    assert "| No PPI (baseline) | A | B | Mean | STD |" in md and "With PPI (ppi_wbp)" in md
+    assert f"{pd.read_csv(out / 'auc_ppi_wbp.csv', index_col=0).loc['B', 'Mean']:.3f}" in md
+    assert all(f"({name})" in md for name in pngs)
+
+
+def test_diagonal_uses_only_held_out_subjects(cv_twice):
+    tmp = cv_twice["tmp"]
+    preds = pd.read_csv(tmp / "cv" / "predictions.csv", dtype={"subject": str})
+    datalist = tmp / "data" / "datalist.json"
+    diag_cases = {}
+    for (method, site), g in preds.groupby(["method", "train_site"]):
+        # the split the bundle trains on, recomputed here independently of the pipeline
+        trained_on = {it["subject"] for it in ga_split(datalist, part="train", train_sites=[site], val_fraction=0.5)}
+        diag = g[g.test_site == site]
+        assert len(diag) == 4 and set(diag.role) == {"heldout"}
+        assert not (set(diag.subject) & trained_on), f"{method} on {site}: training subjects in the diagonal"
+        assert set(diag.label) == {0, 1}
+        off = g[g.test_site != site]
+        assert len(off) == 8 and set(off.role) == {"site"}  # every volume of the other site
+        diag_cases[(method, site)] = set(diag.case)
+    for site in ("A", "B"):  # the same split for both methods
+        assert diag_cases[("baseline", site)] == diag_cases[("ppi_wbp", site)]
+    for rec_path in (tmp / "cv" / "cells").glob("*/attempt-1/cell.json"):
+        rec = json.loads(rec_path.read_text())
+        assert not set(rec["train_subjects"]) & set(rec["heldout_subjects"])
+        assert (rec_path.parent / rec["checkpoint_best"]).is_file()
+        assert (rec_path.parent / rec["checkpoint_final"]).is_file()
+
+
+def test_mlflow_parent_and_children(cv_twice):
+    tmp, first = cv_twice["tmp"], cv_twice["first"]
+    client, exp_id = _client(tmp)
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.info.experiment_id == exp_id
+    for key in ("mean_auc_baseline", "mean_auc_ppi_wbp", "offdiag_auc_ppi_wbp", "pooled_p_ppi_wbp"):
+        assert key in parent.data.metrics, sorted(parent.data.metrics)
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "summary.json", "figures", "tables"} <= top
+    figs = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/heatmap_pvalue.png" in figs
+
+    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    auc = {m: pd.read_csv(tmp / "cv" / f"auc_{m}.csv", index_col=0) for m in ("baseline", "ppi_wbp")}
+    seen = set()
+    for run in children:
+        tags, metrics = run.data.tags, run.data.metrics
+        method, site = tags["cv_method"], tags["train_site"]
+        seen.add((method, site))
+        assert run.info.status == "FINISHED" and tags["cv_seed"] == "0"
+        assert run.info.run_name.startswith(f"cv-{method}-{site}-s0-")
+        for test in ("A", "B"):
+            assert metrics[f"auc_{test}"] == pytest.approx(auc[method].loc[site, test], abs=1e-9)
+        assert "val_auc" in metrics  # the bundle's own run
+        assert "model_best.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert seen == {(m, s) for m in ("baseline", "ppi_wbp") for s in ("A", "B")}
+
+
+def test_rerun_reuses_every_cell(cv_twice):
+    tmp = cv_twice["tmp"]
+    out = tmp / "cv"
+    second = json.loads((out / "summary.json").read_text())
+    assert second["n_reused"] == 4 and second["n_trained"] == 0
+    assert [c["run_id"] for c in second["cells"]] == [c["run_id"] for c in cv_twice["first"]["cells"]]
+    client, exp_id = _client(tmp)
+    new_runs = {r.info.run_id for r in client.search_runs([exp_id])} - cv_twice["runs_after_first"]
+    assert new_runs == {second["parent_run_id"]}  # a new parent, no new child
+    for m, before in cv_twice["first_auc"].items():
+        pd.testing.assert_frame_equal(pd.read_csv(out / f"auc_{m}.csv", index_col=0), before)
+    assert cv_twice["second_seconds"] < 0.5 * cv_twice["first_seconds"]
+    # the first report was moved aside, not overwritten
+    history = out / "history" / cv_twice["first"]["stamp"]
+    assert json.loads((history / "summary.json").read_text())["parent_run_id"] == cv_twice["first"]["parent_run_id"]
+    assert (history / "heatmap_auc_baseline.png").is_file()
+    assert len(list((out / "cells").glob("*/attempt-1/cell.json"))) == 4
+
+
+def test_an_unfinished_cell_is_retrained_beside_the_old_attempt(cv_twice, monkeypatch, capsys):
+    tmp = cv_twice["tmp"]
+    monkeypatch.chdir(tmp)
+    client, _ = _client(tmp)
+    cells = cv_twice["first"]["cells"]
+    victim = next(c for c in cells if c["method"] == "baseline" and c["train_site"] == "B")
+    client.set_terminated(victim["run_id"], "FAILED")
+    capsys.readouterr()
+    assert main(_argv(tmp, "--sites", "B")) == 0
+    console = capsys.readouterr().out
+    assert "[1/2] training baseline trained on B, seed 0" in console
+    assert "[2/2] ppi_wbp trained on B, seed 0: reused" in console
+    lines = console.splitlines()
+    header = next(line for line in lines if line.startswith("No PPI (baseline)"))
+    assert header.split()[-3:] == ["B", "Mean", "STD"]
+    row = lines[lines.index(header) + 2].split()  # below the rule: the row of site B
+    auc = pd.read_csv(tmp / "cv" / "auc_baseline.csv", index_col=0)
+    assert row[0] == "B" and row[1] == f"{auc.loc['B', 'B']:.3f}"
+    assert any(line.startswith("With PPI (ppi_wbp)") for line in lines)
+    third = json.loads((tmp / "cv" / "summary.json").read_text())
+    by_method = {c["method"]: c for c in third["cells"]}
+    assert by_method["baseline"]["status"] == "trained" and by_method["baseline"]["attempt"] == 2
+    assert by_method["ppi_wbp"]["status"] == "reused"
+    assert (tmp / "cv" / "cells" / victim["key"] / "attempt-1" / "cell.json").is_file()  # kept
+    assert client.get_run(by_method["baseline"]["run_id"]).info.status == "FINISHED"
+    assert by_method["baseline"]["run_id"] != victim["run_id"]
+
+
+def test_clear_errors(cv_twice, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tmp = cv_twice["tmp"]
+    assert main(_argv(tmp, "--sites", "A,Z")) == 2
+    assert "unknown site(s) ['Z']" in capsys.readouterr().err
+    assert main(_argv(tmp, "--methods", "baseline,ppi_magic")) == 2
+    assert "unknown method 'ppi_magic'" in capsys.readouterr().err
+    missing = tmp_path / "nope.json"
+    assert main(["--config_file", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert f"bundle config file not found: {missing}" in capsys.readouterr().err
+    assert main(_argv(tmp, "--seed", "3")) == 2
+    assert "--first-seed" in capsys.readouterr().err
+
+
+def test_predict_probabilities_per_checkpoint(tmp_path):
+    import torch
+
+    from pipelines.cv_cells import TensorCache, predict_probabilities
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
+    images = []
+    for i in range(5):
+        np.save(tmp_path / f"{i}.npy", np.random.default_rng(i).normal(size=(1, 2, 3)).astype(np.float32))
+        images.append(str(tmp_path / f"{i}.npy"))
+    calls = []
+
+    def preprocessing(item):
+        calls.append(item["image"])
+        return {"image": torch.from_numpy(np.load(item["image"]))}
+
+    torch.save(net.state_dict(), tmp_path / "best.pt")
+    torch.save({"model": net.state_dict(), "optimizer": {}}, tmp_path / "same.pt")
+    expected = torch.softmax(net(torch.stack([preprocessing({"image": p})["image"] for p in images])), 1)[:, 1]
+    with torch.no_grad():
+        net[1].weight.mul_(-1.0)
+    torch.save({"model": net.state_dict()}, tmp_path / "other.pt")
+    calls.clear()
+    cache = TensorCache()
+    ckpts = {"best": tmp_path / "best.pt", "final": tmp_path / "same.pt", "other": tmp_path / "other.pt"}
+    out = predict_probabilities(net, preprocessing, images, torch.device("cpu"), 2, ckpts, torch, cache=cache)
+    np.testing.assert_allclose(out["best"], expected.detach().numpy(), rtol=1e-6)
+    assert out["final"] is out["best"]  # same weights: scored once
+    assert not np.allclose(out["other"], out["best"])
+    assert calls == images and cache.nbytes == 5 * 6 * 4
+    predict_probabilities(net, preprocessing, images[:2], torch.device("cpu"), 2, {"b": ckpts["best"]}, torch, cache)
+    assert calls == images  # preprocessed once, then read from the cache
+    small = TensorCache(max_bytes=2 * 6 * 4)
+    predict_probabilities(net, preprocessing, images, torch.device("cpu"), 2, {"b": ckpts["best"]}, torch, small)
+    assert small.nbytes == 2 * 6 * 4  # over the budget, nothing more is kept
