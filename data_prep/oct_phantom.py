@@ -156,10 +156,10 @@ class PhantomParams:
         cue_intensity: Brightness of the spurious watermark block.
     """
 
-    lesion_contrast: float = 0.6
+    lesion_contrast: float = 0.8
     hypertransmission: float = 1.3
-    lesion_severity: tuple[float, float] = (0.2, 1.0)
-    lesion_radius: tuple[float, float] = (0.05, 0.16)
+    lesion_severity: tuple[float, float] = (0.3, 1.0)
+    lesion_radius: tuple[float, float] = (0.08, 0.2)
     multifocal_rate: float = 0.25
     noise: float = 1.0
     drusen_rate: float = 1.5
@@ -450,7 +450,7 @@ def _blob(blob: Blob, vv: np.ndarray, uu: np.ndarray) -> np.ndarray:
 
 def _ramp(x: np.ndarray) -> np.ndarray:
     """Anti-aliased step: 0 well above a boundary, 1 well below it (x in pixels)."""
-    return np.clip(x + 0.5, 0.0, 1.0)
+    return np.clip(x + np.float32(0.5), np.float32(0.0), np.float32(1.0))
 
 
 def render_subject(spec: SubjectSpec, size: VolumeSize, profile: SiteProfile, params: PhantomParams) -> RenderedVolume:
@@ -548,48 +548,54 @@ def render_subject(spec: SubjectSpec, size: VolumeSize, profile: SiteProfile, pa
     coarse = rng.standard_normal((n_v, 24, 48))
     coarse = ndimage.gaussian_filter(coarse, sigma=(0.6, 1.2, 1.5), mode="wrap")
     coarse /= coarse.std() + 1e-12
-    zoom = (1.0, height / coarse.shape[1], width / coarse.shape[2])
-    texture = np.clip(1.0 + 0.3 * ndimage.zoom(coarse, zoom, order=1), 0.3, None)
+    zoom = (height / coarse.shape[1], width / coarse.shape[2])
 
-    image = np.empty((n_v, height, width))
-    y = (np.arange(height) + 0.5)[:, None]
+    looks = profile.speckle_looks / params.noise**2
+    sigma = (profile.blur[0] * scale_h, profile.blur[1] * scale_w)
+    noise_sigma = profile.noise_sigma * params.noise
+    cue_rows, cue_cols = cue_box(height, width)
+    glyphs = params.cue_intensity * _cue_glyphs(cue_rows, cue_cols)
+
+    # One B-scan at a time keeps memory at a few B-scans even at the real size (100 x 512 x 1000).
+    image = np.empty((n_v, height, width), dtype=np.float32)
+    y = (np.arange(height, dtype=np.float32) + 0.5)[:, None]
     for b in range(n_v):
-        inten = np.full((height, width), _VITREOUS)
+        inten = np.full((height, width), _VITREOUS, dtype=np.float32)
         prev = np.full(width, _VITREOUS)
         # Walk down from the vitreous: NFL first, interdigitation zone last, then the RPE band.
         for k in range(len(_LAYERS) - 1, -1, -1):
-            inten += (layer_int[k][b] - prev) * _ramp(y - boundaries[k][b])
+            inten += ((layer_int[k][b] - prev).astype(np.float32)) * _ramp(y - boundaries[k][b].astype(np.float32))
             prev = layer_int[k][b]
-        inten += (rpe_int[b] - prev) * _ramp(y - rpe_top[b])
-        inten += (_DRUSEN_MATERIAL - rpe_int[b]) * _ramp(y - rpe_bottom[b])
-        depth_below = np.clip(y - bruch[b], 0.0, None)
-        choroid = _CHOROID * s[-1] * texture[b] * np.exp(-depth_below / attenuation[b])
-        sclera = _SCLERA * np.exp(-np.clip(y - choroid_bottom[b], 0.0, None) / (0.25 * height))
-        below = choroid * (1.0 - _ramp(y - choroid_bottom[b])) + sclera * _ramp(y - choroid_bottom[b])
-        below = below * choroid_gain[b] * drusen_shadow[b]
-        inten = inten * (1.0 - _ramp(y - bruch[b])) + below * _ramp(y - bruch[b])
+        inten += (rpe_int[b] - prev).astype(np.float32) * _ramp(y - rpe_top[b].astype(np.float32))
+        inten += (_DRUSEN_MATERIAL - rpe_int[b]).astype(np.float32) * _ramp(y - rpe_bottom[b].astype(np.float32))
+        texture = np.clip(1.0 + 0.3 * ndimage.zoom(coarse[b], zoom, order=1), 0.3, None).astype(np.float32)
+        bruch_b = bruch[b].astype(np.float32)
+        bottom_b = choroid_bottom[b].astype(np.float32)
+        depth_below = np.clip(y - bruch_b, 0.0, None)
+        choroid = (_CHOROID * s[-1]) * texture * np.exp(-depth_below / attenuation[b].astype(np.float32))
+        sclera = _SCLERA * np.exp(-np.clip(y - bottom_b, 0.0, None) / np.float32(0.25 * height))
+        at_sclera = _ramp(y - bottom_b)
+        below = choroid * (1.0 - at_sclera) + sclera * at_sclera
+        below *= (choroid_gain[b] * drusen_shadow[b]).astype(np.float32)
+        at_choroid = _ramp(y - bruch_b)
+        inten = inten * (1.0 - at_choroid) + below * at_choroid
         # Vessels sit at the ganglion cell level and shade everything beneath them.
-        vessel_level = boundaries[-2][b]
-        inten *= 1.0 - shadow[b] * _ramp(y - vessel_level)
-        image[b] = inten
+        inten *= 1.0 - shadow[b].astype(np.float32) * _ramp(y - boundaries[-2][b].astype(np.float32))
+
+        # Acquisition: speckle, blur, gain, gamma, burned-in cue, additive noise.
+        inten *= rng.gamma(looks, 1.0 / looks, size=inten.shape).astype(np.float32)
+        inten = ndimage.gaussian_filter(inten, sigma=sigma, mode="nearest")
+        inten = np.clip(inten * np.float32(profile.gain), 0.0, 1.0) ** np.float32(profile.gamma)
+        if spec.cue:
+            inten[cue_rows, cue_cols] = np.maximum(inten[cue_rows, cue_cols], glyphs)
+        inten += rng.normal(0.0, noise_sigma, size=inten.shape).astype(np.float32)
+        image[b] = np.clip(inten, 0.0, 1.0)
 
     mask = np.zeros((n_v, height, width), dtype=np.uint8)
     inside = footprint >= 0.5
     if inside.any():
         yy = np.arange(height)[None, :, None] + 0.5
         mask = ((yy >= rpe_top[:, None, :]) & (yy <= choroid_bottom[:, None, :]) & inside[:, None, :]).astype(np.uint8)
-
-    # Acquisition: speckle, blur, gain, gamma, burned-in cue, additive noise.
-    looks = profile.speckle_looks / params.noise**2
-    image *= rng.gamma(looks, 1.0 / looks, size=image.shape)
-    sigma = (0.0, profile.blur[0] * scale_h, profile.blur[1] * scale_w)
-    image = ndimage.gaussian_filter(image, sigma=sigma, mode="nearest")
-    image = np.clip(image * profile.gain, 0.0, 1.0) ** profile.gamma
-    if spec.cue:
-        rows, cols = cue_box(height, width)
-        image[:, rows, cols] = np.maximum(image[:, rows, cols], params.cue_intensity * _cue_glyphs(rows, cols))
-    image += rng.normal(0.0, profile.noise_sigma * params.noise, size=image.shape)
-    image = np.clip(image, 0.0, 1.0).astype(np.float32)
 
     return RenderedVolume(image, mask, ilm, rpe_top, bruch, choroid_bottom, footprint)
 
@@ -601,4 +607,4 @@ def _cue_glyphs(rows: slice, cols: slice) -> np.ndarray:
     c = np.arange(w)[None, :]
     strokes = ((c % 4) != 3) & (((r + c // 4) % 3) != 2)
     strokes[0, :] = True  # a solid top rule keeps the block visible at any size
-    return strokes.astype(np.float64)
+    return strokes.astype(np.float32)

@@ -249,7 +249,11 @@ BAD_FILES = [
     ("scan.png", lambda p: p.write_bytes(b"\x89PNG"), "unknown extension '.png'"),
     ("single.dcm", _single_frame_dicom, r"single-frame DICOM with shape \(10, 12\)"),
     ("nokey.mat", lambda p: write_mat(p, _volume(2), key="volume"), r"no 'images' variable.*\['Age', 'volume'\]"),
-    ("flat.mat", lambda p: scipy.io.savemat(str(p), {"images": np.ones((10, 12)) * np.arange(12)}), "wrong dimensionality"),
+    (
+        "flat.mat",
+        lambda p: scipy.io.savemat(str(p), {"images": np.ones((10, 12)) * np.arange(12)}),
+        "wrong dimensionality",
+    ),
     ("v73.mat", _fake_v73_mat, "v7.3 .*h5py"),
 ]
 
