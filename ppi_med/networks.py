@@ -14,7 +14,12 @@ _RESNET_LAYERS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34"
 
 
 def make_backbone(
-    name: str, spatial_dims: int, in_channels: int, width: int = 64, out_classes: int | None = None
+    name: str,
+    spatial_dims: int,
+    in_channels: int,
+    width: int = 64,
+    out_classes: int | None = None,
+    pool: str = "avg",
 ) -> tuple[nn.Module, int]:
     """A MONAI ResNet or DenseNet, as a feature extractor or a whole classifier.
 
@@ -25,6 +30,8 @@ def make_backbone(
         width: channels of the first stage (ResNet stages are ``width * (1, 2, 4, 8)``; DenseNet's initial
             features); 64 is the published size, smaller widths suit a CPU.
         out_classes: ``None`` for a feature extractor ending in global pooling, else the number of classes.
+        pool: global pooling of the ResNet's last feature map, ``avg`` or ``max`` (a small lesion is
+            diluted by averaging over a whole B-scan; the maximum keeps it).
 
     Returns:
         The module and its output width (features or classes).
@@ -43,6 +50,10 @@ def make_backbone(
             num_classes=out_classes or 2,
             feed_forward=out_classes is not None,
         )
+        if pool == "max":
+            net.avgpool = (nn.AdaptiveMaxPool2d if spatial_dims == 2 else nn.AdaptiveMaxPool3d)(1)
+        elif pool != "avg":
+            raise ValueError(f"pool must be 'avg' or 'max', got '{pool}'")
         return net, out_classes or widths[-1]
     if name == "densenet":
         growth = max(4, width // 2)
@@ -78,6 +89,7 @@ class MVCNN(nn.Module):
         width: backbone width (see :func:`make_backbone`).
         view_pool: ``max`` or ``mean``.
         dropout: dropout before the head.
+        feature_pool: pooling of each B-scan's feature map, ``avg`` or ``max``.
     """
 
     def __init__(
@@ -88,11 +100,12 @@ class MVCNN(nn.Module):
         width: int = 16,
         view_pool: str = "max",
         dropout: float = 0.2,
+        feature_pool: str = "avg",
     ) -> None:
         super().__init__()
         if view_pool not in ("max", "mean"):
             raise ValueError(f"view_pool must be 'max' or 'mean', got '{view_pool}'")
-        self.backbone, features = make_backbone(backbone, 2, in_channels, width)
+        self.backbone, features = make_backbone(backbone, 2, in_channels, width, pool=feature_pool)
         self.view_pool = view_pool
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(features, num_classes)
