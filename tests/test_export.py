@@ -409,7 +409,7 @@ def test_ga_bundle_export_run(tmp_path):
         "--default_dataset_dir", str(tmp_path / "data"), "--dataset_dir", str(tmp_path / "data"),
         "--synthetic#sites", "['A']", "--synthetic#subjects_per_site", "4", "--synthetic#n_bscans", "4",
         "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "A",
-        "--spatial_size", "[4,32,48]", "--network_def#width", "4",
+        "--spatial_size", "[4,32,48]", "--network_def#width", "4", "--network_def#feature_pool", "max",
         "--runs_dir", str(tmp_path / "runs"),
         "--checkpoint", str(ckpt), "--export_dir", str(out), "--export_target", "['predicted',1]",
     ]  # fmt: skip
@@ -427,7 +427,7 @@ def test_ga_bundle_export_run(tmp_path):
         assert np.abs(np.asarray(ov.dataobj)).max() == pytest.approx(1.0)
         assert Path(r["montage"]).is_file()
     # the overlay is the checkpoint's WBP map brought back to the source grid (here the grids coincide)
-    net = load_checkpoint(MVCNN(width=4), ckpt).eval()
+    net = load_checkpoint(MVCNN(width=4, feature_pool="max"), ckpt).eval()
     from ppi_med.saliency import compute
 
     x = _ga_preprocessing((4, 32, 48))({"image": rows[1]["source"]})["image"].as_tensor()[None]
