@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: Command-line arguments (``sys.argv[1:]`` when None).
     """
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=1_000_000, help="number of cases (default 1,000,000)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the best is reported")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
@@ -65,15 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         timings["auc_ci"].append(time.perf_counter() - start)
 
     print(f"cases: {args.cases:,} ({result.n_pos:,} positive, {result.n_neg:,} negative)")
-    print(
-        f"auc_a = {result.auc_a:.6f}, auc_b = {result.auc_b:.6f}, "
-        f"z = {result.z:.4f}, p = {result.p_value:.3g}"
-    )
+    print(f"auc_a = {result.auc_a:.6f}, auc_b = {result.auc_b:.6f}, z = {result.z:.4f}, p = {result.p_value:.3g}")
     for name, seconds in timings.items():
-        print(
-            f"{name}: best {min(seconds):.3f} s over {args.repeats} repeats "
-            f"(median {np.median(seconds):.3f} s)"
-        )
+        print(f"{name}: best {min(seconds):.3f} s over {args.repeats} repeats (median {np.median(seconds):.3f} s)")
 
 
 if __name__ == "__main__":

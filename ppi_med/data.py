@@ -14,9 +14,7 @@ from monai.data import load_decathlon_datalist
 __all__ = ["load_datalist", "split_by_subject", "select_sites", "ga_split", "fold_split"]
 
 
-def load_datalist(
-    path: str | Path, key: str = "training", required: Sequence[str] = ("image", "label")
-) -> list[dict]:
+def load_datalist(path: str | Path, key: str = "training", required: Sequence[str] = ("image", "label")) -> list[dict]:
     """Read a decathlon-style datalist with paths resolved against its folder, checking every record.
 
     Args:
@@ -51,9 +49,7 @@ def load_datalist(
         if not Path(item["image"]).exists():
             raise FileNotFoundError(f"{path}: record {i} points to a missing image {item['image']}")
         if "label" in item and item["label"] not in (0, 1):
-            raise ValueError(
-                f"{path}: record {i} ({item['image']}) has label {item['label']!r}; expected 0 or 1"
-            )
+            raise ValueError(f"{path}: record {i} ({item['image']}) has label {item['label']!r}; expected 0 or 1")
     return items
 
 
@@ -65,9 +61,7 @@ def select_sites(items: list[dict], sites: Sequence[str] | str | None) -> list[d
     known = {it.get("site") for it in items}
     unknown = wanted - known
     if unknown:
-        raise ValueError(
-            f"unknown site(s) {sorted(unknown)}; the datalist has {sorted(s for s in known if s)}"
-        )
+        raise ValueError(f"unknown site(s) {sorted(unknown)}; the datalist has {sorted(s for s in known if s)}")
     return [it for it in items if it.get("site") in wanted]
 
 

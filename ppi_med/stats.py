@@ -139,9 +139,7 @@ def auc_ci(y_true: ArrayLike, score: ArrayLike, alpha: float = 0.05) -> AUCResul
     )
 
 
-def delong_test(
-    y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, alpha: float = 0.05
-) -> DeLongResult:
+def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, alpha: float = 0.05) -> DeLongResult:
     """DeLong's two-sided test that two correlated AUCs on the same cases are equal.
 
     Matches pROC's ``roc.test(roc_a, roc_b, method = "delong", paired = TRUE)`` with both curves
@@ -170,9 +168,7 @@ def delong_test(
     """
     _check_alpha(alpha)
     positive = _as_labels(y_true)
-    scores = np.stack(
-        [_as_scores(score_a, "score_a", positive.size), _as_scores(score_b, "score_b", positive.size)]
-    )
+    scores = np.stack([_as_scores(score_a, "score_a", positive.size), _as_scores(score_b, "score_b", positive.size)])
     n_pos, n_neg = _class_counts(positive)
     v10, v01 = _split_placements(scores, positive, n_pos, n_neg)
     aucs, cov = _auc_cov(v10, v01)
@@ -244,9 +240,7 @@ def _as_scores(score: ArrayLike, name: str, n_cases: int) -> np.ndarray:
     if s.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {s.shape}")
     if s.size != n_cases:
-        raise ValueError(
-            f"{name} has {s.size} entries but y_true has {n_cases}; they must match case for case"
-        )
+        raise ValueError(f"{name} has {s.size} entries but y_true has {n_cases}; they must match case for case")
     if s.dtype.kind not in "biuf":
         raise ValueError(f"{name} must hold real numbers, got dtype {s.dtype}")
     s = s.astype(np.float64, copy=False)

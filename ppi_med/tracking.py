@@ -41,9 +41,7 @@ def latest_checkpoint(runs_dir: str | Path, prefix: str = "", name: str = "model
     """
     found = sorted(Path(runs_dir).glob(f"{prefix}*/models/{name}"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(
-            f"no {name} under {runs_dir}/{prefix}*/models/; train first or pass --checkpoint PATH"
-        )
+        raise FileNotFoundError(f"no {name} under {runs_dir}/{prefix}*/models/; train first or pass --checkpoint PATH")
     return str(found[-1])
 
 

@@ -61,9 +61,7 @@ def hard_point_mask(s: torch.Tensor, k: float = 7.0) -> torch.Tensor:
     return (s > _expand(k * std, s)).to(s.dtype)
 
 
-def box_mask(
-    s: torch.Tensor, k: float = 7.0, half_size_std: float = 1.2, min_coverage: float = 0.9
-) -> torch.Tensor:
+def box_mask(s: torch.Tensor, k: float = 7.0, half_size_std: float = 1.2, min_coverage: float = 0.9) -> torch.Tensor:
     """A box around the hard points: centred on their centre of mass, half-size ``1.2 std`` per axis.
 
     The method states that this box holds at least 90 % of the kept points; for spread-out point sets the

@@ -97,9 +97,7 @@ class PPIConfig:
         if self.mask not in MASKS:
             raise ValueError(f"PPI mask must be one of {MASKS}, got '{self.mask}'")
         if self.contrast_loss not in CONTRAST_LOSSES:
-            raise ValueError(
-                f"PPI contrast_loss must be one of {CONTRAST_LOSSES}, got '{self.contrast_loss}'"
-            )
+            raise ValueError(f"PPI contrast_loss must be one of {CONTRAST_LOSSES}, got '{self.contrast_loss}'")
         for name in ("w_con", "w_reg", "w_ad", "omega"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPI {name} must be >= 0, got {getattr(self, name)}")
@@ -108,11 +106,7 @@ class PPIConfig:
         """Weights of the PPI terms at ``epoch`` (1-based, as MONAI engines count; ``None``: no schedule)."""
         if epoch is not None and epoch <= self.warmup_epochs:
             return {"con": 0.0, "reg": 0.0, "ad": 0.0}
-        boost = (
-            self.con_boost
-            if self.con_boost_epoch is not None and (epoch or 0) >= self.con_boost_epoch
-            else 1.0
-        )
+        boost = self.con_boost if self.con_boost_epoch is not None and (epoch or 0) >= self.con_boost_epoch else 1.0
         return {"con": self.w_con * boost, "reg": self.w_reg, "ad": self.w_ad}
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,9 +148,7 @@ class PPIObjective:
     def __init__(self, config: PPIConfig | dict[str, Any] | None = None) -> None:
         self.config = config if isinstance(config, PPIConfig) else PPIConfig(**(config or {}))
 
-    def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int | None = None
-    ) -> PPIOutput:
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int | None = None) -> PPIOutput:
         """Loss for one batch.
 
         Args:

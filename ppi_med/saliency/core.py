@@ -22,9 +22,7 @@ def as_target(target: int | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         ValueError: wrong shape, non-integer classes, or a class outside ``[0, M)``.
     """
     if logits.ndim != 2:
-        raise ValueError(
-            f"saliency needs class logits of shape (N, M); the model returned {tuple(logits.shape)}"
-        )
+        raise ValueError(f"saliency needs class logits of shape (N, M); the model returned {tuple(logits.shape)}")
     n, m = logits.shape
     t = torch.as_tensor(target, device=logits.device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:

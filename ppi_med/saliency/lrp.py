@@ -58,9 +58,7 @@ class LRPTracer(Tracer):
             if (is_leaf(module) or own) and not isinstance(module, (*_CONV, nn.Linear, _BN)):
                 rule = rule_for(module, RULES)
                 if rule is None or (own and not isinstance(rule, Linear)):
-                    raise UnsupportedLayerError(
-                        f"LRP has no rule for layer '{name}' ({type(module).__name__})"
-                    )
+                    raise UnsupportedLayerError(f"LRP has no rule for layer '{name}' ({type(module).__name__})")
 
     def _pairs(self, x: torch.Tensor) -> dict[nn.Module, nn.Module]:
         """Linear layers whose output goes straight into a batch norm, found by a dry forward."""
@@ -142,9 +140,7 @@ class LRPTracer(Tracer):
         return (grad * x_leaf).detach()
 
 
-def lrp(
-    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, epsilon: float = 1e-6
-) -> torch.Tensor:
+def lrp(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, epsilon: float = 1e-6) -> torch.Tensor:
     """Epsilon-plus LRP relevance of class ``target`` for the batch ``x`` (detached, shape of ``x``).
 
     Raises:

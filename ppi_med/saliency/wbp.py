@@ -142,9 +142,7 @@ class WBPTracer(Tracer):
         return s if create_graph else s.detach()
 
 
-def wbp(
-    model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, create_graph: bool = False
-) -> torch.Tensor:
+def wbp(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
     """WBP saliency of class ``target`` for the batch ``x``.
 
     Args:
