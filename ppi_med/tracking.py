@@ -98,7 +98,9 @@ class RunTracker(MLFlowHandler):
         **kwargs: Any,
     ) -> None:
         self.params = dict(params or {})
-        self.tags = {"git_commit": git_commit(), **{k: str(v) for k, v in (tags or {}).items()}}
+        # the commit of the code that runs, wherever the run is started from
+        code = git_commit(Path(__file__).resolve().parent)
+        self.tags = {"git_commit": code, **{k: str(v) for k, v in (tags or {}).items()}}
         self.output_dir = Path(output_dir) if output_dir else None
         self.summary_metric = summary_metric
         self.evaluator = evaluator

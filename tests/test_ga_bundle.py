@@ -89,7 +89,8 @@ def test_bundle_logs_a_complete_mlflow_run(two_runs):
     assert params["ppi.enabled"] == "True" and params["ppi.saliency"] == "wbp"
     assert params["max_epochs"] == "2" and params["backbone"] == "resnet10"
     assert int(params["n_train"]) + int(params["n_val"]) == 16
-    assert run.data.tags["seed"] == "0" and len(run.data.tags["git_commit"]) >= 7
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["seed"] == "0" and run.data.tags["git_commit"] == head
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model_best.pt", "model_final.pt", "ga_ppi.json", "metadata.json", "params.json"} <= artifacts
     assert run.info.status == "FINISHED"
