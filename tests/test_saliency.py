@@ -22,11 +22,13 @@ from ppi_med.saliency import (
     RULES,
     Secant,
     UnsupportedLayerError,
+    WBPTracer,
     compute,
     lrp,
     register_rule,
     wbp,
 )
+from ppi_med.saliency.rules import population_var
 
 SPATIAL = {2: 12, 3: 8}
 
@@ -141,6 +143,25 @@ def reference_wbp(seq: nn.Sequential, x: torch.Tensor, target: torch.Tensor) -> 
                 w = w.reshape(v.shape)
             elif isinstance(layer, (nn.Dropout, nn.Identity)):
                 assert not layer.training or not isinstance(layer, nn.Dropout) or layer.p == 0
+            elif isinstance(layer, nn.GroupNorm):
+                n, c = v.shape[:2]
+                var = v.reshape(n, layer.num_groups, -1).var(dim=-1, unbiased=False)
+                var = var.repeat_interleave(c // layer.num_groups, dim=1)
+                scale = layer.weight / torch.sqrt(var + layer.eps)
+                w = w * scale.reshape(n, c, *([1] * (v.ndim - 2)))
+            elif isinstance(layer, nn.modules.instancenorm._InstanceNorm):
+                if layer.training or not layer.track_running_stats:
+                    var = v.var(dim=tuple(range(2, v.ndim)), unbiased=False)
+                else:
+                    var = layer.running_var.expand(v.shape[0], -1)
+                scale = 1 / torch.sqrt(var + layer.eps)
+                if layer.affine:
+                    scale = scale * layer.weight
+                w = w * scale.reshape(*v.shape[:2], *([1] * (v.ndim - 2)))
+            elif isinstance(layer, nn.LayerNorm):
+                dims = tuple(range(v.ndim - len(layer.normalized_shape), v.ndim))
+                var = v.var(dim=dims, unbiased=False, keepdim=True)
+                w = w * layer.weight / torch.sqrt(var + layer.eps)
             elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
                 dims = [0, *range(2, v.ndim)]
                 var = v.var(dim=dims, unbiased=False) if layer.training else layer.running_var
@@ -182,6 +203,88 @@ def test_wbp_matches_explicit_recursion_of_table_2_1(sd: int, training: bool) ->
     target = torch.tensor([0, 2, 1])
     expected = reference_wbp(model, x, target)
     torch.testing.assert_close(wbp(model, x, target), expected, rtol=1e-10, atol=1e-12)
+
+
+def _randomize_affine(model: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)):
+                if m.weight is not None:
+                    m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen, dtype=m.weight.dtype))
+                    m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))
+                if getattr(m, "running_var", None) is not None:
+                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("tracked", [False, True])
+def test_wbp_keeps_only_the_scale_of_group_instance_and_layer_norm(training: bool, tracked: bool) -> None:
+    torch.manual_seed(27)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.InstanceNorm2d(4, affine=True, track_running_stats=tracked),
+        nn.ELU(),
+        nn.Flatten(),
+        nn.LayerNorm(4 * 6 * 6),
+        nn.Linear(4 * 6 * 6, 3),
+    ).double()
+    _randomize_affine(model, torch.Generator().manual_seed(28))
+    model.train(training)
+    x = _input(2, n=3, side=6, dtype=torch.float64, seed=29)
+    target = torch.tensor([2, 1, 0])
+    s = wbp(model, x, target)
+    torch.testing.assert_close(s, reference_wbp(model, x, target), rtol=1e-10, atol=1e-12)
+    # data-dependent statistics make the exact gradient different
+    assert (s - _input_x_gradient(model, x, target)).abs().max() > 1e-3 * s.abs().max()
+
+
+def test_in_place_activations_give_the_same_map_and_second_order_gradients() -> None:
+    def net(inplace: bool) -> nn.Sequential:
+        torch.manual_seed(30)
+        return nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.ELU(inplace=inplace),
+            nn.Conv2d(3, 3, 3, padding=1),
+            nn.SiLU(inplace=inplace),
+            nn.Hardtanh(-0.5, 0.5, inplace=inplace),
+            nn.Flatten(),
+            nn.Linear(3 * 36, 2),
+        ).double()
+
+    a, b = net(False), net(True)
+    x = _input(2, n=2, side=6, dtype=torch.float64)
+    sa, sb = wbp(a, x, 1, create_graph=True), wbp(b, x, 1, create_graph=True)
+    torch.testing.assert_close(sa, sb, rtol=1e-12, atol=1e-15)
+    ga = torch.autograd.grad(sa.pow(2).sum(), list(a.parameters())[:-1])
+    gb = torch.autograd.grad(sb.pow(2).sum(), list(b.parameters())[:-1])
+    for g, h in zip(ga, gb):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-15)
+
+
+def test_a_traced_forward_still_backpropagates_the_exact_gradient() -> None:
+    """Under WBPTracer, an ordinary backward (the training loss) must see the true Jacobian."""
+    torch.manual_seed(31)
+    model = rich_sequential(2).double().train()
+    _randomize_bn(model, torch.Generator().manual_seed(32))
+    x = _input(2, n=3, side=8, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    params = list(model.parameters())
+
+    xg = x.clone().requires_grad_(True)
+    with WBPTracer(model) as tracer:
+        logits = model(xg)
+    s = tracer.saliency(logits, xg, target, create_graph=True, retain_graph=True)
+    traced = torch.autograd.grad(F.cross_entropy(logits, target), [xg, *params])
+
+    xr = x.clone().requires_grad_(True)
+    plain = torch.autograd.grad(F.cross_entropy(model(xr), target), [xr, *params])
+    for g, h in zip(traced, plain):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-13)
+    # and the saliency taken from that same forward is WBP
+    torch.testing.assert_close(s, reference_wbp(model, x, target), rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,6 +491,15 @@ def test_training_mode_batch_norm_uses_batch_statistics_as_constants() -> None:
     assert (expected - _input_x_gradient(model, x, target)).abs().max() > 1e-3 * expected.abs().max()
 
 
+@pytest.mark.parametrize("dims", [[0, 2, 3], [2, 3], [-1], [1, 2, 3]])
+def test_population_variance_matches_torch_and_differentiates_twice(dims: list[int]) -> None:
+    v = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(33), dtype=torch.float64)
+    v.requires_grad_(True)
+    torch.testing.assert_close(population_var(v, dims), v.var(dim=dims, unbiased=False, keepdim=True))
+    assert torch.autograd.gradcheck(lambda t: population_var(t, dims), (v,))
+    assert torch.autograd.gradgradcheck(lambda t: population_var(t, dims), (v,))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the model is left exactly as it was
 
@@ -449,9 +561,7 @@ def test_gradcam_picks_the_last_spatial_layer_by_default() -> None:
     big = _input(2, n=2, side=64)  # layer4's output is 2 x 2: the default
     torch.testing.assert_close(compute("gradcam", model, big, 1), compute("gradcam", model, big, 1, layer="layer4"))
     small = _input(2, n=2, side=16)  # layer4's output is 1 x 1, not spatial: layer3 is the default
-    torch.testing.assert_close(
-        compute("gradcam", model, small, 1), compute("gradcam", model, small, 1, layer="layer3")
-    )
+    torch.testing.assert_close(compute("gradcam", model, small, 1), compute("gradcam", model, small, 1, layer="layer3"))
 
 
 def test_gradcam_is_differentiable() -> None:
@@ -507,9 +617,7 @@ def test_gradcam_regroups_multi_view_maps_per_volume() -> None:
 
 def test_lrp_hand_computed_example() -> None:
     """x = [2, 1, -1], conv kernel [1, -0.5], ReLU, dense [2, 1]: z-plus then epsilon gives [3, 1, 0.5]."""
-    model = nn.Sequential(
-        nn.Conv1d(1, 1, 2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1, bias=False)
-    ).double()
+    model = nn.Sequential(nn.Conv1d(1, 1, 2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1, bias=False)).double()
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[[1.0, -0.5]]]))
         model[3].weight.copy_(torch.tensor([[2.0, 1.0]]))
