@@ -14,46 +14,34 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "ga_ppi.json"
 
 
+def _tiny(tmp_path: Path) -> list[str]:
+    """Overrides for a seconds-long run: 2 sites x 8 eyes of 4 B-scans of 32 x 48, a 4-channel backbone."""
+    return [
+        "--default_dataset_dir", str(tmp_path / "data"),
+        "--dataset_dir", str(tmp_path / "data"),
+        "--synthetic#sites", "['A','B']",
+        "--synthetic#subjects_per_site", "8",
+        "--synthetic#n_bscans", "4",
+        "--synthetic#height", "32",
+        "--synthetic#width", "48",
+        "--synthetic#cue_site", "B",
+        "--spatial_size", "[4,32,48]",
+        "--network_def#width", "4",
+    ]  # fmt: skip
+
+
 def _run_bundle(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(BUNDLE),
-        "--bundle_root",
-        str(ROOT / "bundles"),
-        "--default_dataset_dir",
-        str(tmp_path / "data"),
-        "--dataset_dir",
-        str(tmp_path / "data"),
-        "--synthetic#sites",
-        "['A','B']",
-        "--synthetic#subjects_per_site",
-        "8",
-        "--synthetic#n_bscans",
-        "4",
-        "--synthetic#height",
-        "32",
-        "--synthetic#width",
-        "48",
-        "--synthetic#cue_site",
-        "B",
-        "--spatial_size",
-        "[4,32,48]",
-        "--network_def#width",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_epochs",
-        "2",
-        "--runs_dir",
-        str(tmp_path / "runs"),
-        "--tracking_uri",
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str(BUNDLE),
+        "--bundle_root", str(ROOT / "bundles"),
+        *_tiny(tmp_path),
+        "--batch_size", "4",
+        "--max_epochs", "2",
+        "--runs_dir", str(tmp_path / "runs"),
+        "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         *overrides,
-    ]
+    ]  # fmt: skip
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
@@ -132,37 +120,12 @@ def test_inference_override_writes_predictions(two_runs):
     tmp, _, _ = two_runs
     best = sorted((tmp / "runs").glob("ga-ppi_wbp-*/models/model_best.pt"))[0]
     cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        f"['{BUNDLE}','{ROOT / 'bundles' / 'ga_inference.json'}']",
-        "--default_dataset_dir",
-        str(tmp / "data"),
-        "--dataset_dir",
-        str(tmp / "data"),
-        "--synthetic#sites",
-        "['A','B']",
-        "--synthetic#subjects_per_site",
-        "8",
-        "--synthetic#n_bscans",
-        "4",
-        "--synthetic#height",
-        "32",
-        "--synthetic#width",
-        "48",
-        "--synthetic#cue_site",
-        "B",
-        "--spatial_size",
-        "[4,32,48]",
-        "--network_def#width",
-        "4",
-        "--runs_dir",
-        str(tmp / "infer_runs"),
-        "--checkpoint",
-        str(best),
-    ]
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", f"['{BUNDLE}','{ROOT / 'bundles' / 'ga_inference.json'}']",
+        *_tiny(tmp),
+        "--runs_dir", str(tmp / "infer_runs"),
+        "--checkpoint", str(best),
+    ]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (csv,) = (tmp / "infer_runs").glob("ga-inference-*/predictions.csv")
