@@ -57,10 +57,8 @@ import argparse
 import csv
 import importlib.util
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +68,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.oct_nifti import oct_affine, save_oct_nifti
+
+from .atomic import write_json_atomic
 
 __all__ = [
     "DEFAULT_SPACING",
@@ -389,18 +389,6 @@ def _safe(name: str) -> str:
     return _UNSAFE.sub("_", name)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_datalist(
     input: str | Path,
     out_dir: str | Path,
@@ -501,7 +489,7 @@ def build_datalist(
         "training": training,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(datalist_path, datalist)
+    write_json_atomic(datalist_path, datalist)
     return datalist_path
 
 

@@ -62,10 +62,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -75,6 +73,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.atomic import write_json_atomic
 from data_prep.oct_nifti import oct_affine, save_oct_nifti
 from data_prep.oct_phantom import (
     PhantomParams,
@@ -248,19 +247,6 @@ def _render_and_write(out_dir: Path, config: dict, entry: dict) -> None:
     save_oct_nifti(rendered.mask, affine, out_dir / entry["mask"], np.uint8)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON next to its target and rename, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate(
     out_dir: str | Path,
     *,
@@ -347,7 +333,7 @@ def generate(
                         "pass overwrite=True (--overwrite) or choose another output folder"
                     )
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(marker, config)
+    write_json_atomic(marker, config)
 
     bar = tqdm(total=len(entries), desc="synthetic OCT", unit="eye", disable=not progress)
     try:
@@ -378,7 +364,7 @@ def generate(
         "numTraining": len(training),
         "training": training,
     }
-    _write_json_atomic(datalist_path, datalist)
+    write_json_atomic(datalist_path, datalist)
     marker.unlink(missing_ok=True)
     return datalist_path
 
