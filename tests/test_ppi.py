@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppi_med.ppi import (
+    adversarial_partners,
+    dilate,
     MASKS,
     PPIConfig,
     PPIObjective,
@@ -455,3 +457,80 @@ def test_single_sample_batch_has_no_adversarial_term() -> None:
     out = PPIObjective(PPIConfig())(_net().eval(), x, y)
     assert out.components["loss_ad"] == 0.0
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# variants: partners, the exclusive negative contrast, dilation, magnitude masks
+
+
+def test_roll_partners_are_the_previous_sample() -> None:
+    i, j = adversarial_partners(torch.tensor([0, 1, 1, 0]), "roll")
+    assert i.tolist() == [0, 1, 2, 3] and j.tolist() == [3, 0, 1, 2]
+
+
+def test_same_class_partners_never_pair_across_classes_or_with_themselves() -> None:
+    y = torch.tensor([1, 0, 1, 1, 0, 2])  # class 2 is alone: no partner for it
+    i, j = adversarial_partners(y, "same_class")
+    assert sorted(i.tolist()) == [0, 1, 2, 3, 4]
+    assert bool((y[i] == y[j]).all()) and bool((i != j).all())
+    assert sorted(j.tolist()) == sorted(i.tolist())  # each sample lends its mask exactly once
+    empty_i, _ = adversarial_partners(torch.tensor([0, 1]), "same_class")
+    assert empty_i.numel() == 0
+
+
+def test_same_class_adversarial_uses_a_partner_of_the_same_label() -> None:
+    model = _net().eval()
+    x, y = _data()
+    cfg = PPIConfig(mask="hard", k_std=2.0, partner="same_class", exclusive=False)
+    rec = _Recorder(model)
+    out = PPIObjective(cfg)(model, x, y)
+    rec.handle.remove()
+    mask = hard_point_mask(normalize(out.saliency), 2.0).bool()
+    i, j = adversarial_partners(y, "same_class")
+    x_adv = rec.inputs[1][x.shape[0] :]
+    assert x_adv.shape[0] == i.numel()
+    assert torch.equal(x_adv, x[i] * ~mask[j])
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x[i] * ~mask[j]), y[i])
+    assert out.components["loss_ad"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_exclusive_negative_contrast_keeps_what_the_partner_finds_salient_too() -> None:
+    model = _net().eval()
+    x, y = _data()
+    cfg = PPIConfig(mask="hard", k_std=2.0, partner="same_class", exclusive=True)
+    rec = _Recorder(model)
+    out = PPIObjective(cfg)(model, x, y)
+    rec.handle.remove()
+    mask = hard_point_mask(normalize(out.saliency), 2.0).bool()
+    i, j = adversarial_partners(y, "same_class")
+    own = mask.clone()
+    own[i] = mask[i] & ~mask[j]
+    x_neg = rec.inputs[1][: x.shape[0]]
+    assert torch.equal(x_neg, x * ~own)
+    # the two squares of class 1 overlap, so something salient is kept in x*
+    assert bool((mask[i] & mask[j]).any())
+
+
+def test_dilate_grows_a_point_into_a_cube_and_keeps_gradients() -> None:
+    for spatial in [(9,), (9, 9), (9, 9, 9)]:
+        m = torch.zeros(1, 1, *spatial)
+        m[(0, 0, *(4,) * len(spatial))] = 1.0
+        grown = dilate(m, 2)
+        assert grown.sum() == 5 ** len(spatial)
+        assert torch.equal(dilate(m, 0), m)
+    soft = torch.rand(2, 1, 6, 6, requires_grad=True)
+    dilate(soft, 1).sum().backward()
+    assert soft.grad is not None and soft.grad.abs().sum() > 0
+
+
+def test_absolute_masks_remove_strong_evidence_against_the_label() -> None:
+    model = _net().eval()
+    x, y = _data()
+    rec = _Recorder(model)
+    out = PPIObjective(PPIConfig(mask="hard", k_std=1.0, absolute=True, partner="roll", exclusive=False))(model, x, y)
+    rec.handle.remove()
+    s = out.saliency
+    mask = hard_point_mask(normalize(s.abs()), 1.0).bool()
+    assert bool((mask & (s < 0)).any())  # negative evidence is masked too
+    assert torch.equal(rec.inputs[1][: x.shape[0]], x * ~mask)

@@ -6,13 +6,14 @@ from .masks import (
     MASKS,
     adaptive_sigma,
     box_mask,
+    dilate,
     hard_point_mask,
     make_mask,
     normalize,
     soft_mask,
     topk_mask,
 )
-from .objective import PPIConfig, PPIObjective, PPIOutput, contrast_loss
+from .objective import PPIConfig, PPIObjective, PPIOutput, adversarial_partners, contrast_loss
 
 __all__ = [
     "MASKS",
@@ -20,8 +21,10 @@ __all__ = [
     "PPIObjective",
     "PPIOutput",
     "adaptive_sigma",
+    "adversarial_partners",
     "box_mask",
     "contrast_loss",
+    "dilate",
     "hard_point_mask",
     "make_mask",
     "normalize",

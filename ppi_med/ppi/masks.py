@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "MASKS",
@@ -18,6 +19,7 @@ __all__ = [
     "hard_point_mask",
     "box_mask",
     "topk_mask",
+    "dilate",
     "make_mask",
 ]
 
@@ -103,6 +105,18 @@ def topk_mask(s: torch.Tensor, k: int = 1000) -> torch.Tensor:
     idx = flat.topk(k, dim=1).indices
     mask = torch.zeros_like(flat).scatter_(1, idx, 1.0)
     return mask.reshape(s.shape)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grow a mask by ``radius`` voxels along every spatial axis (a running maximum; differentiable).
+
+    A salient structure's neighbours carry the same information (a marker's rim, a lesion's border):
+    removing only the salient voxels leaves a remnant the network can still read.
+    """
+    if radius <= 0:
+        return mask
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[mask.ndim - 2]
+    return pool(mask, kernel_size=2 * radius + 1, stride=1, padding=radius)
 
 
 def make_mask(

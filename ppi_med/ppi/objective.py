@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..saliency import frozen_buffers, make_tracer, plain
-from .masks import MASKS, make_mask, normalize
+from .masks import MASKS, dilate, make_mask, normalize
 
-__all__ = ["PPIConfig", "PPIOutput", "PPIObjective", "contrast_loss"]
+__all__ = ["PPIConfig", "PPIOutput", "PPIObjective", "adversarial_partners", "contrast_loss"]
 
 MODES = ("differentiable", "detached")
 CONTRAST_LOSSES = ("flip", "negate")
+PARTNERS = ("roll", "same_class")
 
 
 def _as_bool(value: Any, name: str) -> bool:
@@ -64,8 +65,14 @@ class PPIConfig:
         k_std: hard/box point threshold in standard deviations.
         box_std: box half-size in standard deviations.
         topk: points kept by the ``topk`` mask.
+        absolute: mask on the saliency's magnitude, so strong evidence against the label is removed too
+            (``False``: only evidence for the label, as the method's signed maps do).
+        exclusive: the negative contrast ``x*`` removes only what is salient in ``x`` and not in its partner.
+        dilate: grow the mask by this many voxels along each spatial axis (0: the mask as made).
         w_con, w_reg, w_ad: weights of the contrast, regulariser and adversarial terms.
         contrast_loss: ``flip`` (bounded, default) or ``negate`` (``-l(x*, y)``).
+        partner: whose saliency masks a sample in the adversarial positive ``x'``: ``roll`` (the batch rolled
+            by one, the method's ``j != i``) or ``same_class`` (another sample of the same label).
         warmup_epochs: epochs of plain cross-entropy before the PPI terms start.
         con_boost, con_boost_epoch: from that epoch on, ``w_con`` is multiplied by ``con_boost``.
         saliency_kwargs: options for the saliency method (e.g. ``{"layer": "..."}`` for gradcam).
@@ -81,10 +88,14 @@ class PPIConfig:
     k_std: float = 7.0
     box_std: float = 1.2
     topk: int = 1000
+    absolute: bool = False
+    exclusive: bool = False
+    dilate: int = 0
     w_con: float = 1.0
     w_reg: float = 0.1
     w_ad: float = 1.0
     contrast_loss: str = "flip"
+    partner: str = "roll"
     warmup_epochs: int = 0
     con_boost: float = 1.0
     con_boost_epoch: int | None = None
@@ -92,10 +103,14 @@ class PPIConfig:
 
     def __post_init__(self) -> None:
         self.enabled = _as_bool(self.enabled, "enabled")
+        self.absolute = _as_bool(self.absolute, "absolute")
+        self.exclusive = _as_bool(self.exclusive, "exclusive")
         if self.mode not in MODES:
             raise ValueError(f"PPI mode must be one of {MODES}, got '{self.mode}'")
         if self.mask not in MASKS:
             raise ValueError(f"PPI mask must be one of {MASKS}, got '{self.mask}'")
+        if self.partner not in PARTNERS:
+            raise ValueError(f"PPI partner must be one of {PARTNERS}, got '{self.partner}'")
         if self.contrast_loss not in CONTRAST_LOSSES:
             raise ValueError(f"PPI contrast_loss must be one of {CONTRAST_LOSSES}, got '{self.contrast_loss}'")
         for name in ("w_con", "w_reg", "w_ad", "omega"):
@@ -138,6 +153,30 @@ def contrast_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "flip") -> 
     return -torch.logsumexp(others, dim=1).mean()
 
 
+def adversarial_partners(y: torch.Tensor, kind: str = "roll") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs ``(i, j)``, ``j != i``, for the adversarial positives ``x'_i = x_i - T(s(x_j)) x_i``.
+
+    Args:
+        y: labels ``(N,)``.
+        kind: ``roll``: every ``i`` with ``j = i - 1`` (mod N); ``same_class``: ``j`` is the previous sample
+            of the same label, and a sample alone in its class gets no partner.
+
+    Returns:
+        Index tensors ``i`` and ``j`` of equal length (empty when no sample has a partner).
+    """
+    n = y.shape[0]
+    idx = torch.arange(n, device=y.device)
+    if n < 2:
+        return idx[:0], idx[:0]
+    if kind == "roll":
+        return idx, idx.roll(1)
+    groups = [idx[y == c] for c in torch.unique(y)]
+    groups = [g for g in groups if g.numel() > 1]
+    if not groups:
+        return idx[:0], idx[:0]
+    return torch.cat(groups), torch.cat([g.roll(1) for g in groups])
+
+
 class PPIObjective:
     """``(model, x, y) -> PPIOutput``: the loss a MONAI trainer iteration backpropagates.
 
@@ -178,7 +217,7 @@ class PPIObjective:
             return PPIOutput(loss_cls, {**parts, "loss_ad": 0.0}, logits)
 
         s = tracer.saliency(logits, xg, y, create_graph=differentiable, retain_graph=True)
-        s_n = normalize(s)
+        s_n = normalize(s.abs() if cfg.absolute else s)
         mask = make_mask(
             cfg.mask,
             s_n,
@@ -189,17 +228,20 @@ class PPIObjective:
             box_std=cfg.box_std,
             topk=cfg.topk,
         )
-        x_neg = x - mask * x
+        mask = dilate(mask, cfg.dilate)
         n = x.shape[0]
+        i, j = adversarial_partners(y, cfg.partner)
+        neg_mask = mask
+        if cfg.exclusive and i.numel():
+            # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
+            neg_mask = mask.index_put((i,), mask[i] * (1 - mask[j]))
+        x_neg = x - neg_mask * x
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
         with frozen_buffers(model):
-            if n > 1:
-                out = model(torch.cat([x_neg, x - mask.roll(1, dims=0) * x]))
-                out_neg, out_adv = out[:n], out[n:]
-            else:
-                out_neg, out_adv = model(x_neg), None
+            out = model(torch.cat([x_neg, x[i] - mask[j] * x[i]]))
+        out_neg, out_adv = out[:n], out[n:]
         loss_con = contrast_loss(out_neg, y, cfg.contrast_loss)
-        loss_ad = F.cross_entropy(out_adv, y) if out_adv is not None else loss_cls.new_zeros(())
+        loss_ad = F.cross_entropy(out_adv, y[i]) if i.numel() else loss_cls.new_zeros(())
         loss_reg = s_n.abs().reshape(n, -1).mean(dim=1).mean()
         total = loss_cls + w["con"] * loss_con + w["reg"] * loss_reg + w["ad"] * loss_ad
         parts = {

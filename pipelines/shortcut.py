@@ -1,0 +1,577 @@
+"""Shortcut benchmark on real images: does PPI move a model off a spurious cue?
+
+The task is "digit >= 5" on scikit-learn's handwritten digits (1,797 real 8 x 8 scans, shipped inside
+scikit-learn, upsampled to 16 x 16 and centred on a 20 x 20 canvas so a cue can sit beside the digit).
+A controlled spurious cue (:mod:`ppi_med.cues`: ``patch``, ``line``, ``intensity`` or ``texture``) is put
+into the training images with a strong correlation to the label (by default in 95 % of positives and 5 %
+of negatives). Every method is trained on the same images and scored on three test sets drawn from
+held-out digits:
+
+- ``aligned``: the cue correlates with the label as in training;
+- ``reversed``: the correlation is reversed (95 % of negatives carry the cue): a model that took the
+  shortcut falls below chance here;
+- ``free``: no image carries the cue (what the digit alone gives).
+
+Each (method, seed) pair trains a small ReLU CNN with MONAI's ``SupervisedTrainer`` whose iteration is
+:class:`ppi_med.engine.PPIIteration` (the very step the bundles use). A seed fixes the data split, the
+cue draw, the initial weights and the batch order, so the methods of one seed differ only in the
+objective; the table compares each method with the baseline by a paired t-test across seeds.
+
+Methods are spelled ``baseline``, ``ppi`` (the project's default :class:`~ppi_med.ppi.PPIConfig`) or
+``ppi:<field>=<value>,...`` for a variant (``ppi:saliency=gradcam``, ``ppi:mode=detached,partner=roll``).
+``--grid`` picks a prepared list: ``default`` (baseline and PPI), ``saliency``, ``mode``, ``mask``,
+``partner``, or ``full`` (all of them).
+
+Outputs in ``--out`` (default ``runs/shortcut/<cue>-<time>``): ``results.csv`` (one row per method, seed
+and test set), ``summary.csv`` / ``summary.md`` (mean, sd, paired p-value against the baseline),
+``shortcut_auc.png`` (reversed and cue-free AUC per method, one dot per seed) and ``examples.png`` (the cue
+and each method's saliency on cue-carrying test digits). MLflow: one parent run in experiment
+``shortcut`` with the tables and figures, and a nested run per (method, seed) with its metrics.
+
+CLI::
+
+    python -m pipelines.shortcut --cue patch --seeds 5
+    python -m pipelines.shortcut --cue line --grid full --seeds 5 --epochs 12
+    python -m pipelines.shortcut --cue texture --methods baseline ppi ppi:partner=roll
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ppi_med.cues import CUE_KINDS, SpuriousCue, cue_flags
+from ppi_med.ppi import PPIConfig
+from ppi_med.ppi.masks import MASKS
+from ppi_med.ppi.objective import MODES, PARTNERS
+from ppi_med.saliency import METHODS
+
+__all__ = [
+    "GRIDS",
+    "TEST_SETS",
+    "ShortcutConfig",
+    "ShortcutData",
+    "digit_cnn",
+    "grid_methods",
+    "make_data",
+    "method_config",
+    "parse_fields",
+    "run_benchmark",
+    "summarise",
+    "train_and_score",
+    "main",
+]
+
+TEST_SETS = ("aligned", "reversed", "free")
+VAL_SETS = ("val_reversed", "val_free")
+
+GRIDS: dict[str, list[str]] = {
+    "default": ["baseline", "ppi"],
+    "saliency": ["baseline"] + [f"ppi:saliency={m}" for m in METHODS],
+    "mode": ["baseline"] + [f"ppi:mode={m}" for m in MODES],
+    "mask": ["baseline"] + [f"ppi:mask={m}" for m in MASKS],
+    "partner": ["baseline"] + [f"ppi:partner={p}" for p in PARTNERS],
+}
+GRIDS["full"] = list(dict.fromkeys(m for grid in GRIDS.values() for m in grid))
+
+
+class ShortcutError(ValueError):
+    """A benchmark setting that cannot run, named with the offending value."""
+
+
+@dataclass
+class ShortcutConfig:
+    """What one benchmark run measures.
+
+    Attributes:
+        cue: kind of spurious cue, one of :data:`ppi_med.cues.CUE_KINDS`.
+        strength: cue amplitude as a fraction of the image's intensity range.
+        train_p_pos, train_p_neg: share of positive / negative training digits that carry the cue.
+        methods: method specs (see the module docstring).
+        seeds: seeds 0 .. seeds-1.
+        epochs, batch_size, learning_rate: the training recipe (Adam).
+        width: channels of the CNN's first layer (then 2x, 4x).
+        norm: ``none`` or ``batch`` (batch norm after each convolution).
+        ppi_base: fields applied to every PPI method before its own (e.g. a common warm-up).
+    """
+
+    cue: str = "patch"
+    strength: float = 1.0
+    train_p_pos: float = 0.95
+    train_p_neg: float = 0.05
+    methods: list[str] = field(default_factory=lambda: list(GRIDS["default"]))
+    seeds: int = 5
+    epochs: int = 12
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    width: int = 16
+    norm: str = "none"
+    ppi_base: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.cue not in CUE_KINDS:
+            raise ShortcutError(f"unknown cue '{self.cue}'; choose one of {', '.join(CUE_KINDS)}")
+        if self.norm not in ("none", "batch"):
+            raise ShortcutError(f"norm must be 'none' or 'batch', got '{self.norm}'")
+        if self.seeds < 1 or self.epochs < 1:
+            raise ShortcutError(f"seeds and epochs must be >= 1, got {self.seeds} and {self.epochs}")
+        if "baseline" not in self.methods:
+            self.methods = ["baseline", *self.methods]
+        for spec in self.methods:
+            method_config(spec, self.ppi_base)  # fail before any training
+
+
+def grid_methods(name: str) -> list[str]:
+    """The method specs of a prepared grid.
+
+    Raises:
+        ShortcutError: an unknown grid name.
+    """
+    if name not in GRIDS:
+        raise ShortcutError(f"unknown grid '{name}'; choose one of {', '.join(GRIDS)}")
+    return list(GRIDS[name])
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        low = text.lower()
+        return {"true": True, "false": False}.get(low, text)
+
+
+def parse_fields(text: str, where: str = "--ppi-base") -> dict[str, Any]:
+    """``field=value,...`` as a dict of :class:`PPIConfig` fields (values read as Python literals).
+
+    Raises:
+        ShortcutError: an item that is not ``<field>=<value>`` with a PPIConfig field.
+    """
+    known = {f.name for f in fields(PPIConfig)}
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in known:
+            raise ShortcutError(f"{where}: '{item}' is not <field>=<value> with a PPIConfig field")
+        out[key] = _literal(value)
+    return out
+
+
+def method_config(spec: str, base: dict[str, Any] | None = None) -> PPIConfig:
+    """The :class:`PPIConfig` a method spec stands for.
+
+    Args:
+        spec: ``baseline``, ``ppi`` or ``ppi:<field>=<value>,...``.
+        base: fields applied to every PPI method before the spec's own.
+
+    Raises:
+        ShortcutError: an unknown method, field or value.
+    """
+    if spec == "baseline":
+        return PPIConfig(enabled=False)
+    name, _, rest = spec.partition(":")
+    if name != "ppi":
+        raise ShortcutError(f"unknown method '{spec}': use baseline, ppi or ppi:<field>=<value>,...")
+    overrides = {**(base or {}), **parse_fields(rest, spec)}
+    try:
+        return PPIConfig(**overrides)
+    except (TypeError, ValueError) as err:
+        raise ShortcutError(f"method '{spec}': {err}") from err
+
+
+def digit_cnn(width: int = 16, norm: str = "none", num_classes: int = 2) -> nn.Module:
+    """A small ReLU CNN for 20 x 20 single-channel images (every layer one WBP has a rule for)."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1)]
+        if norm == "batch":
+            layers.append(nn.BatchNorm2d(cout))
+        return [*layers, nn.ReLU()]
+
+    return nn.Sequential(
+        *block(1, width),
+        nn.MaxPool2d(2),
+        *block(width, 2 * width),
+        nn.MaxPool2d(2),
+        *block(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+
+
+@dataclass
+class ShortcutData:
+    """Images ``(N, 1, 20, 20)`` in ``[0, 1]`` and labels of one seed's split, with the cue applied."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    tests: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    cue_masks: dict[str, np.ndarray]
+
+
+def _digit_canvas() -> tuple[torch.Tensor, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    img = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    img = torch.nn.functional.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False)
+    canvas = torch.zeros(img.shape[0], 1, 20, 20)
+    canvas[:, :, 2:18, 2:18] = img
+    return canvas, (digits.target >= 5).astype(np.int64)
+
+
+def make_data(cfg: ShortcutConfig, seed: int, val_fraction: float = 0.2, test_fraction: float = 0.3) -> ShortcutData:
+    """One seed's split of the digits (stratified), with the cue drawn into each set.
+
+    The validation digits give ``val_reversed`` and ``val_free``, for choosing between variants without
+    looking at the test digits.
+
+    Args:
+        cfg: the benchmark settings (cue kind, strength, training correlation).
+        seed: fixes the split and which images carry the cue.
+        val_fraction, test_fraction: shares of all digits held out for validation and test.
+    """
+    from sklearn.model_selection import train_test_split
+
+    images, labels = _digit_canvas()
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(labels))
+    idx_train, idx_rest = train_test_split(
+        idx, test_size=val_fraction + test_fraction, stratify=labels, random_state=seed
+    )
+    idx_val, idx_test = train_test_split(
+        idx_rest, test_size=test_fraction / (val_fraction + test_fraction), stratify=labels[idx_rest], random_state=seed
+    )
+    cue = SpuriousCue(cfg.cue, cfg.strength)
+    aligned, reversed_, free = (cfg.train_p_pos, cfg.train_p_neg), (cfg.train_p_neg, cfg.train_p_pos), (0.0, 0.0)
+    plan = {
+        "train": (idx_train, aligned),
+        "val_reversed": (idx_val, reversed_),
+        "val_free": (idx_val, free),
+        "aligned": (idx_test, aligned),
+        "reversed": (idx_test, reversed_),
+        "free": (idx_test, free),
+    }
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    masks: dict[str, np.ndarray] = {}
+    for name, (part, (p_pos, p_neg)) in plan.items():
+        y = labels[part]
+        flags = cue_flags(y, p_pos, p_neg, rng)
+        x = images[part].clone()
+        for k in np.flatnonzero(flags):
+            x[k] = cue(x[k])
+        sets[name] = (x, torch.as_tensor(y))
+        masks[name] = flags
+    train = sets.pop("train")
+    return ShortcutData(train=train, tests=sets, cue_masks=masks)
+
+
+def _scores(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)[:, 1].numpy()
+
+
+def train_and_score(
+    cfg: ShortcutConfig, spec: str, seed: int, data: ShortcutData
+) -> tuple[nn.Module, dict[str, dict[str, float]], float]:
+    """Train one method for one seed with MONAI's trainer and score it on every test set.
+
+    Returns:
+        The trained model, ``{test set: {"auc": ..., "acc": ...}}`` and the training time in seconds.
+    """
+    from monai.engines import SupervisedTrainer
+    from monai.utils import set_determinism
+    from sklearn.metrics import roc_auc_score
+
+    from ppi_med.engine import PPIIteration
+
+    set_determinism(seed=seed)
+    model = digit_cnn(cfg.width, cfg.norm)
+    x, y = data.train
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=cfg.epochs,
+        train_data_loader=loader,
+        network=model,
+        optimizer=optimizer,
+        loss_function=nn.CrossEntropyLoss(),
+        iteration_update=PPIIteration(method_config(spec, cfg.ppi_base)),
+        decollate=False,
+    )
+    start = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - start
+    scores = {}
+    for name, (xt, yt) in data.tests.items():
+        p = _scores(model, xt)
+        scores[name] = {"auc": float(roc_auc_score(yt.numpy(), p)), "acc": float(((p > 0.5) == yt.numpy()).mean())}
+    return model, scores, seconds
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sd and the paired t-test against the baseline of every method's AUC and accuracy per test set.
+
+    Args:
+        results: one row per (method, seed, test) with ``auc`` and ``acc``.
+
+    Returns:
+        One row per method: ``<test>_auc_mean``, ``<test>_auc_sd``, ``<test>_acc_mean``,
+        ``<test>_auc_delta`` (mean paired difference to the baseline) and ``<test>_auc_p`` (two-sided paired
+        t-test across seeds; NaN for the baseline or with fewer than two seeds).
+    """
+    from scipy.stats import ttest_rel
+
+    rows = []
+    wide = results.pivot_table(index=["method", "seed"], columns="test", values=["auc", "acc"])
+    base = wide.loc["baseline"]
+    for method in dict.fromkeys(results["method"]):
+        sub = wide.loc[method]
+        row: dict[str, Any] = {"method": method, "seeds": len(sub)}
+        for test in TEST_SETS:
+            auc = sub[("auc", test)]
+            row[f"{test}_auc_mean"] = auc.mean()
+            row[f"{test}_auc_sd"] = auc.std(ddof=1) if len(auc) > 1 else float("nan")
+            row[f"{test}_acc_mean"] = sub[("acc", test)].mean()
+            paired = base[("auc", test)].reindex(auc.index)
+            diff = auc - paired
+            row[f"{test}_auc_delta"] = diff.mean()
+            if method == "baseline" or len(diff) < 2:
+                row[f"{test}_auc_p"] = float("nan")
+            elif np.allclose(diff, diff.iloc[0]):
+                row[f"{test}_auc_p"] = 0.0 if diff.iloc[0] != 0 else 1.0
+            else:
+                row[f"{test}_auc_p"] = float(ttest_rel(auc, paired).pvalue)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "-"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def summary_markdown(summary: pd.DataFrame, cfg: ShortcutConfig) -> str:
+    """The summary as a Markdown table with a header saying what was measured."""
+    lines = [
+        f"Cue `{cfg.cue}` (strength {cfg.strength}) in {cfg.train_p_pos:.0%} of positive and "
+        f"{cfg.train_p_neg:.0%} of negative training digits; {cfg.seeds} seeds, {cfg.epochs} epochs. "
+        "AUC mean +- sd over seeds; p: paired t-test against the baseline across seeds.",
+        "",
+        "| method | aligned AUC | reversed AUC | cue-free AUC | reversed acc | cue-free acc "
+        "| reversed delta | p (reversed) | cue-free delta | p (cue-free) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for _, r in summary.iterrows():
+        cells = [f"`{r['method']}`"]
+        for test in TEST_SETS:
+            cells.append(f"{r[f'{test}_auc_mean']:.3f} +- {r[f'{test}_auc_sd']:.3f}")
+        cells += [f"{r['reversed_acc_mean']:.3f}", f"{r['free_acc_mean']:.3f}"]
+        cells += [f"{r['reversed_auc_delta']:+.3f}", _fmt_p(r["reversed_auc_p"])]
+        cells += [f"{r['free_auc_delta']:+.3f}", _fmt_p(r["free_auc_p"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: pd.DataFrame, cfg: ShortcutConfig, path: Path) -> Path:
+    """Reversed-cue and cue-free AUC per method, one dot per seed and the mean as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(results["method"]))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.1 * len(methods) + 3), 4), sharey=True)
+    for ax, test in zip(axes, ("reversed", "free")):
+        sub = results[results["test"] == test]
+        for k, method in enumerate(methods):
+            vals = sub[sub["method"] == method]["auc"].to_numpy()
+            ax.bar(k, vals.mean(), color="tab:gray" if method == "baseline" else "tab:blue", alpha=0.5)
+            ax.scatter(np.full(len(vals), k), vals, color="black", s=12, zorder=3)
+        ax.axhline(0.5, color="tab:red", lw=0.8, ls="--")
+        ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
+        ax.set_title({"reversed": "cue reversed", "free": "cue-free"}[test])
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("AUC")
+    fig.suptitle(f"digits >= 5, cue '{cfg.cue}' in training ({cfg.seeds} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_examples(models: dict[str, nn.Module], data: ShortcutData, path: Path, n: int = 4) -> Path:
+    """Cue-carrying positive test digits and each method's WBP saliency of the positive class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ppi_med.saliency import compute
+
+    x, y = data.tests["aligned"]
+    pick = np.flatnonzero(data.cue_masks["aligned"] & (y.numpy() == 1))[:n]
+    fig, axes = plt.subplots(len(pick), 1 + len(models), figsize=(1.6 * (1 + len(models)), 1.6 * len(pick)))
+    axes = np.atleast_2d(axes)
+    for r, k in enumerate(pick):
+        axes[r, 0].imshow(x[k, 0], cmap="gray")
+        for c, (method, model) in enumerate(models.items(), start=1):
+            model.eval()
+            s = compute("wbp", model, x[k : k + 1], 1)[0, 0]
+            lim = float(s.abs().max()) or 1.0
+            axes[r, c].imshow(s, cmap="bwr", vmin=-lim, vmax=lim)
+            if r == 0:
+                axes[r, c].set_title(method, fontsize=7)
+        if r == 0:
+            axes[r, 0].set_title("input", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_benchmark(
+    cfg: ShortcutConfig, out_dir: str | Path, tracking_uri: str | None = None, experiment: str = "shortcut"
+) -> pd.DataFrame:
+    """Train every method for every seed, write the tables and figures, log everything to MLflow.
+
+    Args:
+        cfg: what to measure.
+        out_dir: a new or empty folder for the outputs.
+        tracking_uri: MLflow store (default: ``mlflow.db`` in the working folder).
+        experiment: MLflow experiment name.
+
+    Returns:
+        The summary table (one row per method).
+
+    Raises:
+        ShortcutError: ``out_dir`` already holds results (nothing is overwritten).
+    """
+    import mlflow
+
+    from ppi_med.tracking import default_tracking_uri, flatten_params, git_commit
+
+    out = Path(out_dir)
+    if (out / "results.csv").exists():
+        raise ShortcutError(f"{out} already holds a benchmark's results; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    mlflow.set_experiment(experiment)
+    rows: list[dict[str, Any]] = []
+    example_models: dict[str, nn.Module] = {}
+    example_data: ShortcutData | None = None
+    settings = {k: v for k, v in asdict(cfg).items() if k != "methods"}
+    with mlflow.start_run(run_name=f"shortcut-{cfg.cue}-{time.strftime('%Y%m%d-%H%M%S')}") as parent:
+        mlflow.log_params(flatten_params(settings))
+        mlflow.set_tags({"git_commit": git_commit(Path(__file__).parent), "cue": cfg.cue})
+        jobs = [(seed, spec) for seed in range(cfg.seeds) for spec in cfg.methods]
+        data_by_seed: dict[int, ShortcutData] = {}
+        for seed, spec in tqdm(jobs, desc=f"shortcut[{cfg.cue}]", unit="model"):
+            if seed not in data_by_seed:
+                data_by_seed = {seed: make_data(cfg, seed)}
+            data = data_by_seed[seed]
+            model, scores, seconds = train_and_score(cfg, spec, seed, data)
+            if seed == 0:
+                example_models[spec], example_data = model, data
+            with mlflow.start_run(run_name=f"{spec}-s{seed}", nested=True):
+                mlflow.log_params(flatten_params({"method": spec, "seed": seed, **method_config(spec, cfg.ppi_base).to_dict()}))
+                mlflow.set_tags({"method": spec, "seed": str(seed), "cue": cfg.cue})
+                metrics = {f"{test}_{k}": v for test, d in scores.items() for k, v in d.items()}
+                mlflow.log_metrics({**metrics, "train_seconds": seconds})
+            for test, d in scores.items():
+                rows.append({"method": spec, "seed": seed, "test": test, **d, "train_seconds": seconds})
+        results = pd.DataFrame(rows)
+        summary = summarise(results)
+        results.to_csv(out / "results.csv", index=False)
+        summary.to_csv(out / "summary.csv", index=False)
+        (out / "summary.md").write_text(summary_markdown(summary, cfg))
+        (out / "settings.json").write_text(json.dumps(asdict(cfg), indent=2))
+        plot_results(results, cfg, out / "shortcut_auc.png")
+        if example_data is not None:
+            plot_examples(example_models, example_data, out / "examples.png")
+        ppi_rows = summary[summary["method"] != "baseline"]
+        for _, r in ppi_rows.iterrows():
+            key = r["method"].replace(":", "_").replace("=", "-").replace(",", "_")
+            mlflow.log_metric(f"reversed_auc_delta.{key}", r["reversed_auc_delta"])
+        mlflow.log_artifacts(str(out))
+        print(f"MLflow parent run {parent.info.run_id} in experiment '{experiment}'")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.shortcut", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cue", default="patch", choices=CUE_KINDS)
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--train-p-pos", type=float, default=0.95)
+    p.add_argument("--train-p-neg", type=float, default=0.05)
+    p.add_argument("--grid", default="default", choices=sorted(GRIDS))
+    p.add_argument("--methods", nargs="+", help="method specs; overrides --grid")
+    p.add_argument("--ppi-base", default="", help="PPI fields applied to every PPI method, as field=value,...")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--norm", default="none", choices=("none", "batch"))
+    p.add_argument("--out", help="output folder (default runs/shortcut/<cue>-<time>)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
+    p.add_argument("--experiment", default="shortcut")
+    p.add_argument("--num-threads", type=int, default=1, help="torch threads (small images gain nothing from more)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+    try:
+        base = parse_fields(args.ppi_base)
+        cfg = ShortcutConfig(
+            cue=args.cue,
+            strength=args.strength,
+            train_p_pos=args.train_p_pos,
+            train_p_neg=args.train_p_neg,
+            methods=args.methods or grid_methods(args.grid),
+            seeds=args.seeds,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            width=args.width,
+            norm=args.norm,
+            ppi_base=base,
+        )
+        out = args.out or f"runs/shortcut/{args.cue}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = run_benchmark(cfg, out, args.tracking_uri, args.experiment)
+    except ShortcutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary_markdown(summary, cfg))
+    print(f"outputs in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
