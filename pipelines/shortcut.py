@@ -498,7 +498,8 @@ def run_benchmark(
             if seed == 0:
                 example_models[spec], example_data = model, data
             with mlflow.start_run(run_name=f"{spec}-s{seed}", nested=True):
-                mlflow.log_params(flatten_params({"method": spec, "seed": seed, **method_config(spec, cfg.ppi_base).to_dict()}))
+                ppi = method_config(spec, cfg.ppi_base).to_dict()
+                mlflow.log_params(flatten_params({"method": spec, "seed": seed, "ppi": ppi}))
                 mlflow.set_tags({"method": spec, "seed": str(seed), "cue": cfg.cue})
                 metrics = {f"{test}_{k}": v for test, d in scores.items() for k, v in d.items()}
                 mlflow.log_metrics({**metrics, "train_seconds": seconds})

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppi_med.ppi import (
-    adversarial_partners,
-    dilate,
     MASKS,
     PPIConfig,
     PPIObjective,
     adaptive_sigma,
+    adversarial_partners,
     box_mask,
     contrast_loss,
+    dilate,
     hard_point_mask,
     make_mask,
     normalize,
