@@ -84,6 +84,8 @@ class RunTracker(MLFlowHandler):
         output_dir: where ``params.json`` is written.
         summary_metric: the evaluator metric reported in the closing summary (e.g. ``val_auc``).
         evaluator: the engine holding that metric (``best_metric`` is read from its state).
+        reference_metric: a metric of the run printed beside the best one in the closing summary, e.g. the
+            linear reference's ``ref_val_auc`` (:mod:`ppi_med.reference`); skipped when the run lacks it.
         **kwargs: passed to :class:`monai.handlers.MLFlowHandler`.
     """
 
@@ -95,6 +97,7 @@ class RunTracker(MLFlowHandler):
         summary_metric: str | None = None,
         evaluator: Engine | None = None,
         artifacts: str | Sequence[str | Path] | None = None,
+        reference_metric: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.params = dict(params or {})
@@ -104,6 +107,7 @@ class RunTracker(MLFlowHandler):
         self.output_dir = Path(output_dir) if output_dir else None
         self.summary_metric = summary_metric
         self.evaluator = evaluator
+        self.reference_metric = reference_metric
         flat = flatten_params(self.params)
         # MLflow caps a param value at 6000 characters; the full values are in params.json
         short = {k: v for k, v in flat.items() if len(v) <= 500}
@@ -125,16 +129,20 @@ class RunTracker(MLFlowHandler):
         if self.cur_run is None:
             return
         run = self.client.get_run(self.cur_run.info.run_id)
-        lines = [
-            "",
-            f"MLflow run '{run.info.run_name}' ({run.info.run_id}) in experiment '{self.experiment_name}'",
-            f"  tracking store: {self.client.tracking_uri}",
-        ]
+        lines = [""]
         if self.summary_metric and self.evaluator is not None:
             best = getattr(self.evaluator.state, "best_metric", None)
             epoch = getattr(self.evaluator.state, "best_metric_epoch", None)
             if best is not None and best > -1:
-                lines.insert(1, f"best {self.summary_metric}: {best:.4f} (epoch {epoch})")
+                lines.append(f"best {self.summary_metric}: {best:.4f} (epoch {epoch})")
+        ref = run.data.metrics.get(self.reference_metric) if self.reference_metric else None
+        if ref is not None:
+            model = run.data.params.get("ref.model", "reference model")
+            lines.append(f"{self.reference_metric}: {ref:.4f} ({model}, same split)")
+        lines += [
+            f"MLflow run '{run.info.run_name}' ({run.info.run_id}) in experiment '{self.experiment_name}'",
+            f"  tracking store: {self.client.tracking_uri}",
+        ]
         if self.client.tracking_uri.startswith("sqlite:///"):
             lines.append(f"  open it with: mlflow ui --backend-store-uri {self.client.tracking_uri}")
         print("\n".join(lines), flush=True)

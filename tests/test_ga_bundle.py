@@ -73,9 +73,12 @@ def test_bundle_logs_a_complete_mlflow_run(two_runs):
     history = client.get_metric_history(run.info.run_id, "loss_con")
     assert [m.step for m in history] == [1, 2]
     assert 0.0 <= metrics["val_auc"] <= 1.0
+    # the linear reference of the same split sits in the same run
+    assert 0.0 <= metrics["ref_val_auc"] <= 1.0 and "ref_cv_auc" in metrics
     params = run.data.params
     assert params["ppi.enabled"] == "True" and params["ppi.saliency"] == "wbp"
     assert params["max_epochs"] == "2" and params["backbone"] == "resnet10"
+    assert params["ref.model"] == "l2_logistic_regression_on_preprocessed_voxels"
     assert int(params["n_train"]) + int(params["n_val"]) == 16
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["seed"] == "0" and run.data.tags["git_commit"] == head
@@ -84,6 +87,7 @@ def test_bundle_logs_a_complete_mlflow_run(two_runs):
     assert run.info.status == "FINISHED"
     # the console tells the user where to look
     assert "best val_auc" in ppi.stdout and "mlflow ui --backend-store-uri" in ppi.stdout
+    assert f"ref_val_auc: {metrics['ref_val_auc']:.4f}" in ppi.stdout
 
 
 def test_checkpoint_loads_into_the_network(two_runs):
