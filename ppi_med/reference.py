@@ -15,9 +15,11 @@ MLflow run (metric ``ref_val_auc``, ``ref_cv_auc``, ``ref_seconds``; params ``re
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +56,10 @@ class ReferenceResult:
 
 
 def voxel_matrix(
-    records: Sequence[dict[str, Any]], preprocessing: Callable[[dict[str, Any]], dict[str, Any]], key: str = "image"
+    records: Sequence[dict[str, Any]],
+    preprocessing: Callable[[dict[str, Any]], dict[str, Any]],
+    key: str = "image",
+    workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocess every record and flatten its image.
 
@@ -62,6 +67,8 @@ def voxel_matrix(
         records: datalist records with ``key`` and ``label``.
         preprocessing: a deterministic transform of a record (e.g. the bundle's ``preprocessing``).
         key: the image key.
+        workers: threads that load and preprocess (decompression and resampling release the GIL);
+            ``None``: up to 4, at most the CPU count.
 
     Returns:
         ``(X, y)``: float32 voxels ``(n, voxels)`` and integer labels ``(n,)``.
@@ -71,7 +78,9 @@ def voxel_matrix(
     """
     if not records:
         raise ValueError("no records to build a voxel matrix from")
-    rows = [np.asarray(preprocessing(dict(rec))[key], dtype=np.float32).ravel() for rec in records]
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(lambda rec: np.asarray(preprocessing(dict(rec))[key], dtype=np.float32).ravel(), records))
     sizes = {r.size for r in rows}
     if len(sizes) != 1:
         raise ValueError(f"preprocessed images differ in size ({sorted(sizes)}); the reference needs one size")
@@ -108,6 +117,7 @@ def linear_reference(
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     t0 = time.perf_counter()
     x_train, y_train = voxel_matrix(train, preprocessing)
@@ -122,12 +132,14 @@ def linear_reference(
         scoring="roc_auc",
         cv=cv,
     )
-    with warnings.catch_warnings():
+    # one BLAS thread: the matrices are small, and BLAS threads that spin beside a busy core (a trainer, another
+    # job) made the fit take minutes instead of seconds
+    with threadpool_limits(limits=1), warnings.catch_warnings():
         # a nearly separable problem at large C stops lbfgs early; that C simply scores worse in the CV
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*did not converge.*")
         search.fit(x_train, y_train)
-    scores = search.predict_proba(x_val)[:, 1]
+        scores = search.predict_proba(x_val)[:, 1]
     val_auc = float(roc_auc_score(y_val, scores)) if len(np.unique(y_val)) == 2 else float("nan")
     return ReferenceResult(
         val_auc=val_auc,
