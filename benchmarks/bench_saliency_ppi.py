@@ -11,7 +11,7 @@ the repeats is reported, in milliseconds and as a ratio to the baseline.
    every B-scan, max-pooled over views, linear head): PPI objective (detached and differentiable mode)
    + backward + optimizer step, against cross-entropy + backward + optimizer step.
 
-Targets (DESIGN.md sections 3 and 4): WBP <= 1.15 x the gradient; a PPI step <= 3.5 x a plain step in
+Targets (docs/DESIGN.md sections 3 and 4): WBP <= 1.15 x the gradient; a PPI step <= 3.5 x a plain step in
 detached mode and <= 4.5 x in differentiable mode. Each prints PASS or FAIL.
 
 Process CPU time is printed beside the wall-clock figures: on a shared machine, where other jobs take the

@@ -62,6 +62,7 @@ from ppi_med.saliency import METHODS
 
 __all__ = [
     "GRIDS",
+    "METHOD_FORM",
     "TEST_SETS",
     "ShortcutConfig",
     "ShortcutData",
@@ -79,8 +80,16 @@ __all__ = [
 TEST_SETS = ("aligned", "reversed", "free")
 VAL_SETS = ("val_reversed", "val_free")
 
+#: the method's own formulation: partner = the batch rolled by one, x* loses the whole salient region, no warm-up
+METHOD_FORM = "ppi:partner=roll,exclusive=False,warmup_epochs=0"
+
 GRIDS: dict[str, list[str]] = {
-    "default": ["baseline", "ppi"],
+    "default": ["baseline", "ppi", METHOD_FORM],
+    # one change at a time away from the default, and the attempts that did not help the method's form
+    "ablation": ["baseline", "ppi"]
+    + [f"ppi:{c}" for c in ("partner=roll", "exclusive=False", "mode=detached", "warmup_epochs=0", "dilate=1")]
+    + [METHOD_FORM.replace("partner=roll", "partner=same_class")]
+    + [f"{METHOD_FORM},{c}" for c in ("absolute=True", "dilate=1", "w_ad=3", "mode=detached")],
     "saliency": ["baseline"] + [f"ppi:saliency={m}" for m in METHODS],
     "mode": ["baseline"] + [f"ppi:mode={m}" for m in MODES],
     "mask": ["baseline"] + [f"ppi:mask={m}" for m in MASKS],
@@ -435,14 +444,14 @@ def plot_examples(models: dict[str, nn.Module], data: ShortcutData, path: Path, 
     fig, axes = plt.subplots(len(pick), 1 + len(models), figsize=(1.6 * (1 + len(models)), 1.6 * len(pick)))
     axes = np.atleast_2d(axes)
     for r, k in enumerate(pick):
-        axes[r, 0].imshow(x[k, 0], cmap="gray")
+        axes[r, 0].imshow(x[k, 0].numpy(), cmap="gray")
         for c, (method, model) in enumerate(models.items(), start=1):
             model.eval()
             s = compute("wbp", model, x[k : k + 1], 1)[0, 0]
             lim = float(s.abs().max()) or 1.0
-            axes[r, c].imshow(s, cmap="bwr", vmin=-lim, vmax=lim)
+            axes[r, c].imshow(s.numpy(), cmap="bwr", vmin=-lim, vmax=lim)
             if r == 0:
-                axes[r, c].set_title(method, fontsize=7)
+                axes[r, c].set_title(method.replace(",", ",\n"), fontsize=6)
         if r == 0:
             axes[r, 0].set_title("input", fontsize=7)
     for ax in axes.ravel():
@@ -523,9 +532,42 @@ def run_benchmark(
     return summary
 
 
+def write_report(summaries: dict[str, pd.DataFrame], cfgs: dict[str, ShortcutConfig], out: Path, command: str) -> Path:
+    """``report.md``: every cue kind's table and figure, the command and the commit that produced them."""
+    from ppi_med.tracking import git_commit
+
+    lines = [
+        "# Shortcut benchmark",
+        "",
+        f"Produced by `{command}` at commit `{git_commit(Path(__file__).parent)}` "
+        f"on {time.strftime('%Y-%m-%d')}. Digits >= 5 vs < 5 (scikit-learn's handwritten digits), "
+        "a small ReLU CNN trained with MONAI's SupervisedTrainer and the PPI iteration of the bundles. "
+        f"Methods: `ppi` is the project's default `PPIConfig()`; `{METHOD_FORM}` is the method's own form.",
+        "",
+    ]
+    for cue, summary in summaries.items():
+        lines += [f"## Cue: {cue}", "", summary_markdown(summary, cfgs[cue]), f"![{cue}]({cue}/shortcut_auc.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def publish(out: Path, cues: Sequence[str], target: Path) -> None:
+    """Copy the report and its figures into ``target`` (e.g. ``docs/shortcut``), replacing an older copy."""
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "report.md", target / "README.md")
+    for cue in cues:
+        (target / cue).mkdir(exist_ok=True)
+        for name in ("shortcut_auc.png", "examples.png", "summary.csv"):
+            if (out / cue / name).exists():
+                shutil.copy2(out / cue / name, target / cue / name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.shortcut", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cue", default="patch", choices=CUE_KINDS)
+    p.add_argument("--cue", default="patch", help=f"cue kind(s), comma-separated: {', '.join(CUE_KINDS)}")
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--train-p-pos", type=float, default=0.95)
     p.add_argument("--train-p-neg", type=float, default=0.05)
@@ -538,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--norm", default="none", choices=("none", "batch"))
-    p.add_argument("--out", help="output folder (default runs/shortcut/<cue>-<time>)")
+    p.add_argument("--out", help="output folder (default runs/shortcut/<time>)")
+    p.add_argument("--publish", help="also copy report.md (as README.md) and the figures into this folder")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
     p.add_argument("--experiment", default="shortcut")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads (small images gain nothing from more)")
@@ -550,26 +593,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.num_threads)
     try:
         base = parse_fields(args.ppi_base)
-        cfg = ShortcutConfig(
-            cue=args.cue,
-            strength=args.strength,
-            train_p_pos=args.train_p_pos,
-            train_p_neg=args.train_p_neg,
-            methods=args.methods or grid_methods(args.grid),
-            seeds=args.seeds,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            width=args.width,
-            norm=args.norm,
-            ppi_base=base,
-        )
-        out = args.out or f"runs/shortcut/{args.cue}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = run_benchmark(cfg, out, args.tracking_uri, args.experiment)
+        cfgs = {
+            cue: ShortcutConfig(
+                cue=cue,
+                strength=args.strength,
+                train_p_pos=args.train_p_pos,
+                train_p_neg=args.train_p_neg,
+                methods=args.methods or grid_methods(args.grid),
+                seeds=args.seeds,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+                width=args.width,
+                norm=args.norm,
+                ppi_base=base,
+            )
+            for cue in args.cue.split(",")
+        }
+        out = Path(args.out or f"runs/shortcut/{time.strftime('%Y%m%d-%H%M%S')}")
+        if (out / "report.md").exists():
+            raise ShortcutError(f"{out} already holds a benchmark report; choose another --out")
+        summaries = {
+            cue: run_benchmark(cfg, out / cue, args.tracking_uri, args.experiment) for cue, cfg in cfgs.items()
+        }
     except ShortcutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary_markdown(summary, cfg))
+    command = "python -m pipelines.shortcut " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = write_report(summaries, cfgs, out, command)
+    if args.publish:
+        publish(out, list(cfgs), Path(args.publish))
+    print(report.read_text())
     print(f"outputs in {out}")
     return 0
 

@@ -100,6 +100,8 @@ class SiteCVConfig:
         config_file: the bundle config (e.g. ``bundles/ga_ppi.json``).
         meta_file: the bundle's metadata (``metadata.json`` beside the config when ``None``).
         sites: training and test sites (every site of the datalist when ``None``).
+        train_sites: the sites trained on, the rows of the matrices (every one of ``sites`` when ``None``);
+            e.g. only the confounded site, scored on all the others.
         methods: ``baseline``, ``ppi_<saliency>`` or ``ppi_<saliency>_<mask>``.
         seeds: number of seeds.
         first_seed: the first seed (the bundle's ``seed`` when ``None``); seeds are consecutive.
@@ -117,6 +119,7 @@ class SiteCVConfig:
     config_file: str | Path
     meta_file: str | Path | None = None
     sites: Sequence[str] | None = None
+    train_sites: Sequence[str] | None = None
     methods: Sequence[str] = ("baseline", "ppi_wbp")
     seeds: int = 1
     first_seed: int | None = None
@@ -264,6 +267,10 @@ class _Study:
         else:
             self.sites = known
         self.all_sites = known
+        self.train_sites = [str(s) for s in cfg.train_sites] if cfg.train_sites else list(self.sites)
+        outside = [s for s in self.train_sites if s not in self.sites]
+        if outside:
+            raise SiteCVError(f"training site(s) {outside} are not among the sites {self.sites}")
         self.val_fraction = parser.get_parsed_content("val_fraction")
         first = int(parser.get_parsed_content("seed")) if cfg.first_seed is None else int(cfg.first_seed)
         self.seeds = [first + i for i in range(int(cfg.seeds))]
@@ -282,7 +289,7 @@ class _Study:
         self.cells = [
             Cell(m, site, seed, *cell_key(self.bundle_sha, self.datalist_sha, cfg.overrides, m, site, seed))
             for seed in self.seeds
-            for site in self.sites
+            for site in self.train_sites
             for m in self.methods
         ]
 
@@ -314,6 +321,7 @@ class _Study:
         params = {
             "config_file": str(self.config_file),
             "sites": ",".join(self.sites),
+            "train_sites": ",".join(self.train_sites),
             "methods": ",".join(self.methods),
             "seeds": ",".join(map(str, self.seeds)),
             "checkpoint": self.cfg.checkpoint,
@@ -434,7 +442,7 @@ def _run(study: _Study, cfg: SiteCVConfig, t_start: float) -> SiteCVResult:
         records, cells = _run_cells(study, cfg)
         preds = _collect_predictions(records, study.out_dir, cfg.checkpoint)
         preds = preds[preds["test_site"].isin(study.sites)].reset_index(drop=True)
-        tables = site_cv_tables(preds, study.methods, study.sites, study.sites)
+        tables = site_cv_tables(preds, study.methods, study.train_sites, study.sites)
         files = _write_report(study, cfg, tables, preds, cells, t_start)
         status = "FINISHED"
         return SiteCVResult(
@@ -540,7 +548,8 @@ def _write_report(
     n_trained = int((cells["status"] == "trained").sum())
     header = [
         f"- bundle: `{study.config_file}`; datalist: `{study.datalist}`",
-        f"- sites: {', '.join(study.sites)}; methods: {', '.join(study.methods)}; "
+        f"- sites: {', '.join(study.sites)} (trained on {', '.join(study.train_sites)}); "
+        f"methods: {', '.join(study.methods)}; "
         f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
         f"- bundle overrides: `{json.dumps(dict(cfg.overrides), default=str)}`",
         f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, store `{study.tracking_uri}`",
@@ -627,6 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sites", type=_comma_list, default=None, help="comma-separated sites (default: all sites of the datalist)"
     )
     p.add_argument(
+        "--train-sites",
+        type=_comma_list,
+        default=None,
+        help="comma-separated sites to train on, each scored on every site (default: all of --sites)",
+    )
+    p.add_argument(
         "--methods",
         type=_comma_list,
         default=["baseline", "ppi_wbp"],
@@ -676,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_file=args.config_file,
             meta_file=args.meta_file,
             sites=args.sites,
+            train_sites=args.train_sites,
             methods=args.methods,
             seeds=args.seeds,
             first_seed=args.first_seed,

@@ -5,7 +5,8 @@ training data: a scanner's watermark, a clinic's burnt-in marker, a different ga
 adds one of four kinds to a channel-first image (2D or 3D):
 
 - ``patch``: a bright square in a corner (a burnt-in marker);
-- ``line``: a bright line along the bottom border (a scanner's ruler or status bar);
+- ``line``: a bright band along the far edge of the last axis (the right edge of a 2D image; a scanner's
+  ruler or status bar);
 - ``intensity``: a global intensity offset (a different gain/offset of the acquisition);
 - ``texture``: a fine stripe pattern over the whole image (a detector's interference pattern).
 
@@ -34,7 +35,7 @@ class SpuriousCue(Transform):
     Args:
         kind: one of :data:`CUE_KINDS`.
         strength: the cue's amplitude as a fraction of the image's intensity range (max - min).
-        size: side of the ``patch`` in voxels, or thickness of the ``line``.
+        size: side of the ``patch`` in voxels, or width of the ``line``.
         period: period of the ``texture`` stripes in voxels.
 
     Raises:

@@ -19,7 +19,7 @@ def test_patch_sits_in_the_corner_with_the_requested_amplitude():
     assert diff.abs().max() == 0
 
 
-def test_line_is_the_bottom_rows_and_works_in_3d():
+def test_line_is_the_far_edge_of_the_last_axis_and_works_in_3d():
     img = torch.zeros(1, 4, 6, 8)
     img[0, 1, 2, 3] = 1.0
     out = SpuriousCue("line", strength=1.0, size=2)(img)

@@ -223,6 +223,10 @@ def test_contrast_loss_flip_is_cross_entropy_against_the_other_class() -> None:
 # the objective
 
 
+#: the method's own formulation (section 2.3.1): partner = batch rolled by one, x* loses the whole salient region
+METHOD_FORM = {"partner": "roll", "exclusive": False}
+
+
 def _net(classes: int = 2, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     model = nn.Sequential(
@@ -259,7 +263,7 @@ class _Recorder:
 def test_interventions_remove_exactly_the_masked_region() -> None:
     model = _net().eval()
     x, y = _data()
-    cfg = PPIConfig(mask="hard", k_std=2.0)
+    cfg = PPIConfig(mask="hard", k_std=2.0, **METHOD_FORM)
     rec = _Recorder(model)
     out = PPIObjective(cfg)(model, x, y)
     rec.handle.remove()
@@ -286,7 +290,7 @@ def test_interventions_remove_exactly_the_masked_region() -> None:
 def test_each_loss_term_has_its_independent_value(kind: str) -> None:
     model = _net().eval()
     x, y = _data()
-    cfg = PPIConfig(mask="soft", w_con=0.7, w_reg=0.3, w_ad=1.9, contrast_loss=kind)
+    cfg = PPIConfig(mask="soft", w_con=0.7, w_reg=0.3, w_ad=1.9, contrast_loss=kind, **METHOD_FORM)
     out = PPIObjective(cfg)(model, x, y.reshape(-1, 1))  # (N, 1) labels are flattened
     c = out.components
 
@@ -364,7 +368,7 @@ def _grads(model: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
 def test_detached_mode_uses_the_saliency_as_a_constant() -> None:
     x, y = _data()
     model = _net().eval()
-    cfg = PPIConfig(mode="detached", mask="soft", w_con=1.0, w_reg=0.5, w_ad=1.0)
+    cfg = PPIConfig(mode="detached", mask="soft", w_con=1.0, w_reg=0.5, w_ad=1.0, **METHOD_FORM)
     out = PPIObjective(cfg)(model, x, y)
     assert out.saliency.grad_fn is None and not out.saliency.requires_grad
 
@@ -391,7 +395,7 @@ def test_differentiable_mode_trains_through_the_saliency() -> None:
     x, y = _data()
     x = x.double()  # the sharp soft mask (omega = 100) amplifies float32 rounding in the comparison
     model = _net().double().train()
-    cfg = PPIConfig(mode="differentiable", mask="soft", w_con=1.0, w_reg=0.5, w_ad=1.0)
+    cfg = PPIConfig(mode="differentiable", mask="soft", w_con=1.0, w_reg=0.5, w_ad=1.0, **METHOD_FORM)
     out = PPIObjective(cfg)(model, x, y)
     got = _grads(model, out.loss)
 
@@ -418,7 +422,7 @@ def test_differentiable_mode_trains_through_the_saliency() -> None:
         torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-10)
 
     # and it is not the detached gradient
-    detached = PPIObjective(PPIConfig(mode="detached", mask="soft", w_con=1.0, w_reg=0.5, w_ad=1.0))
+    detached = PPIObjective(PPIConfig(mode="detached", mask="soft", w_con=1.0, w_reg=0.5, w_ad=1.0, **METHOD_FORM))
     other = _grads(model, detached(model, x, y).loss)
     assert any(not torch.allclose(g, h, rtol=1e-3, atol=1e-5) for g, h in zip(got, other))
 

@@ -1,6 +1,6 @@
 """Tests of ppi_med.saliency: WBP's rules and identities, the baselines, and what they leave untouched.
 
-WBP is checked against its own definition (DESIGN.md section 3): an explicit layer-by-layer recursion of
+WBP is checked against its own definition (docs/DESIGN.md section 3): an explicit layer-by-layer recursion of
 Table 2.1 written here without autograd hooks, input x gradient where the two must agree, completeness
 where the network is positively homogeneous, and finite differences for the trainable (create_graph)
 version. Grad-CAM is checked against MONAI's post-hoc implementation, LRP against hand-computed relevance.

@@ -1,4 +1,4 @@
-"""Causal masks made from a saliency map (DESIGN.md section 4, appendix 2.6.2 of the method).
+"""Causal masks made from a saliency map (docs/DESIGN.md section 4, appendix 2.6.2 of the method).
 
 Every function takes a batch of maps shaped like the input, ``(N, C, *spatial)`` with 1 to 3 spatial
 axes, and returns a mask of the same shape in ``[0, 1]``: 1 where the salient content is removed.

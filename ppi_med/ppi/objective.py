@@ -89,14 +89,14 @@ class PPIConfig:
     box_std: float = 1.2
     topk: int = 1000
     absolute: bool = False
-    exclusive: bool = False
+    exclusive: bool = True
     dilate: int = 0
     w_con: float = 1.0
     w_reg: float = 0.1
     w_ad: float = 1.0
     contrast_loss: str = "flip"
-    partner: str = "roll"
-    warmup_epochs: int = 0
+    partner: str = "same_class"
+    warmup_epochs: int = 1
     con_boost: float = 1.0
     con_boost_epoch: int | None = None
     saliency_kwargs: dict[str, Any] = field(default_factory=dict)

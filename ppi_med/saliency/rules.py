@@ -1,6 +1,6 @@
 """WBP update rules, one small object per kind of layer, and the registry that maps layer types to them.
 
-WBP (DESIGN.md section 3) collapses every layer after ``l`` into ``W~l`` and recurses backward from
+WBP (docs/DESIGN.md section 3) collapses every layer after ``l`` into ``W~l`` and recurses backward from
 ``W~L = 1``. Autograd already applies the linear rules exactly (the backward of a convolution *is* the
 transposed convolution with its kernel, pooling relocates or distributes, adds and reshapes pass through),
 so a rule only has to say how a layer's Jacobian must be *replaced*:

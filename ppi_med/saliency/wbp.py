@@ -1,4 +1,4 @@
-"""Weight Back Propagation (WBP) saliency: ``s_m(v)_k = [W~0]_{mk} v_k`` (DESIGN.md section 3).
+"""Weight Back Propagation (WBP) saliency: ``s_m(v)_k = [W~0]_{mk} v_k`` (docs/DESIGN.md section 3).
 
 WBP runs on an ordinary forward pass. Layers whose Jacobian differs from their WBP rule (secant-slope
 activations, normalisation with data statistics) get a forward hook that wraps their output in a node with
