@@ -28,7 +28,8 @@ GA eyes; an odd count gives one extra non-GA eye) in a seeded random order. At `
 text-like watermark is burned into the top-left corner of every B-scan with probability
 ``cue_rate_pos`` for GA eyes and ``cue_rate_neg`` for the others: a spurious shortcut, as at site D of
 the paper's table 2.3. At the other sites it appears with probability ``cue_rate_other`` whatever the
-label (0 by default: absent). Each eye's cue is recorded in the datalist.
+label (0 by default: absent), except at an optional ``reversed_cue_site`` where the correlation is
+reversed. Each eye's cue is recorded in the datalist.
 
 What the image shows (layers, speckle, GA with choroidal hypertransmission, drusen / vessel shadow /
 bright choroid look-alikes, per-site gain, gamma, noise, blur and axial shift) is described in
@@ -158,6 +159,7 @@ def _config(
     cue_rate_other: float,
     seed: int,
     phantom: PhantomParams,
+    reversed_cue_site: str | None = None,
 ) -> dict:
     """Validate the parameters and return the JSON-ready ``generator`` record."""
     sites = [str(s) for s in sites]
@@ -172,6 +174,10 @@ def _config(
         raise ValueError(f"subjects_per_site must be an integer >= 2, got {subjects_per_site!r}")
     if cue_site is not None and cue_site not in sites:
         raise ValueError(f"cue_site {cue_site!r} is not one of the sites {sites}; use cue_site=None for no cue")
+    if reversed_cue_site is not None and (reversed_cue_site not in sites or reversed_cue_site == cue_site):
+        raise ValueError(
+            f"reversed_cue_site {reversed_cue_site!r} must be one of the sites {sites} other than cue_site {cue_site!r}"
+        )
     for name, rate in (
         ("cue_rate_pos", cue_rate_pos),
         ("cue_rate_neg", cue_rate_neg),
@@ -198,6 +204,8 @@ def _config(
         "phantom": phantom.to_dict(),
         "site_profiles": {s: asdict(site_profile(s)) for s in sites},
     }
+    if reversed_cue_site is not None:  # only when used, so data sets made before the option still match
+        config["reversed_cue_site"] = reversed_cue_site
     # Round-trip so the record compares equal to what a datalist on disk holds (tuples -> lists).
     return json.loads(json.dumps(config))
 
@@ -217,6 +225,8 @@ def _plan(config: dict) -> list[dict]:
             label = int(labels[i])
             if site == config["cue_site"]:
                 rate = config["cue_rate_pos"] if label == 1 else config["cue_rate_neg"]
+            elif site == config.get("reversed_cue_site"):
+                rate = config["cue_rate_neg"] if label == 1 else config["cue_rate_pos"]
             else:
                 rate = config["cue_rate_other"]
             subject, image, mask = _entry(site, i, digits)
@@ -259,6 +269,7 @@ def generate(
     cue_rate_pos: float = 0.9,
     cue_rate_neg: float = 0.1,
     cue_rate_other: float = 0.0,
+    reversed_cue_site: str | None = None,
     seed: int = 0,
     workers: int = 1,
     overwrite: bool = False,
@@ -278,6 +289,9 @@ def generate(
         cue_rate_pos: Probability of the watermark on a GA eye at ``cue_site``.
         cue_rate_neg: Probability of the watermark on a non-GA eye at ``cue_site``.
         cue_rate_other: Probability of the watermark on any eye at the other sites (uninformative).
+        reversed_cue_site: A site where the correlation is reversed (the watermark on a GA eye with
+            ``cue_rate_neg``, on a non-GA eye with ``cue_rate_pos``): a test of whether a model took the
+            shortcut; None (default) for no such site.
         seed: Data-set seed; the same seed and parameters give byte-identical files.
         workers: Processes used for rendering (the output does not depend on it).
         overwrite: Replace an existing data set's datalist and files of the same names. Other files in
@@ -307,6 +321,7 @@ def generate(
         cue_rate_pos=cue_rate_pos,
         cue_rate_neg=cue_rate_neg,
         cue_rate_other=cue_rate_other,
+        reversed_cue_site=reversed_cue_site,
         seed=seed,
         phantom=phantom,
     )
@@ -467,6 +482,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cue-rate-pos", type=float, default=0.9, help="watermark probability, GA eyes at the cue site")
     p.add_argument("--cue-rate-neg", type=float, default=0.1, help="watermark probability, other eyes at the cue site")
     p.add_argument("--cue-rate-other", type=float, default=0.0, help="watermark probability at the other sites")
+    p.add_argument(
+        "--reversed-cue-site", default=None, help="a site where the watermark's correlation with GA is reversed"
+    )
     p.add_argument("--lesion-contrast", type=float, default=defaults.lesion_contrast, help="RPE loss at full severity")
     p.add_argument("--hypertransmission", type=float, default=defaults.hypertransmission)
     p.add_argument("--lesion-severity", type=_pair, default=defaults.lesion_severity, metavar="MIN,MAX")
@@ -508,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cue_rate_pos": args.cue_rate_pos,
         "cue_rate_neg": args.cue_rate_neg,
         "cue_rate_other": args.cue_rate_other,
+        "reversed_cue_site": args.reversed_cue_site,
         "workers": args.workers,
         **{k: getattr(args, k) for k in _PHANTOM_KNOBS},
     }

@@ -207,6 +207,31 @@ def test_cue_is_exploitable_at_its_site_only(tmp_path: Path, other_site: str, cu
         assert roc_auc_score(c, x[:, 0]) > 0.95
 
 
+def test_reversed_cue_site_flips_the_correlation_and_leaves_the_default_record_alone(tmp_path: Path) -> None:
+    path = generate(
+        tmp_path / "rev",
+        sites=("C", "D"),
+        subjects_per_site=60,
+        **SMALL,
+        cue_site="D",
+        reversed_cue_site="C",
+        progress=False,
+    )
+    doc = json.loads(path.read_text())
+    entries = doc["training"]
+    y = np.array([e["label"] for e in entries])
+    c = np.array([e["cue"] for e in entries])
+    site = np.array([e["site"] for e in entries])
+    at_d, at_c = site == "D", site == "C"
+    assert c[at_d & (y == 1)].mean() > 0.7 and c[at_d & (y == 0)].mean() < 0.3
+    assert c[at_c & (y == 1)].mean() < 0.3 and c[at_c & (y == 0)].mean() > 0.7
+    assert doc["generator"]["reversed_cue_site"] == "C"
+    plain = json.loads(
+        generate(tmp_path / "plain", sites=("C", "D"), subjects_per_site=4, **SMALL, progress=False).read_text()
+    )
+    assert "reversed_cue_site" not in plain["generator"]
+
+
 def test_ensure_default_generates_once_then_reuses(tmp_path: Path) -> None:
     kwargs = {"sites": ("A", "D"), "subjects_per_site": 2, "progress": False, **SMALL}
     path = ensure_default(tmp_path, **kwargs)
@@ -277,6 +302,8 @@ def test_interrupted_run_is_resumed_without_overwrite(tmp_path: Path) -> None:
         ({"sites": ("A/B",)}, "site names"),
         ({"lesion_contrast": 2.0}, "lesion_contrast"),
         ({"height": 8}, "at least"),
+        ({"reversed_cue_site": "D"}, "reversed_cue_site 'D' must be one of the sites"),
+        ({"reversed_cue_site": "Q"}, "reversed_cue_site 'Q'"),
     ],
 )
 def test_invalid_parameters_are_rejected(tmp_path: Path, kwargs: dict, message: str) -> None:
