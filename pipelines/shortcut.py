@@ -335,7 +335,23 @@ def train_and_score(
     for name, (xt, yt) in data.tests.items():
         p = _scores(model, xt)
         scores[name] = {"auc": float(roc_auc_score(yt.numpy(), p)), "acc": float(((p > 0.5) == yt.numpy()).mean())}
+    scores["aligned"]["cue_share"] = cue_saliency_share(model, cfg, data)
     return model, scores, seconds
+
+
+def cue_saliency_share(model: nn.Module, cfg: ShortcutConfig, data: ShortcutData) -> float:
+    """Share of the positive class's |WBP| that falls on the cue, over the cue-carrying positive test digits
+    of the aligned set (NaN for the global cue kinds, which cover the whole image)."""
+    from ppi_med.saliency import wbp
+
+    x, y = data.tests["aligned"]
+    region = SpuriousCue(cfg.cue, cfg.strength).region(x.shape[1:])
+    pick = torch.as_tensor(data.cue_masks["aligned"]) & (y == 1)
+    if region is None or not bool(pick.any()):
+        return float("nan")
+    model.eval()
+    s = wbp(model, x[pick], 1).abs()
+    return float((s[:, region].sum(dim=1) / s.flatten(1).sum(dim=1).clamp_min(1e-12)).mean())
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -357,6 +373,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     for method in dict.fromkeys(results["method"]):
         sub = wide.loc[method]
         row: dict[str, Any] = {"method": method, "seeds": len(sub)}
+        row["cue_share_mean"] = results.loc[results["method"] == method, "cue_share"].mean()
         for test in TEST_SETS:
             auc = sub[("auc", test)]
             row[f"{test}_auc_mean"] = auc.mean()
@@ -386,11 +403,12 @@ def summary_markdown(summary: pd.DataFrame, cfg: ShortcutConfig) -> str:
     lines = [
         f"Cue `{cfg.cue}` (strength {cfg.strength}) in {cfg.train_p_pos:.0%} of positive and "
         f"{cfg.train_p_neg:.0%} of negative training digits; {cfg.seeds} seeds, {cfg.epochs} epochs. "
-        "AUC mean +- sd over seeds; p: paired t-test against the baseline across seeds.",
+        "AUC mean +- sd over seeds; p: paired t-test against the baseline across seeds; WBP share on cue: the "
+        "share of the positive class's |WBP| that falls on the cue in cue-carrying positive test digits.",
         "",
         "| method | aligned AUC | reversed AUC | cue-free AUC | reversed acc | cue-free acc "
-        "| reversed delta | p (reversed) | cue-free delta | p (cue-free) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| reversed delta | p (reversed) | cue-free delta | p (cue-free) | WBP share on cue |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for _, r in summary.iterrows():
         cells = [f"`{r['method']}`"]
@@ -399,6 +417,7 @@ def summary_markdown(summary: pd.DataFrame, cfg: ShortcutConfig) -> str:
         cells += [f"{r['reversed_acc_mean']:.3f}", f"{r['free_acc_mean']:.3f}"]
         cells += [f"{r['reversed_auc_delta']:+.3f}", _fmt_p(r["reversed_auc_p"])]
         cells += [f"{r['free_auc_delta']:+.3f}", _fmt_p(r["free_auc_p"])]
+        cells.append("-" if math.isnan(r["cue_share_mean"]) else f"{r['cue_share_mean']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -506,14 +525,19 @@ def run_benchmark(
             model, scores, seconds = train_and_score(cfg, spec, seed, data)
             if seed == 0:
                 example_models[spec], example_data = model, data
+            share = scores["aligned"].pop("cue_share")
             with mlflow.start_run(run_name=f"{spec}-s{seed}", nested=True):
                 ppi = method_config(spec, cfg.ppi_base).to_dict()
                 mlflow.log_params(flatten_params({"method": spec, "seed": seed, "ppi": ppi}))
                 mlflow.set_tags({"method": spec, "seed": str(seed), "cue": cfg.cue})
                 metrics = {f"{test}_{k}": v for test, d in scores.items() for k, v in d.items()}
+                if math.isfinite(share):
+                    metrics["cue_saliency_share"] = share
                 mlflow.log_metrics({**metrics, "train_seconds": seconds})
             for test, d in scores.items():
-                rows.append({"method": spec, "seed": seed, "test": test, **d, "train_seconds": seconds})
+                rows.append(
+                    {"method": spec, "seed": seed, "test": test, **d, "cue_share": share, "train_seconds": seconds}
+                )
         results = pd.DataFrame(rows)
         summary = summarise(results)
         results.to_csv(out / "results.csv", index=False)

@@ -54,6 +54,18 @@ class SpuriousCue(Transform):
             raise ValueError(f"cue strength must be > 0, size >= 1 and period >= 2; got {strength}, {size}, {period}")
         self.kind, self.strength, self.size, self.period = kind, float(strength), int(size), int(period)
 
+    def region(self, shape: Sequence[int]) -> torch.Tensor | None:
+        """Where the cue goes in an image of ``shape`` ``(C, *spatial)``: a boolean mask, or ``None`` for the
+        global kinds (``intensity``, ``texture``), which cover the whole image."""
+        if self.kind in ("intensity", "texture"):
+            return None
+        mask = torch.zeros(tuple(shape), dtype=torch.bool)
+        if self.kind == "patch":
+            mask[(slice(None), *(slice(0, self.size),) * (len(shape) - 1))] = True
+        else:
+            mask[..., -self.size :] = True
+        return mask
+
     def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         x = torch.as_tensor(img)
         if x.ndim < 3:

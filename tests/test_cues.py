@@ -72,3 +72,14 @@ def test_every_kind_changes_the_image():
     img = torch.rand(1, 8, 8)
     for kind in CUE_KINDS:
         assert not torch.equal(SpuriousCue(kind)(img), img), kind
+
+
+def test_region_marks_where_the_cue_goes():
+    img = torch.zeros(1, 6, 6)
+    for kind in ("patch", "line"):
+        cue = SpuriousCue(kind, size=2)
+        region = cue.region(img.shape)
+        changed = cue(img) != img
+        assert torch.equal(region, changed), kind
+    assert SpuriousCue("texture").region(img.shape) is None
+    assert SpuriousCue("intensity").region(img.shape) is None

@@ -69,7 +69,10 @@ def test_summary_pairs_seeds_and_tests_against_the_baseline():
         for method, auc in (("baseline", b), ("ppi", p)):
             for test in ("aligned", "reversed", "free"):
                 value = auc if test == "reversed" else 0.9
-                rows.append({"method": method, "seed": seed, "test": test, "auc": value, "acc": 0.5})
+                share = 0.4 if method == "baseline" else 0.1 * (seed + 1)
+                rows.append(
+                    {"method": method, "seed": seed, "test": test, "auc": value, "acc": 0.5, "cue_share": share}
+                )
     summary = summarise(pd.DataFrame(rows)).set_index("method")
     assert summary.loc["ppi", "reversed_auc_delta"] == pytest.approx(0.40)
     assert summary.loc["ppi", "reversed_auc_sd"] == pytest.approx(np.std([0.5, 0.55, 0.6], ddof=1))
@@ -78,6 +81,7 @@ def test_summary_pairs_seeds_and_tests_against_the_baseline():
     expected = ttest_rel([0.5, 0.55, 0.6], [0.1, 0.2, 0.15]).pvalue
     assert summary.loc["ppi", "reversed_auc_p"] == pytest.approx(expected)
     assert np.isnan(summary.loc["baseline", "reversed_auc_p"])
+    assert summary.loc["ppi", "cue_share_mean"] == pytest.approx(0.2)
     assert summary.loc["ppi", "free_auc_p"] == 1.0  # identical cue-free AUCs: no difference at all
 
 
@@ -107,6 +111,7 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     child = next(r for r in children if r.data.tags["method"] == "ppi:mode=detached")
     assert child.data.params["ppi.mode"] == "detached" and 0.0 <= child.data.metrics["reversed_auc"] <= 1.0
+    assert 0.0 < child.data.metrics["cue_saliency_share"] < 1.0
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"summary.md", "shortcut_auc.png"} <= artifacts
 
@@ -121,12 +126,14 @@ def test_ppi_default_moves_the_model_off_the_shortcut():
     baseline's for every seed, and the cue-free AUC does not suffer. The method's own form (batch rolled by
     one, the whole salient region removed in x*) gains nothing here, so this fails for it."""
     cfg = ShortcutConfig(cue="patch", seeds=2, epochs=12)
-    gains, free_diffs = [], []
+    gains, free_diffs, shares = [], [], []
     for seed in range(cfg.seeds):
         data = make_data(cfg, seed)
         _, base, _ = train_and_score(cfg, "baseline", seed, data)
         _, ppi, _ = train_and_score(cfg, "ppi", seed, data)
         gains.append(ppi["reversed"]["auc"] - base["reversed"]["auc"])
+        shares.append((base["aligned"]["cue_share"], ppi["aligned"]["cue_share"]))
         free_diffs.append(ppi["free"]["auc"] - base["free"]["auc"])
     assert min(gains) > 0.15, gains
     assert np.mean(free_diffs) > -0.03, free_diffs
+    assert all(p < 0.6 * b for b, p in shares), shares  # the saliency leaves the marker
