@@ -538,3 +538,21 @@ def test_absolute_masks_remove_strong_evidence_against_the_label() -> None:
     mask = hard_point_mask(normalize(s.abs()), 1.0).bool()
     assert bool((mask & (s < 0)).any())  # negative evidence is masked too
     assert torch.equal(rec.inputs[1][: x.shape[0]], x * ~mask)
+
+
+def test_contrast_classes_limit_the_negative_contrast_to_those_labels() -> None:
+    model = _net().eval()
+    x, y = _data()
+    rec = _Recorder(model)
+    cfg = PPIConfig(mask="hard", k_std=2.0, contrast_classes=[1], **METHOD_FORM)
+    out = PPIObjective(cfg)(model, x, y)
+    rec.handle.remove()
+    mask = hard_point_mask(normalize(out.saliency), 2.0).bool()
+    pos = y == 1
+    x_neg = rec.inputs[1][: int(pos.sum())]
+    assert torch.equal(x_neg, (x * ~mask)[pos])
+    with torch.no_grad():
+        expected = contrast_loss(model(x_neg), y[pos])
+    assert out.components["loss_con"] == pytest.approx(expected.item(), rel=1e-5)
+    none = PPIObjective(PPIConfig(contrast_classes=[5]))(model, x, y)
+    assert none.components["loss_con"] == 0.0 and torch.isfinite(none.loss)

@@ -67,6 +67,9 @@ class PPIConfig:
         topk: points kept by the ``topk`` mask.
         absolute: mask on the saliency's magnitude, so strong evidence against the label is removed too
             (``False``: only evidence for the label, as the method's signed maps do).
+        contrast_classes: the labels whose samples get the negative contrast (``None``: every label). For a
+            presence/absence task (lesion vs none) only the positive class has evidence whose removal should
+            flip the label; "no lesion" minus its salient region is not a lesion.
         exclusive: the negative contrast ``x*`` removes only what is salient in ``x`` and not in its partner.
         dilate: grow the mask by this many voxels along each spatial axis (0: the mask as made).
         w_con, w_reg, w_ad: weights of the contrast, regulariser and adversarial terms.
@@ -90,6 +93,7 @@ class PPIConfig:
     topk: int = 1000
     absolute: bool = False
     exclusive: bool = True
+    contrast_classes: list[int] | None = None
     dilate: int = 0
     w_con: float = 1.0
     w_reg: float = 0.1
@@ -151,6 +155,10 @@ def contrast_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "flip") -> 
         return log_p.gather(1, y[:, None]).mean()
     others = log_p.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
     return -torch.logsumexp(others, dim=1).mean()
+
+
+def _member(y: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    return (y[:, None] == torch.as_tensor(classes, device=y.device)[None]).any(dim=1)
 
 
 def adversarial_partners(y: torch.Tensor, kind: str = "roll") -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,12 +243,13 @@ class PPIObjective:
         if cfg.exclusive and i.numel():
             # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
             neg_mask = mask.index_put((i,), mask[i] * (1 - mask[j]))
-        x_neg = x - neg_mask * x
+        con = torch.ones_like(y, dtype=torch.bool) if cfg.contrast_classes is None else _member(y, cfg.contrast_classes)
+        x_neg = (x - neg_mask * x)[con]
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
         with frozen_buffers(model):
             out = model(torch.cat([x_neg, x[i] - mask[j] * x[i]]))
-        out_neg, out_adv = out[:n], out[n:]
-        loss_con = contrast_loss(out_neg, y, cfg.contrast_loss)
+        out_neg, out_adv = out[: x_neg.shape[0]], out[x_neg.shape[0] :]
+        loss_con = contrast_loss(out_neg, y[con], cfg.contrast_loss) if con.any() else loss_cls.new_zeros(())
         loss_ad = F.cross_entropy(out_adv, y[i]) if i.numel() else loss_cls.new_zeros(())
         loss_reg = s_n.abs().reshape(n, -1).mean(dim=1).mean()
         total = loss_cls + w["con"] * loss_con + w["reg"] * loss_reg + w["ad"] * loss_ad
