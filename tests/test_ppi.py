@@ -482,16 +482,23 @@ def test_same_class_partners_never_pair_across_classes_or_with_themselves() -> N
     assert empty_i.numel() == 0
 
 
-def test_same_class_adversarial_uses_a_partner_of_the_same_label() -> None:
+def _recorded(cfg: PPIConfig, k: float = 2.0, magnitude: bool = False):
+    """Run the objective once with a hard mask; return the model, data, output, the mask the returned
+    saliency implies, and the batch of contrasts the model was fed."""
     model = _net().eval()
     x, y = _data()
-    cfg = PPIConfig(mask="hard", k_std=2.0, partner="same_class", exclusive=False)
     rec = _Recorder(model)
     out = PPIObjective(cfg)(model, x, y)
     rec.handle.remove()
-    mask = hard_point_mask(normalize(out.saliency), 2.0).bool()
+    s = out.saliency.abs() if magnitude else out.saliency
+    return model, x, y, out, hard_point_mask(normalize(s), k).bool(), rec.inputs[1]
+
+
+def test_same_class_adversarial_uses_a_partner_of_the_same_label() -> None:
+    cfg = PPIConfig(mask="hard", k_std=2.0, partner="same_class", exclusive=False)
+    model, x, y, out, mask, fed = _recorded(cfg)
     i, j = adversarial_partners(y, "same_class")
-    x_adv = rec.inputs[1][x.shape[0] :]
+    x_adv = fed[x.shape[0] :]
     assert x_adv.shape[0] == i.numel()
     assert torch.equal(x_adv, x[i] * ~mask[j])
     with torch.no_grad():
@@ -500,18 +507,12 @@ def test_same_class_adversarial_uses_a_partner_of_the_same_label() -> None:
 
 
 def test_exclusive_negative_contrast_keeps_what_the_partner_finds_salient_too() -> None:
-    model = _net().eval()
-    x, y = _data()
     cfg = PPIConfig(mask="hard", k_std=2.0, partner="same_class", exclusive=True)
-    rec = _Recorder(model)
-    out = PPIObjective(cfg)(model, x, y)
-    rec.handle.remove()
-    mask = hard_point_mask(normalize(out.saliency), 2.0).bool()
+    _, x, y, _, mask, fed = _recorded(cfg)
     i, j = adversarial_partners(y, "same_class")
     own = mask.clone()
     own[i] = mask[i] & ~mask[j]
-    x_neg = rec.inputs[1][: x.shape[0]]
-    assert torch.equal(x_neg, x * ~own)
+    assert torch.equal(fed[: x.shape[0]], x * ~own)
     # the two squares of class 1 overlap, so something salient is kept in x*
     assert bool((mask[i] & mask[j]).any())
 
@@ -529,27 +530,17 @@ def test_dilate_grows_a_point_into_a_cube_and_keeps_gradients() -> None:
 
 
 def test_absolute_masks_remove_strong_evidence_against_the_label() -> None:
-    model = _net().eval()
-    x, y = _data()
-    rec = _Recorder(model)
-    out = PPIObjective(PPIConfig(mask="hard", k_std=1.0, absolute=True, partner="roll", exclusive=False))(model, x, y)
-    rec.handle.remove()
-    s = out.saliency
-    mask = hard_point_mask(normalize(s.abs()), 1.0).bool()
-    assert bool((mask & (s < 0)).any())  # negative evidence is masked too
-    assert torch.equal(rec.inputs[1][: x.shape[0]], x * ~mask)
+    cfg = PPIConfig(mask="hard", k_std=1.0, absolute=True, **METHOD_FORM)
+    _, x, _, out, mask, fed = _recorded(cfg, k=1.0, magnitude=True)
+    assert bool((mask & (out.saliency < 0)).any())  # negative evidence is masked too
+    assert torch.equal(fed[: x.shape[0]], x * ~mask)
 
 
 def test_contrast_classes_limit_the_negative_contrast_to_those_labels() -> None:
-    model = _net().eval()
-    x, y = _data()
-    rec = _Recorder(model)
     cfg = PPIConfig(mask="hard", k_std=2.0, contrast_classes=[1], **METHOD_FORM)
-    out = PPIObjective(cfg)(model, x, y)
-    rec.handle.remove()
-    mask = hard_point_mask(normalize(out.saliency), 2.0).bool()
+    model, x, y, out, mask, fed = _recorded(cfg)
     pos = y == 1
-    x_neg = rec.inputs[1][: int(pos.sum())]
+    x_neg = fed[: int(pos.sum())]
     assert torch.equal(x_neg, (x * ~mask)[pos])
     with torch.no_grad():
         expected = contrast_loss(model(x_neg), y[pos])
