@@ -499,7 +499,7 @@ def run_benchmark(
     Raises:
         ShortcutError: ``out_dir`` already holds results (nothing is overwritten).
     """
-    import mlflow
+    from mlflow import MlflowClient
 
     from ppi_med.tracking import default_tracking_uri, flatten_params, git_commit
 
@@ -507,15 +507,22 @@ def run_benchmark(
     if (out / "results.csv").exists():
         raise ShortcutError(f"{out} already holds a benchmark's results; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-    mlflow.set_experiment(experiment)
-    rows: list[dict[str, Any]] = []
-    example_models: dict[str, nn.Module] = {}
-    example_data: ShortcutData | None = None
+    # an explicit client: mlflow's fluent API would change the process-wide tracking URI for whatever runs next
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
     settings = {k: v for k, v in asdict(cfg).items() if k != "methods"}
-    with mlflow.start_run(run_name=f"shortcut-{cfg.cue}-{time.strftime('%Y%m%d-%H%M%S')}") as parent:
-        mlflow.log_params(flatten_params(settings))
-        mlflow.set_tags({"git_commit": git_commit(Path(__file__).parent), "cue": cfg.cue})
+    parent = client.create_run(
+        exp_id,
+        run_name=f"shortcut-{cfg.cue}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"git_commit": git_commit(Path(__file__).parent), "cue": cfg.cue},
+    ).info.run_id
+    status = "FAILED"
+    try:
+        _log(client, parent, params=flatten_params(settings))
+        rows: list[dict[str, Any]] = []
+        example_models: dict[str, nn.Module] = {}
+        example_data: ShortcutData | None = None
         jobs = [(seed, spec) for seed in range(cfg.seeds) for spec in cfg.methods]
         data_by_seed: dict[int, ShortcutData] = {}
         for seed, spec in tqdm(jobs, desc=f"shortcut[{cfg.cue}]", unit="model"):
@@ -526,14 +533,15 @@ def run_benchmark(
             if seed == 0:
                 example_models[spec], example_data = model, data
             share = scores["aligned"].pop("cue_share")
-            with mlflow.start_run(run_name=f"{spec}-s{seed}", nested=True):
-                ppi = method_config(spec, cfg.ppi_base).to_dict()
-                mlflow.log_params(flatten_params({"method": spec, "seed": seed, "ppi": ppi}))
-                mlflow.set_tags({"method": spec, "seed": str(seed), "cue": cfg.cue})
-                metrics = {f"{test}_{k}": v for test, d in scores.items() for k, v in d.items()}
-                if math.isfinite(share):
-                    metrics["cue_saliency_share"] = share
-                mlflow.log_metrics({**metrics, "train_seconds": seconds})
+            metrics = {f"{test}_{k}": v for test, d in scores.items() for k, v in d.items()}
+            if math.isfinite(share):
+                metrics["cue_saliency_share"] = share
+            tags = {"mlflow.parentRunId": parent, "method": spec, "seed": str(seed), "cue": cfg.cue}
+            child = client.create_run(exp_id, run_name=f"{spec}-s{seed}", tags=tags).info.run_id
+            ppi = method_config(spec, cfg.ppi_base).to_dict()
+            _log(client, child, flatten_params({"method": spec, "seed": seed, "ppi": ppi}), metrics)
+            _log(client, child, metrics={"train_seconds": seconds})
+            client.set_terminated(child)
             for test, d in scores.items():
                 rows.append(
                     {"method": spec, "seed": seed, "test": test, **d, "cue_share": share, "train_seconds": seconds}
@@ -547,13 +555,30 @@ def run_benchmark(
         plot_results(results, cfg, out / "shortcut_auc.png")
         if example_data is not None:
             plot_examples(example_models, example_data, out / "examples.png")
-        ppi_rows = summary[summary["method"] != "baseline"]
-        for _, r in ppi_rows.iterrows():
-            key = r["method"].replace(":", "_").replace("=", "-").replace(",", "_")
-            mlflow.log_metric(f"reversed_auc_delta.{key}", r["reversed_auc_delta"])
-        mlflow.log_artifacts(str(out))
-        print(f"MLflow parent run {parent.info.run_id} in experiment '{experiment}'")
+        deltas = {
+            "reversed_auc_delta." + r["method"].replace(":", "_").replace("=", "-").replace(",", "_"): r[
+                "reversed_auc_delta"
+            ]
+            for _, r in summary[summary["method"] != "baseline"].iterrows()
+        }
+        _log(client, parent, metrics=deltas)
+        client.log_artifacts(parent, str(out))
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent, status=status)
+    print(f"MLflow parent run {parent} in experiment '{experiment}'")
     return summary
+
+
+def _log(client: Any, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None):
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+    )
 
 
 def write_report(summaries: dict[str, pd.DataFrame], cfgs: dict[str, ShortcutConfig], out: Path, command: str) -> Path:
