@@ -343,6 +343,18 @@ def test_config_rejects_bad_values() -> None:
         PPIConfig(contrast_loss="hinge")
     with pytest.raises(ValueError, match="w_reg must be >= 0"):
         PPIConfig(w_reg=-1.0)
+    with pytest.raises(ValueError, match="omega .* must be > 0, got 0"):
+        PPIConfig(omega=0.0)
+    for sigma in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="sigma must lie in"):
+            PPIConfig(sigma=sigma)
+    with pytest.raises(ValueError, match="enabled must be true or false, got 2"):
+        PPIConfig(enabled=2)
+    with pytest.raises(ValueError, match="partner"):
+        PPIConfig(partner="anyone")
+    with pytest.raises(ValueError, match="contrast_classes"):
+        PPIConfig(contrast_classes=["GA"])
+    assert PPIConfig(enabled=0).enabled is False and PPIConfig(enabled="yes").enabled is True
 
 
 def test_disabled_objective_is_exactly_cross_entropy() -> None:
@@ -456,11 +468,18 @@ def test_other_saliency_methods_drive_the_objective(saliency: str) -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_single_sample_batch_has_no_adversarial_term() -> None:
+def test_single_sample_batch_has_no_adversarial_term_and_says_so_once() -> None:
     x, y = _data(n=1)
-    out = PPIObjective(PPIConfig())(_net().eval(), x, y)
+    objective = PPIObjective(PPIConfig())
+    with pytest.warns(UserWarning, match="no adversarial partner"):
+        out = objective(_net().eval(), x, y)
     assert out.components["loss_ad"] == 0.0
     assert torch.isfinite(out.loss)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        objective(_net().eval(), x, y)  # not again
 
 
 # ---------------------------------------------------------------------------------------------------------

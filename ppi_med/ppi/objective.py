@@ -22,6 +22,7 @@ making every intervened input confidently wrong, swamping the other terms. It is
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,7 +49,9 @@ def _as_bool(value: Any, name: str) -> bool:
         if low in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"PPI {name} must be true or false, got '{value}'")
-    return bool(value)
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"PPI {name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -117,9 +120,17 @@ class PPIConfig:
             raise ValueError(f"PPI partner must be one of {PARTNERS}, got '{self.partner}'")
         if self.contrast_loss not in CONTRAST_LOSSES:
             raise ValueError(f"PPI contrast_loss must be one of {CONTRAST_LOSSES}, got '{self.contrast_loss}'")
-        for name in ("w_con", "w_reg", "w_ad", "omega"):
+        for name in ("w_con", "w_reg", "w_ad"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPI {name} must be >= 0, got {getattr(self, name)}")
+        if self.omega <= 0:
+            raise ValueError(f"PPI omega (the soft mask's sharpness) must be > 0, got {self.omega}")
+        if not 0.0 <= self.sigma <= 1.0:
+            raise ValueError(f"PPI sigma must lie in [0, 1] (the saliency is normalised to [-1, 1]), got {self.sigma}")
+        if self.dilate < 0 or self.warmup_epochs < 0:
+            raise ValueError(f"PPI dilate and warmup_epochs must be >= 0, got {self.dilate}, {self.warmup_epochs}")
+        if self.contrast_classes is not None and not all(isinstance(c, int) for c in self.contrast_classes):
+            raise ValueError(f"PPI contrast_classes must be a list of class indices, got {self.contrast_classes!r}")
 
     def weights(self, epoch: int | None) -> dict[str, float]:
         """Weights of the PPI terms at ``epoch`` (1-based, as MONAI engines count; ``None``: no schedule)."""
@@ -194,6 +205,7 @@ class PPIObjective:
 
     def __init__(self, config: PPIConfig | dict[str, Any] | None = None) -> None:
         self.config = config if isinstance(config, PPIConfig) else PPIConfig(**(config or {}))
+        self._warned_no_partner = False
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int | None = None) -> PPIOutput:
         """Loss for one batch.
@@ -239,6 +251,14 @@ class PPIObjective:
         mask = dilate(mask, cfg.dilate)
         n = x.shape[0]
         i, j = adversarial_partners(y, cfg.partner)
+        if not i.numel() and not self._warned_no_partner:
+            self._warned_no_partner = True
+            warnings.warn(
+                f"PPI: a batch of {n} sample(s) with labels {sorted(set(y.tolist()))} has no adversarial partner "
+                f"(partner={cfg.partner!r} needs two samples{' of one class' if cfg.partner == 'same_class' else ''}); "
+                "L_ad is 0 for it. Use a larger batch (or drop_last) so every step has pairs.",
+                stacklevel=2,
+            )
         neg_mask = mask
         if cfg.exclusive and i.numel():
             # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
