@@ -278,7 +278,9 @@ class CellRunner:
             wf.initialize()
             wf.run()
             parse = wf.parser.get_parsed_content
-            train_list, heldout = parse("train#datalist"), parse("validate#datalist")
+            train_list, selection = parse("train#datalist"), parse("validate#datalist")
+            # the diagonal: the bundle's test part when it has one, else the part that chose the checkpoint
+            heldout = (parse("test#datalist") if "test" in wf.parser.config else None) or selection
             ckpt_dir = Path(parse("ckpt_dir"))
             ckpts = {"best": ckpt_dir / "model_best.pt", "final": ckpt_dir / "model_final.pt"}
             for name, path in ckpts.items():
@@ -332,6 +334,7 @@ class CellRunner:
             "heldout_subjects": sorted({str(it.get("subject", it["image"])) for it in heldout}),
             "n_train": len(train_list),
             "n_heldout": len(heldout),
+            "selection_subjects": sorted({str(it.get("subject", it["image"])) for it in selection}),
             "auc_best": aucs["best"],
             "auc_final": aucs["final"],
             "seconds": round(time.perf_counter() - t0, 2),

@@ -80,6 +80,7 @@ RESERVED_OVERRIDES = {
     "train_sites": "--sites",
     "val_sites": "(always null: the training site is split by subject)",
     "seed": "--first-seed / --seeds",
+    "test_fraction": "--test-fraction",
     "run_name": "(set per cell)",
     "run_tags": "(set per cell)",
     "runs_dir": "--out",
@@ -110,6 +111,9 @@ class SiteCVConfig:
         experiment: MLflow experiment of the parent and child runs.
         overrides: bundle overrides (``id#path -> value``) applied to every cell.
         checkpoint: ``best`` (best validation AUC) or ``final`` checkpoint for the tables.
+        test_fraction: share of the training site's subjects kept as its test part (the diagonal): they
+            neither train nor choose the checkpoint, which the validation part (``val_fraction``) does.
+            0 scores the validation part on the diagonal, as before.
         bundle_logging: apply the bundle's ``logging.conf`` (the engines' INFO logs) instead of staying quiet.
         progress: show the tqdm bar.
         num_threads: CPU threads for torch during the invocation (torch's default when ``None``); on a shared
@@ -128,6 +132,7 @@ class SiteCVConfig:
     experiment: str = "ga_site_cv"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: str = "best"
+    test_fraction: float = 0.25
     bundle_logging: bool = False
     progress: bool = True
     num_threads: int | None = None
@@ -245,6 +250,13 @@ class _Study:
             if clash:
                 raise SiteCVError(f"override(s) {clash} conflict with method '{m}', which sets {mov}")
         self.overrides.setdefault("bundle_root", str(self.config_file.parent.resolve()))
+        if not 0.0 <= cfg.test_fraction < 1.0:
+            raise SiteCVError(f"--test-fraction must lie in [0, 1), got {cfg.test_fraction}")
+        # part of every cell's bundle overrides (and of its key when set, so cells of the two-way protocol,
+        # whose diagonal was also the selection set, are never reused for the three-way one)
+        self.key_overrides = dict(cfg.overrides)
+        if cfg.test_fraction > 0:
+            self.overrides["test_fraction"] = self.key_overrides["test_fraction"] = float(cfg.test_fraction)
 
         # resolve the datalist once (it may generate the synthetic default) to know the sites and hash it
         parser = ConfigParser()
@@ -287,7 +299,7 @@ class _Study:
         self.bundle_sha = sha256_file(self.config_file)
         self.datalist_sha = sha256_file(self.datalist)
         self.cells = [
-            Cell(m, site, seed, *cell_key(self.bundle_sha, self.datalist_sha, cfg.overrides, m, site, seed))
+            Cell(m, site, seed, *cell_key(self.bundle_sha, self.datalist_sha, self.key_overrides, m, site, seed))
             for seed in self.seeds
             for site in self.train_sites
             for m in self.methods
@@ -658,6 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="best",
         help="checkpoint scored: best validation AUC (chosen on the diagonal's subjects) or final (default: best)",
     )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.25,
+        help="share of the training site's subjects kept for the diagonal, apart from the checkpoint-selection "
+        "part (default: %(default)s; 0: the diagonal is the selection part)",
+    )
     p.add_argument("--out", default=None, help="output folder; rerun into it to resume (default: runs/site_cv/<time>)")
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the bundle's)"
@@ -700,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             experiment=args.experiment,
             overrides=overrides,
             checkpoint=args.checkpoint,
+            test_fraction=args.test_fraction,
             bundle_logging=args.bundle_logging,
             num_threads=args.num_threads,
             progress=not args.no_progress,

@@ -107,32 +107,46 @@ def ga_split(
     train_sites: Sequence[str] | str | None = None,
     val_sites: Sequence[str] | str | None = None,
     val_fraction: float = 0.25,
+    test_fraction: float = 0.0,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """The training or validation records of a GA datalist.
+    """The training, validation or test records of a GA datalist.
 
-    With ``val_sites`` empty, the training sites' subjects are split (stratified, subject-level); with
-    ``val_sites`` given, training uses all of ``train_sites`` and validation all of ``val_sites`` (a
-    held-out-site experiment, e.g. train on A-C and validate on D).
+    With ``val_sites`` empty, the training sites' subjects are split (stratified, subject-level) into
+    training and validation, and first, when ``test_fraction`` > 0, a test part that neither trains nor
+    chooses the checkpoint. With ``val_sites`` given, training uses all of ``train_sites`` and validation
+    all of ``val_sites`` (a held-out-site experiment, e.g. train on A-C and validate on D); there is no
+    test part then.
 
     Args:
         datalist: path of the datalist JSON.
-        part: ``train`` or ``val``.
+        part: ``train``, ``val`` or ``test``.
         train_sites: sites to train on (all for ``None``).
         val_sites: held-out sites for validation, or ``None``.
-        val_fraction: subject share for validation when no site is held out.
+        val_fraction: share of all subjects for validation when no site is held out.
+        test_fraction: share of all subjects for the test part (0: none).
         seed: split seed.
+
+    Raises:
+        ValueError: a bad ``part``, or fractions that leave nothing to train on.
     """
-    if part not in ("train", "val"):
-        raise ValueError(f"part must be 'train' or 'val', got '{part}'")
+    if part not in ("train", "val", "test"):
+        raise ValueError(f"part must be 'train', 'val' or 'test', got '{part}'")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must leave subjects to train on"
+        )
     items = load_datalist(datalist)
     if val_sites:
         held = select_sites(items, val_sites)
         held_names = {it["site"] for it in held}
         train = [it for it in select_sites(items, train_sites) if it.get("site") not in held_names]
-        return train if part == "train" else held
-    train, val = split_by_subject(select_sites(items, train_sites), val_fraction, seed)
-    return train if part == "train" else val
+        return {"train": train, "val": held, "test": []}[part]
+    rest, test = select_sites(items, train_sites), []
+    if test_fraction > 0:
+        rest, test = split_by_subject(rest, test_fraction, seed)
+    train, val = split_by_subject(rest, val_fraction / (1.0 - test_fraction), seed)
+    return {"train": train, "val": val, "test": test}[part]
 
 
 def fold_split(datalist: str | Path, *, part: str, val_fold: int = 0) -> list[dict[str, Any]]:

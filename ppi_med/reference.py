@@ -191,7 +191,11 @@ class LinearReferenceHandler:
             engine.add_event_handler(Events.STARTED, self._run)
 
     def _run(self, engine: Engine) -> None:
-        self.result = res = linear_reference(self.train, self.val, self.preprocessing, seed=self.seed)
+        try:
+            self.result = res = linear_reference(self.train, self.val, self.preprocessing, seed=self.seed)
+        except ValueError as err:  # too few records for the reference must not stop the network's training
+            warnings.warn(f"linear reference skipped: {err}", stacklevel=2)
+            return
         run = getattr(self.tracker, "cur_run", None)
         if run is not None:
             client, run_id = self.tracker.client, run.info.run_id

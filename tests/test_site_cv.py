@@ -256,10 +256,10 @@ def test_methods_and_overrides_parse():
 # ----- end to end ------------------------------------------------------------------------------------------
 
 TINY = [
-    "--synthetic#sites", "['A','B']", "--synthetic#subjects_per_site", "8", "--synthetic#n_bscans", "4",
+    "--synthetic#sites", "['A','B']", "--synthetic#subjects_per_site", "12", "--synthetic#n_bscans", "4",
     "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "B",
     "--spatial_size", "[4,32,48]", "--network_def#width", "4", "--batch_size", "4", "--max_epochs", "2",
-    "--val_fraction", "0.5", "--ppi#warmup_epochs", "0",
+    "--val_fraction", "0.25", "--ppi#warmup_epochs", "0",
 ]  # fmt: skip
 
 
@@ -317,7 +317,7 @@ def test_matrices_and_report_files(cv_twice):
     assert p.shape == (2, 2) and ((p.to_numpy() >= 0) & (p.to_numpy() <= 1)).all()
     assert json.loads((out / "pvalue_ppi_wbp_vs_baseline.json").read_text()).keys() == {"A", "B"}
     pooled = json.loads((out / "pooled_offdiag.json").read_text())["ppi_wbp"]
-    assert pooled["n_cases"] == 16 and 0 <= pooled["p_value"] <= 1  # 8 cases of B (model of A) + 8 of A
+    assert pooled["n_cases"] == 24 and 0 <= pooled["p_value"] <= 1  # 12 cases of B (model of A) + 12 of A
     pngs = ["heatmap_auc_baseline.png", "heatmap_auc_ppi_wbp.png", "heatmap_pvalue.png", "roc_baseline.png",
             "roc_ppi_wbp.png"]  # fmt: skip
     for name in pngs:
@@ -330,26 +330,35 @@ def test_matrices_and_report_files(cv_twice):
     assert all(f"({name})" in md for name in pngs)
 
 
-def test_diagonal_uses_only_held_out_subjects(cv_twice):
+def test_diagonal_uses_only_subjects_that_neither_trained_nor_chose_the_checkpoint(cv_twice):
     tmp = cv_twice["tmp"]
     preds = pd.read_csv(tmp / "cv" / "predictions.csv", dtype={"subject": str})
     datalist = tmp / "data" / "datalist.json"
     diag_cases = {}
     for (method, site), g in preds.groupby(["method", "train_site"]):
         # the split the bundle trains on, recomputed here independently of the pipeline
-        trained_on = {it["subject"] for it in ga_split(datalist, part="train", train_sites=[site], val_fraction=0.5)}
+        split = {
+            part: {
+                it["subject"]
+                for it in ga_split(datalist, part=part, train_sites=[site], val_fraction=0.25, test_fraction=0.25)
+            }
+            for part in ("train", "val", "test")
+        }
         diag = g[g.test_site == site]
         assert len(diag) == 4 and set(diag.role) == {"heldout"}
-        assert not (set(diag.subject) & trained_on), f"{method} on {site}: training subjects in the diagonal"
+        assert set(diag.subject) == split["test"]
+        assert not (set(diag.subject) & (split["train"] | split["val"])), f"{method} on {site}: diagonal not held out"
         assert set(diag.label) == {0, 1}
         off = g[g.test_site != site]
-        assert len(off) == 8 and set(off.role) == {"site"}  # every volume of the other site
+        assert len(off) == 12 and set(off.role) == {"site"}  # every volume of the other site
         diag_cases[(method, site)] = set(diag.case)
     for site in ("A", "B"):  # the same split for both methods
         assert diag_cases[("baseline", site)] == diag_cases[("ppi_wbp", site)]
     for rec_path in (tmp / "cv" / "cells").glob("*/attempt-1/cell.json"):
         rec = json.loads(rec_path.read_text())
         assert not set(rec["train_subjects"]) & set(rec["heldout_subjects"])
+        assert not set(rec["selection_subjects"]) & set(rec["heldout_subjects"])
+        assert len(rec["selection_subjects"]) == 2
         assert (rec_path.parent / rec["checkpoint_best"]).is_file()
         assert (rec_path.parent / rec["checkpoint_final"]).is_file()
 
