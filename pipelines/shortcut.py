@@ -19,8 +19,9 @@ objective; the table compares each method with the baseline by a paired t-test a
 
 Methods are spelled ``baseline``, ``ppi`` (the project's default :class:`~ppi_med.ppi.PPIConfig`) or
 ``ppi:<field>=<value>,...`` for a variant (``ppi:saliency=gradcam``, ``ppi:mode=detached,partner=roll``).
-``--grid`` picks a prepared list: ``default`` (baseline and PPI), ``saliency``, ``mode``, ``mask``,
-``partner``, or ``full`` (all of them).
+``--grid`` picks a prepared list: ``default`` (baseline, PPI and the method's own form), ``ablation``
+(one ingredient of the default removed at a time), ``attempts`` (the other variants tried), ``saliency``,
+``mode``, ``mask``, ``partner``, or ``full`` (every saliency method, mode, mask and partner).
 
 Outputs in ``--out`` (default ``runs/shortcut/<cue>-<time>``): ``results.csv`` (one row per method, seed
 and test set), ``summary.csv`` / ``summary.md`` (mean, sd, paired p-value against the baseline),
@@ -80,6 +81,21 @@ __all__ = [
 TEST_SETS = ("aligned", "reversed", "free")
 VAL_SETS = ("val_reversed", "val_free")
 
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        low = text.lower()
+        return {"true": True, "false": False}.get(low, text)
+
+
+def _spec_fields(spec: str) -> dict[str, Any]:
+    """``ppi:a=1,b=x`` -> ``{"a": 1, "b": "x"}`` (no validation: for building the grids)."""
+    items = (item.partition("=") for item in spec.partition(":")[2].split(",") if item)
+    return {k: _literal(v) for k, _, v in items}
+
+
 #: the method's own formulation: partner = the batch rolled by one, x* loses the whole salient region, no warm-up
 METHOD_FORM = "ppi:partner=roll,exclusive=False,warmup_epochs=0"
 
@@ -95,7 +111,20 @@ GRIDS: dict[str, list[str]] = {
     "mask": ["baseline"] + [f"ppi:mask={m}" for m in MASKS],
     "partner": ["baseline"] + [f"ppi:partner={p}" for p in PARTNERS],
 }
-GRIDS["full"] = list(dict.fromkeys(m for grid in GRIDS.values() for m in grid))
+# what was tried on the way to the default, beyond the ablation: other masks and thresholds, the adversarial
+# term alone, heavier adversarial weight, the regulariser off, magnitude masks and wider dilation
+GRIDS["attempts"] = (
+    ["baseline", METHOD_FORM]
+    + [f"{METHOD_FORM},{c}" for c in ("w_con=0", "w_con=0,partner=same_class", "mask=soft_adaptive", "sigma=0.1")]
+    + [f"{METHOD_FORM},{c}" for c in ("mask=hard,k_std=2", "w_con=0.25,w_ad=2,partner=same_class")]
+    + ["ppi"]
+    + [f"ppi:{c}" for c in ("w_reg=0", "mask=soft_adaptive", "w_ad=2", "absolute=True", "dilate=2")]
+)
+GRIDS["full"] = [  # every saliency method, mode, mask and partner, each distinct configuration once
+    m
+    for m in dict.fromkeys(m for name in ("default", "saliency", "mode", "mask", "partner") for m in GRIDS[name])
+    if m in ("baseline", "ppi") or not m.startswith("ppi:") or PPIConfig(**_spec_fields(m)) != PPIConfig()
+]
 
 
 class ShortcutError(ValueError):
@@ -153,14 +182,6 @@ def grid_methods(name: str) -> list[str]:
     if name not in GRIDS:
         raise ShortcutError(f"unknown grid '{name}'; choose one of {', '.join(GRIDS)}")
     return list(GRIDS[name])
-
-
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        low = text.lower()
-        return {"true": True, "false": False}.get(low, text)
 
 
 def parse_fields(text: str, where: str = "--ppi-base") -> dict[str, Any]:
