@@ -444,12 +444,13 @@ def test_differentiable_mode_trains_through_the_saliency() -> None:
 def test_a_few_ppi_steps_decrease_the_loss(mode: str, mask: str) -> None:
     x, y = _data(n=8)
     model = _net().train()
-    obj = PPIObjective(PPIConfig(mode=mode, mask=mask, k_std=2.0, topk=6))
+    obj = PPIObjective(PPIConfig(mode=mode, mask=mask, k_std=2.0, topk=6, **{**METHOD_FORM, "warmup_epochs": 0}))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(12):
         out = obj(model, x, y, epoch=1)
         assert torch.isfinite(out.loss)
+        assert out.loss.item() > out.components["loss_cls"]  # the PPI terms are on, not a warm-up step
         opt.zero_grad()
         out.loss.backward()
         opt.step()
