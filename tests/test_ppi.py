@@ -481,6 +481,11 @@ def test_single_sample_batch_has_no_adversarial_term_and_says_so_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         objective(_net().eval(), x, y)  # not again
+    # nothing to contrast at all (no partner, and the sample's label gets no negative contrast)
+    with pytest.warns(UserWarning, match="no adversarial partner"):
+        empty = PPIObjective(PPIConfig(contrast_classes=[5]))(_net().eval(), x, y)
+    assert empty.components["loss_con"] == 0.0 and empty.components["loss_ad"] == 0.0
+    assert torch.isfinite(empty.loss)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,8 +6,11 @@ One :class:`PPIObjective` call does a whole step's loss for a batch:
    ``s_y(x)`` of each sample's own label (WBP by default);
 2. ``s`` is normalised per sample and turned into a mask ``T(s)``;
 3. one forward of the two contrasts together: the negative ``x* = x - T(s(x)) x`` that should lose the
-   label, and the adversarial positive ``x' = x - T(s(x_j)) x`` (``j``: the batch rolled by one) that
-   should keep it;
+   label, and the adversarial positive ``x' = x - T(s(x_j)) x`` that should keep it. The partner ``j`` is
+   another sample of the same label by default (``partner="same_class"``; the method rolls the batch by
+   one, ``"roll"``), and by default ``x*`` removes only what is salient in ``x`` and not in its partner
+   (``exclusive``): a marker at a fixed place is salient in both, so ``x*`` keeps it and must still lose
+   the label, which is what makes a shortcut count less (docs/DESIGN.md section 4.1);
 4. ``L_reg`` is the mean absolute normalised saliency.
 
 ``differentiable`` mode keeps ``s`` in the graph (double backward, as in the method); ``detached`` mode
@@ -266,8 +269,9 @@ class PPIObjective:
         con = torch.ones_like(y, dtype=torch.bool) if cfg.contrast_classes is None else _member(y, cfg.contrast_classes)
         x_neg = (x - neg_mask * x)[con]
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
+        contrasts = torch.cat([x_neg, x[i] - mask[j] * x[i]])
         with frozen_buffers(model):
-            out = model(torch.cat([x_neg, x[i] - mask[j] * x[i]]))
+            out = model(contrasts) if contrasts.shape[0] else logits[:0]
         out_neg, out_adv = out[: x_neg.shape[0]], out[x_neg.shape[0] :]
         loss_con = contrast_loss(out_neg, y[con], cfg.contrast_loss) if con.any() else loss_cls.new_zeros(())
         loss_ad = F.cross_entropy(out_adv, y[i]) if i.numel() else loss_cls.new_zeros(())
