@@ -23,11 +23,13 @@ Methods are spelled ``baseline``, ``ppi`` (the project's default :class:`~ppi_me
 (one ingredient of the default removed at a time), ``attempts`` (the other variants tried), ``saliency``,
 ``mode``, ``mask``, ``partner``, or ``full`` (every saliency method, mode, mask and partner).
 
-Outputs in ``--out`` (default ``runs/shortcut/<cue>-<time>``): ``results.csv`` (one row per method, seed
-and test set), ``summary.csv`` / ``summary.md`` (mean, sd, paired p-value against the baseline),
-``shortcut_auc.png`` (reversed and cue-free AUC per method, one dot per seed) and ``examples.png`` (the cue
-and each method's saliency on cue-carrying test digits). MLflow: one parent run in experiment
-``shortcut`` with the tables and figures, and a nested run per (method, seed) with its metrics.
+Outputs in ``--out`` (default ``runs/shortcut/<time>``): ``report.md`` (every cue's table, the command
+and the commit), and per cue in ``<cue>/``: ``results.csv`` (one row per method, seed and test set),
+``summary.csv`` / ``summary.md`` (mean, sd, paired p-value against the baseline, share of |WBP| on the
+cue), ``shortcut_auc.png`` (reversed and cue-free AUC per method, one dot per seed) and ``examples.png``
+(the cue and each method's saliency on cue-carrying test digits). ``--publish DIR`` copies the report and
+figures there. MLflow: one parent run per cue in experiment ``shortcut`` with the tables and figures, and
+a nested run per (method, seed) with its metrics.
 
 CLI::
 
