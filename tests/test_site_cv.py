@@ -439,6 +439,20 @@ def test_an_unfinished_cell_is_retrained_beside_the_old_attempt(cv_twice, monkey
     assert by_method["baseline"]["run_id"] != victim["run_id"]
 
 
+def test_training_on_one_site_scores_every_site(cv_twice, monkeypatch):
+    tmp = cv_twice["tmp"]
+    monkeypatch.chdir(tmp)
+    assert main(_argv(tmp, "--train-sites", "A")) == 0
+    summary = json.loads((tmp / "cv" / "summary.json").read_text())
+    assert {c["train_site"] for c in summary["cells"]} == {"A"}
+    assert all(c["status"] == "reused" for c in summary["cells"])  # the same cells as in the full study
+    for m in ("baseline", "ppi_wbp"):
+        auc = pd.read_csv(tmp / "cv" / f"auc_{m}.csv", index_col=0)
+        assert list(auc.index) == ["A"] and list(auc.columns) == ["A", "B", "Mean", "STD"]
+    pooled = json.loads((tmp / "cv" / "pooled_offdiag.json").read_text())
+    assert pooled["ppi_wbp"]["n_cases"] == 12  # every volume of B, scored by the models of A
+
+
 def test_clear_errors(cv_twice, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tmp = cv_twice["tmp"]
@@ -446,6 +460,10 @@ def test_clear_errors(cv_twice, tmp_path, capsys, monkeypatch):
     assert "unknown site(s) ['Z']" in capsys.readouterr().err
     assert main(_argv(tmp, "--methods", "baseline,ppi_magic")) == 2
     assert "unknown method 'ppi_magic'" in capsys.readouterr().err
+    assert main(_argv(tmp, "--sites", "A", "--train-sites", "B")) == 2
+    assert "training site(s) ['B'] are not among the sites ['A']" in capsys.readouterr().err
+    assert main(_argv(tmp, "--test-fraction", "1.5")) == 2
+    assert "--test-fraction must lie in [0, 1), got 1.5" in capsys.readouterr().err
     missing = tmp_path / "nope.json"
     assert main(["--config_file", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert f"bundle config file not found: {missing}" in capsys.readouterr().err
