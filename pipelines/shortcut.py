@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import math
 import sys
@@ -81,7 +82,6 @@ __all__ = [
 ]
 
 TEST_SETS = ("aligned", "reversed", "free")
-VAL_SETS = ("val_reversed", "val_free")
 
 
 def _literal(text: str) -> Any:
@@ -90,43 +90,6 @@ def _literal(text: str) -> Any:
     except (ValueError, SyntaxError):
         low = text.lower()
         return {"true": True, "false": False}.get(low, text)
-
-
-def _spec_fields(spec: str) -> dict[str, Any]:
-    """``ppi:a=1,b=x`` -> ``{"a": 1, "b": "x"}`` (no validation: for building the grids)."""
-    items = (item.partition("=") for item in spec.partition(":")[2].split(",") if item)
-    return {k: _literal(v) for k, _, v in items}
-
-
-#: the method's own formulation: partner = the batch rolled by one, x* loses the whole salient region, no warm-up
-METHOD_FORM = "ppi:partner=roll,exclusive=False,warmup_epochs=0"
-
-GRIDS: dict[str, list[str]] = {
-    "default": ["baseline", "ppi", METHOD_FORM],
-    # one change at a time away from the default, and the attempts that did not help the method's form
-    "ablation": ["baseline", "ppi"]
-    + [f"ppi:{c}" for c in ("partner=roll", "exclusive=False", "mode=detached", "warmup_epochs=0", "dilate=1")]
-    + [METHOD_FORM.replace("partner=roll", "partner=same_class")]
-    + [f"{METHOD_FORM},{c}" for c in ("absolute=True", "dilate=1", "w_ad=3", "mode=detached")],
-    "saliency": ["baseline"] + [f"ppi:saliency={m}" for m in METHODS],
-    "mode": ["baseline"] + [f"ppi:mode={m}" for m in MODES],
-    "mask": ["baseline"] + [f"ppi:mask={m}" for m in MASKS],
-    "partner": ["baseline"] + [f"ppi:partner={p}" for p in PARTNERS],
-}
-# what was tried on the way to the default, beyond the ablation: other masks and thresholds, the adversarial
-# term alone, heavier adversarial weight, the regulariser off, magnitude masks and wider dilation
-GRIDS["attempts"] = (
-    ["baseline", METHOD_FORM]
-    + [f"{METHOD_FORM},{c}" for c in ("w_con=0", "w_con=0,partner=same_class", "mask=soft_adaptive", "sigma=0.1")]
-    + [f"{METHOD_FORM},{c}" for c in ("mask=hard,k_std=2", "w_con=0.25,w_ad=2,partner=same_class")]
-    + ["ppi"]
-    + [f"ppi:{c}" for c in ("w_reg=0", "mask=soft_adaptive", "w_ad=2", "absolute=True", "dilate=2")]
-)
-GRIDS["full"] = [  # every saliency method, mode, mask and partner, each distinct configuration once
-    m
-    for m in dict.fromkeys(m for name in ("default", "saliency", "mode", "mask", "partner") for m in GRIDS[name])
-    if m in ("baseline", "ppi") or not m.startswith("ppi:") or PPIConfig(**_spec_fields(m)) != PPIConfig()
-]
 
 
 class ShortcutError(ValueError):
@@ -224,6 +187,37 @@ def method_config(spec: str, base: dict[str, Any] | None = None) -> PPIConfig:
         raise ShortcutError(f"method '{spec}': {err}") from err
 
 
+#: the method's own formulation: partner = the batch rolled by one, x* loses the whole salient region, no warm-up
+METHOD_FORM = "ppi:partner=roll,exclusive=False,warmup_epochs=0"
+
+GRIDS: dict[str, list[str]] = {
+    "default": ["baseline", "ppi", METHOD_FORM],
+    # one change at a time away from the default, and the attempts that did not help the method's form
+    "ablation": ["baseline", "ppi"]
+    + [f"ppi:{c}" for c in ("partner=roll", "exclusive=False", "mode=detached", "warmup_epochs=0", "dilate=1")]
+    + [METHOD_FORM.replace("partner=roll", "partner=same_class")]
+    + [f"{METHOD_FORM},{c}" for c in ("absolute=True", "dilate=1", "w_ad=3", "mode=detached")],
+    "saliency": ["baseline"] + [f"ppi:saliency={m}" for m in METHODS],
+    "mode": ["baseline"] + [f"ppi:mode={m}" for m in MODES],
+    "mask": ["baseline"] + [f"ppi:mask={m}" for m in MASKS],
+    "partner": ["baseline"] + [f"ppi:partner={p}" for p in PARTNERS],
+}
+# what was tried on the way to the default, beyond the ablation: other masks and thresholds, the adversarial
+# term alone, heavier adversarial weight, the regulariser off, magnitude masks and wider dilation
+GRIDS["attempts"] = (
+    ["baseline", METHOD_FORM]
+    + [f"{METHOD_FORM},{c}" for c in ("w_con=0", "w_con=0,partner=same_class", "mask=soft_adaptive", "sigma=0.1")]
+    + [f"{METHOD_FORM},{c}" for c in ("mask=hard,k_std=2", "w_con=0.25,w_ad=2,partner=same_class")]
+    + ["ppi"]
+    + [f"ppi:{c}" for c in ("w_reg=0", "mask=soft_adaptive", "w_ad=2", "absolute=True", "dilate=2")]
+)
+GRIDS["full"] = [  # every saliency method, mode, mask and partner, each distinct configuration once
+    m
+    for m in dict.fromkeys(m for name in ("default", "saliency", "mode", "mask", "partner") for m in GRIDS[name])
+    if m in ("baseline", "ppi") or method_config(m) != PPIConfig()
+]
+
+
 def digit_cnn(width: int = 16, norm: str = "none", num_classes: int = 2) -> nn.Module:
     """A small ReLU CNN for 20 x 20 single-channel images (every layer one WBP has a rule for)."""
 
@@ -254,6 +248,7 @@ class ShortcutData:
     cue_masks: dict[str, np.ndarray]
 
 
+@functools.lru_cache(maxsize=1)
 def _digit_canvas() -> tuple[torch.Tensor, np.ndarray]:
     from sklearn.datasets import load_digits
 
@@ -524,7 +519,7 @@ def run_benchmark(
     """
     from mlflow import MlflowClient
 
-    from ppi_med.tracking import default_tracking_uri, flatten_params, git_commit
+    from ppi_med.tracking import default_tracking_uri, flatten_params, git_commit, log_batch
 
     out = Path(out_dir)
     if (out / "results.csv").exists():
@@ -542,33 +537,33 @@ def run_benchmark(
     ).info.run_id
     status = "FAILED"
     try:
-        _log(client, parent, params=flatten_params(settings))
+        log_batch(client, parent, params=flatten_params(settings))
         rows: list[dict[str, Any]] = []
         example_models: dict[str, nn.Module] = {}
         example_data: ShortcutData | None = None
-        jobs = [(seed, spec) for seed in range(cfg.seeds) for spec in cfg.methods]
-        data_by_seed: dict[int, ShortcutData] = {}
-        for seed, spec in tqdm(jobs, desc=f"shortcut[{cfg.cue}]", unit="model"):
-            if seed not in data_by_seed:
-                data_by_seed = {seed: make_data(cfg, seed)}
-            data = data_by_seed[seed]
-            model, scores, seconds = train_and_score(cfg, spec, seed, data)
-            if seed == 0:
-                example_models[spec], example_data = model, data
-            share = scores["aligned"].pop("cue_share")
-            metrics = {f"{test}_{k}": v for test, d in scores.items() for k, v in d.items()}
-            if math.isfinite(share):
-                metrics["cue_saliency_share"] = share
-            tags = {"mlflow.parentRunId": parent, "method": spec, "seed": str(seed), "cue": cfg.cue}
-            child = client.create_run(exp_id, run_name=f"{spec}-s{seed}", tags=tags).info.run_id
-            ppi = method_config(spec, cfg.ppi_base).to_dict()
-            _log(client, child, flatten_params({"method": spec, "seed": seed, "ppi": ppi}), metrics)
-            _log(client, child, metrics={"train_seconds": seconds})
-            client.set_terminated(child)
-            for test, d in scores.items():
-                rows.append(
-                    {"method": spec, "seed": seed, "test": test, **d, "cue_share": share, "train_seconds": seconds}
-                )
+        bar = tqdm(total=cfg.seeds * len(cfg.methods), desc=f"shortcut[{cfg.cue}]", unit="model")
+        for seed in range(cfg.seeds):
+            data = make_data(cfg, seed)  # every method of a seed sees the same images
+            for spec in cfg.methods:
+                model, scores, seconds = train_and_score(cfg, spec, seed, data)
+                bar.update()
+                if seed == 0:
+                    example_models[spec], example_data = model, data
+                share = scores["aligned"].pop("cue_share")
+                metrics = {f"{test}_{k}": v for test, d in scores.items() for k, v in d.items()}
+                if math.isfinite(share):
+                    metrics["cue_saliency_share"] = share
+                tags = {"mlflow.parentRunId": parent, "method": spec, "seed": str(seed), "cue": cfg.cue}
+                child = client.create_run(exp_id, run_name=f"{spec}-s{seed}", tags=tags).info.run_id
+                ppi = method_config(spec, cfg.ppi_base).to_dict()
+                metrics["train_seconds"] = seconds
+                log_batch(client, child, flatten_params({"method": spec, "seed": seed, "ppi": ppi}), metrics)
+                client.set_terminated(child)
+                for test, d in scores.items():
+                    rows.append(
+                        {"method": spec, "seed": seed, "test": test, **d, "cue_share": share, "train_seconds": seconds}
+                    )
+        bar.close()
         results = pd.DataFrame(rows)
         summary = summarise(results)
         results.to_csv(out / "results.csv", index=False)
@@ -584,24 +579,13 @@ def run_benchmark(
             ]
             for _, r in summary[summary["method"] != "baseline"].iterrows()
         }
-        _log(client, parent, metrics=deltas)
+        log_batch(client, parent, metrics=deltas)
         client.log_artifacts(parent, str(out))
         status = "FINISHED"
     finally:
         client.set_terminated(parent, status=status)
     print(f"MLflow parent run {parent} in experiment '{experiment}'")
     return summary
-
-
-def _log(client: Any, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None):
-    from mlflow.entities import Metric, Param
-
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-        params=[Param(k, str(v)) for k, v in (params or {}).items()],
-    )
 
 
 def write_report(summaries: dict[str, pd.DataFrame], cfgs: dict[str, ShortcutConfig], out: Path, command: str) -> Path:

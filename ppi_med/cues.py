@@ -73,10 +73,9 @@ class SpuriousCue(Transform):
         span = float(x.max() - x.min()) or 1.0
         amp = self.strength * span
         out = x.clone().float()
-        if self.kind == "patch":
-            out[(slice(None), *(slice(0, self.size),) * (x.ndim - 1))] += amp
-        elif self.kind == "line":
-            out[(slice(None), *(slice(None),) * (x.ndim - 2), slice(-self.size, None))] += amp
+        region = self.region(x.shape)
+        if region is not None:  # patch, line
+            out[region] += amp
         elif self.kind == "intensity":
             out += amp
         else:  # texture: stripes along the last axis

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from ignite.engine import Engine, Events
 
+from .tracking import log_batch
+
 __all__ = ["REFERENCE_MODEL", "LinearReferenceHandler", "ReferenceResult", "linear_reference", "voxel_matrix"]
 
 #: Name of the reference model, as logged (param ``ref.model``).
@@ -198,13 +200,12 @@ class LinearReferenceHandler:
             return
         run = getattr(self.tracker, "cur_run", None)
         if run is not None:
-            client, run_id = self.tracker.client, run.info.run_id
-            client.log_metric(run_id, "ref_val_auc", res.val_auc)
-            client.log_metric(run_id, "ref_cv_auc", res.cv_auc)
-            client.log_metric(run_id, "ref_seconds", res.seconds)
-            client.log_param(run_id, "ref.model", REFERENCE_MODEL)
-            client.log_param(run_id, "ref.C", str(res.C))
-            client.log_param(run_id, "ref.n_features", str(res.n_features))
+            log_batch(
+                self.tracker.client,
+                run.info.run_id,
+                params={"ref.model": REFERENCE_MODEL, "ref.C": res.C, "ref.n_features": res.n_features},
+                metrics={"ref_val_auc": res.val_auc, "ref_cv_auc": res.cv_auc, "ref_seconds": res.seconds},
+            )
         print(
             f"linear reference ({REFERENCE_MODEL}, C={res.C:g} by {res.n_train}-record internal CV): "
             f"val AUC {res.val_auc:.4f} ({res.seconds:.1f} s)",

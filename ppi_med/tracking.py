@@ -18,6 +18,7 @@ __all__ = [
     "flatten_params",
     "git_commit",
     "latest_checkpoint",
+    "log_batch",
     "unique_run_name",
     "RunTracker",
 ]
@@ -68,6 +69,27 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
         else:
             flat[key] = str(v)
     return flat
+
+
+def log_batch(
+    client: Any, run_id: str, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None
+) -> None:
+    """Log params (as strings) and metrics (step 0, now) into one MLflow run in a single request.
+
+    Args:
+        client: an ``mlflow.MlflowClient``.
+        run_id: the run.
+        params: name -> value.
+        metrics: name -> number.
+    """
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+    )
 
 
 class RunTracker(MLFlowHandler):
