@@ -8,23 +8,76 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 
-__all__ = ["load_datalist", "split_by_subject", "select_sites", "ga_split", "fold_split"]
+__all__ = ["check_volume_shape", "load_datalist", "split_by_subject", "select_sites", "ga_split", "fold_split"]
 
 
-def load_datalist(path: str | Path, key: str = "training", required: Sequence[str] = ("image", "label")) -> list[dict]:
+def _check_label(path: Path, i: int, rec: dict) -> None:
+    """Refuse a raw (as written in the JSON) label that is not the number 0 or 1, naming the record."""
+    label = rec["label"]
+    where = f"{path}: record {i} ({rec.get('image')})"
+    if isinstance(label, bool):
+        # JSON true/false: Python would let True pass as 1; a boolean usually means a mis-built datalist
+        raise ValueError(f"{where} has the boolean label {json.dumps(label)}; write the number 0 or 1")
+    if isinstance(label, str):
+        # refused rather than converted: MONAI would read "1" as a path beside the datalist, and a string
+        # column usually means the datalist came from a CSV whose other columns need checking too
+        raise ValueError(f"{where} has the label {label!r} as a string; write it as the number 0 or 1 (no quotes)")
+    if label not in (0, 1):
+        raise ValueError(f"{where} has label {label!r}; expected 0 or 1")
+
+
+def check_volume_shape(image: str | Path, ndim: int = 3) -> None:
+    """Refuse a NIfTI file that is not an ``ndim``-D volume (other formats are not checked here).
+
+    Trailing axes of length 1 are allowed (MONAI loads ``(X, Y, Z, 1)`` as a one-channel volume). Only the
+    header is read.
+
+    Args:
+        image: the file.
+        ndim: the spatial dimensionality expected.
+
+    Raises:
+        ValueError: the file is not a readable NIfTI, or its shape has another number of axes.
+    """
+    path = Path(image)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as err:  # nibabel raises several types for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
+    core = list(shape)
+    while len(core) > ndim and core[-1] == 1:
+        core.pop()
+    if len(core) != ndim:
+        raise ValueError(
+            f"{path}: a {len(core)}D image of shape {shape}; expected a {ndim}D volume "
+            + ("(e.g. B-scans x height x width)" if ndim == 3 else "")
+        )
+
+
+def load_datalist(
+    path: str | Path,
+    key: str = "training",
+    required: Sequence[str] = ("image", "label"),
+    ndim: int | None = 3,
+) -> list[dict]:
     """Read a decathlon-style datalist with paths resolved against its folder, checking every record.
 
     Args:
         path: the JSON file.
         key: the list to read.
         required: keys every record must have.
+        ndim: the dimensionality every NIfTI image must have (header only); ``None`` skips the check.
 
     Raises:
         FileNotFoundError: no such datalist, or a record's image is missing on disk.
-        ValueError: malformed JSON, missing keys, or a label that is not 0/1.
+        ValueError: malformed JSON, an empty list, missing keys, a label that is not the number 0 or 1 (a
+            string or boolean included), or a NIfTI image that is not ``ndim``-D.
     """
     path = Path(path)
     if not path.is_file():
@@ -33,23 +86,39 @@ def load_datalist(path: str | Path, key: str = "training", required: Sequence[st
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if key not in raw:
+    if not isinstance(raw, dict) or key not in raw:
         raise ValueError(f"{path}: no '{key}' list in the datalist")
+    records = raw[key]
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: '{key}' is a {type(records).__name__}, not a list of records")
+    if not records:
+        raise ValueError(f"{path}: the '{key}' list is empty; there is nothing to train or score")
+    # checked on the records as written: MONAI's loader turns strings that name an existing path into paths
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is a {type(rec).__name__}, not an object with {list(required)}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {missing}")
+        if "label" in rec:
+            _check_label(path, i, rec)
     items = load_decathlon_datalist(path, data_list_key=key, base_dir=path.parent)
-    for item, rec in zip(items, raw[key]):
+    for item, rec in zip(items, records):
         # MONAI turns any value naming an existing path into one: site "A" beside a folder A/ would
         # become ".../A"; site and subject are identifiers, so keep them as written
         for ident in ("site", "subject"):
-            if isinstance(rec, dict) and ident in rec:
+            if ident in rec:
                 item[ident] = rec[ident]
     for i, item in enumerate(items):
-        missing = [k for k in required if k not in item]
-        if missing:
-            raise ValueError(f"{path}: record {i} lacks {missing}")
+        if "image" not in item:
+            continue
         if not Path(item["image"]).exists():
             raise FileNotFoundError(f"{path}: record {i} points to a missing image {item['image']}")
-        if "label" in item and item["label"] not in (0, 1):
-            raise ValueError(f"{path}: record {i} ({item['image']}) has label {item['label']!r}; expected 0 or 1")
+        if ndim is not None:
+            try:
+                check_volume_shape(item["image"], ndim)
+            except ValueError as err:
+                raise ValueError(f"{path}: record {i}: {err}") from err
     return items
 
 

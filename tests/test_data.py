@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
-from ppi_med.data import ga_split
+from ppi_med.data import ga_split, load_datalist
 
 
 @pytest.fixture()
@@ -24,9 +27,10 @@ def datalist(tmp_path: Path) -> Path:
         for s in range(20)
         for eye in ("OD", "OS")
     ]
-    for r in records:  # the loader checks that every image exists
+    volume = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    for r in records:  # the loader checks that every image exists and is a 3D NIfTI
         (tmp_path / r["image"]).parent.mkdir(exist_ok=True)
-        (tmp_path / r["image"]).touch()
+        nib.save(volume, tmp_path / r["image"])
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps({"training": records}))
     return path
@@ -66,3 +70,69 @@ def test_fractions_that_leave_nothing_to_train_on_are_refused(datalist: Path, va
         ga_split(datalist, part="train", val_fraction=val, test_fraction=test)
     with pytest.raises(ValueError, match="part must be"):
         ga_split(datalist, part="holdout")
+
+
+# ----- bad datalists: each refused with the file and the record named ------------------------------------
+
+
+def _write(tmp_path: Path, records: list, name: str = "datalist.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps({"training": records}))
+    return path
+
+
+def _volume(path: Path, shape: tuple[int, ...]) -> str:
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), path)
+    return path.name
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("1", r"record 1 \(b.nii.gz\) has the label '1' as a string; write it as the number 0 or 1"),
+        (True, r"record 1 \(b.nii.gz\) has the boolean label true; write the number 0 or 1"),
+        (False, r"record 1 \(b.nii.gz\) has the boolean label false"),
+        (2, r"record 1 \(b.nii.gz\) has label 2; expected 0 or 1"),
+    ],
+)
+def test_a_label_that_is_not_the_number_0_or_1_is_named(tmp_path: Path, label, message: str) -> None:
+    a, b = _volume(tmp_path / "a.nii.gz", (2, 2, 2)), _volume(tmp_path / "b.nii.gz", (2, 2, 2))
+    (tmp_path / "1").mkdir()  # MONAI would read the string "1" as this folder
+    path = _write(tmp_path, [{"image": a, "label": 0}, {"image": b, "label": label}])
+    with pytest.raises(ValueError, match=message) as err:
+        load_datalist(path)
+    assert str(path) in str(err.value)
+
+
+def test_an_empty_datalist_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, [], "empty.json")
+    with pytest.raises(ValueError, match=r"empty.json: the 'training' list is empty"):
+        load_datalist(path)
+    with pytest.raises(ValueError, match=r"empty.json: the 'training' list is empty"):
+        ga_split(path, part="train")
+    path.write_text(json.dumps({"training": {"image": "a.nii.gz"}}))
+    with pytest.raises(ValueError, match=r"empty.json: 'training' is a dict, not a list"):
+        load_datalist(path)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (4, 8, 8, 3), (4, 8, 8, 2, 1)])
+def test_a_2d_or_4d_nifti_is_named_with_its_shape(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    good = _volume(tmp_path / "good.nii.gz", (4, 8, 8))
+    bad = _volume(tmp_path / "odd.nii.gz", shape)
+    path = _write(tmp_path, [{"image": good, "label": 0}, {"image": bad, "label": 1}])
+    core = len(shape) - (1 if shape[-1] == 1 else 0)
+    with pytest.raises(ValueError, match="record 1: .*odd.nii.gz: " + re.escape(f"a {core}D image of shape {shape}")):
+        load_datalist(path)
+
+
+def test_a_trailing_axis_of_length_1_loads_as_a_volume(tmp_path: Path) -> None:
+    one = _volume(tmp_path / "one.nii.gz", (4, 8, 8, 1))
+    items = load_datalist(_write(tmp_path, [{"image": one, "label": 1}]))
+    assert len(items) == 1 and items[0]["label"] == 1
+
+
+def test_an_unreadable_nifti_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    path = _write(tmp_path, [{"image": "broken.nii.gz", "label": 0}])
+    with pytest.raises(ValueError, match=r"broken.nii.gz: not a readable NIfTI file"):
+        load_datalist(path)
