@@ -440,13 +440,6 @@ class TensorCache:
             self.nbytes += size
 
 
-def _load_state(path: Path, device: Any, torch: Any) -> dict[str, Any]:
-    state = torch.load(path, map_location=device, weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # CheckpointSaver keeps {"model": ..., "optimizer": ...} when it saves several
-    return state
-
-
 def _same_weights(a: Mapping[str, Any], b: Mapping[str, Any], torch: Any) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -477,6 +470,9 @@ def predict_probabilities(
 
     Returns:
         name -> probabilities, in the order of ``images``.
+
+    Raises:
+        ppi_med.export.CheckpointMismatchError: a checkpoint of another network (keys and shapes named).
     """
     cache = TensorCache() if cache is None else cache
     tensors = []
@@ -490,13 +486,16 @@ def predict_probabilities(
     out: dict[str, np.ndarray] = {}
     seen: list[tuple[dict[str, Any], np.ndarray]] = []
     network.eval()
+    from ppi_med.export import load_state, read_checkpoint
+
     for name, path in checkpoints.items():
-        state = _load_state(path, device, torch)
+        # weights only; {"model": ..., "optimizer": ...} as CheckpointSaver writes it is unwrapped
+        state = read_checkpoint(path, map_location=device)
         earlier = next((scores for st, scores in seen if _same_weights(st, state, torch)), None)
         if earlier is not None:
             out[name] = earlier
             continue
-        network.load_state_dict(state)
+        load_state(network, state, path)  # names the checkpoint and every mismatching key or shape
         probs = []
         with torch.no_grad():
             for i in range(0, len(tensors), batch_size):

@@ -66,6 +66,7 @@ from monai.utils import TraceKeys
 from torch import nn
 from tqdm import tqdm
 
+from .data import check_volume_shape
 from .image_grid import (
     SourceImage,
     ensure_new,
@@ -85,6 +86,9 @@ __all__ = [
     "SaliencyExporter",
     "export_saliency",
     "load_checkpoint",
+    "load_state",
+    "read_checkpoint",
+    "CheckpointMismatchError",
     "to_original_grid",
     "find_loader",
     "preprocess_case",
@@ -123,31 +127,92 @@ _INTERP_STRINGS = {"nearest", "nearest-exact", "linear", "bilinear", "bicubic", 
 _LINEAR_BY_NDIM = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
-def load_checkpoint(network: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """Load a checkpoint's weights into ``network`` (in place) and return it.
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose parameter names or shapes do not fit the network (another architecture or size)."""
+
+
+def read_checkpoint(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict stored in a checkpoint file, read with ``weights_only=True`` (no code is unpickled).
 
     Accepts a plain ``state_dict`` (the bundle's ``model_best.pt``) or a dict holding it under ``model`` (the
     bundle's ``model_final.pt``, with the optimizer beside it); a ``module.`` prefix (DDP) is stripped.
 
+    Args:
+        checkpoint: the file.
+        map_location: where the tensors are loaded.
+
     Raises:
         FileNotFoundError: no file at ``checkpoint``.
-        ValueError: the file holds no state dict, or it does not fit ``network``.
+        ValueError: the file is not a torch checkpoint of tensors, or holds no state dict.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by the kind of damage
+        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({err})") from err
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors (or a dict with one under 'model')")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: checkpoint does not fit {type(network).__name__}: {err}") from err
+    return dict(state)
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def load_state(network: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> nn.Module:
+    """Load ``state`` into ``network`` (in place) after checking that every name and shape fits.
+
+    Args:
+        network: the model.
+        state: a state dict (e.g. from :func:`read_checkpoint`).
+        source: the checkpoint it came from, for the message.
+
+    Raises:
+        CheckpointMismatchError: keys missing from the checkpoint, keys the network lacks, or shapes that
+            differ, each listed (the first few) with the checkpoint and the network named.
+    """
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {_listed(missing)}")
+        if unexpected:
+            parts.append(f"not in the network: {_listed(unexpected)}")
+        if shapes:
+            parts.append(f"shape in checkpoint vs network: {_listed(shapes)}")
+        raise CheckpointMismatchError(
+            f"{source}: checkpoint does not fit {type(network).__name__} (trained with another network or "
+            f"settings?); " + "; ".join(parts)
+        )
+    network.load_state_dict(state)
     return network
+
+
+def load_checkpoint(network: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """Load a checkpoint's weights into ``network`` (in place) and return it.
+
+    See :func:`read_checkpoint` for the accepted layouts.
+
+    Raises:
+        FileNotFoundError: no file at ``checkpoint``.
+        ValueError: the file holds no state dict.
+        CheckpointMismatchError: it does not fit ``network`` (a ``ValueError``).
+    """
+    return load_state(network, read_checkpoint(checkpoint), checkpoint)
 
 
 def find_loader(preprocessing: Compose, image_key: str = "image") -> LoadImage:
@@ -294,6 +359,10 @@ def resolve_cases(
             raise ValueError(f"case {i} has no '{image_key}' entry: {rec}")
         if not Path(rec[image_key]).exists():
             raise FileNotFoundError(f"case {i}: image not found: {rec[image_key]}")
+        try:  # a 2D or 4D NIfTI would be resized into a volume silently (or become channels)
+            check_volume_shape(rec[image_key])
+        except ValueError as err:
+            raise ValueError(f"case {i}: {err}") from err
     return records
 
 

@@ -434,3 +434,41 @@ def test_ga_bundle_export_run(tmp_path):
     s = compute("wbp", net, x, torch.tensor([1]))[0, 0].numpy()
     ov = np.asarray(nib.load(rows[1]["overlay"]).dataobj)
     assert np.allclose(ov, s / np.abs(s).max(), atol=1e-4)
+
+
+def test_a_checkpoint_of_another_network_names_the_file_and_the_keys(tmp_path):
+    from ppi_med.export import CheckpointMismatchError
+    from ppi_med.networks import MVCNN
+
+    wide = tmp_path / "wide.pt"
+    torch.save({"model": MVCNN(width=8).state_dict(), "optimizer": {}}, wide)
+    net = MVCNN(width=4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"wide.pt: checkpoint does not fit MVCNN") as err:
+        load_checkpoint(net, wide)
+    msg = str(err.value)
+    assert "shape in checkpoint vs network:" in msg and "(8, 1, 7, 7) vs (4, 1, 7, 7)" in msg
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # nothing half-loaded
+    other = tmp_path / "other.pt"
+    torch.save({"fc.weight": torch.zeros(2, 3), "head.weight": torch.zeros(2, 3)}, other)
+    with pytest.raises(
+        CheckpointMismatchError, match=r"other.pt: .*missing from the checkpoint: backbone.conv1.weight, "
+    ) as err:
+        load_checkpoint(net, other)
+    assert f"({len(before) - 1} in all)" in str(err.value) and "not in the network: fc.weight" in str(err.value)
+    assert "head.weight (2, 3) vs (2, 32)" in str(err.value)
+    # a pickled object is refused (weights only), with the file named
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": MVCNN(width=4)}, pickled)
+    with pytest.raises(ValueError, match=r"pickled.pt: not a readable weights-only torch checkpoint"):
+        load_checkpoint(net, pickled)
+
+
+def test_a_2d_or_4d_image_is_refused_before_anything_is_written(tmp_path):
+    flat = _save_nifti(tmp_path / "flat.nii.gz", np.zeros((16, 16), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match=r"case 0: .*flat.nii.gz: a 2D image of shape \(16, 16\)"):
+        export_saliency(MeanNet(), _ct_preprocessing(), [flat], tmp_path / "out", method="input_x_gradient")
+    series = _save_nifti(tmp_path / "series.nii.gz", np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match=r"series.nii.gz: a 4D image of shape \(8, 8, 8, 2\)"):
+        export_saliency(MeanNet(), _ct_preprocessing(), series, tmp_path / "out", method="input_x_gradient")
+    assert not (tmp_path / "out").exists()

@@ -507,3 +507,29 @@ def test_predict_probabilities_per_checkpoint(tmp_path):
     small = TensorCache(max_bytes=2 * 6 * 4)
     predict_probabilities(net, preprocessing, images, torch.device("cpu"), 2, {"b": ckpts["best"]}, torch, small)
     assert small.nbytes == 2 * 6 * 4  # over the budget, nothing more is kept
+
+
+def test_predict_probabilities_names_a_checkpoint_of_another_network(tmp_path):
+    import torch
+
+    from pipelines.cv_cells import predict_probabilities
+    from ppi_med.export import CheckpointMismatchError
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
+    wider = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    torch.save({"model": wider.state_dict(), "optimizer": {}}, tmp_path / "wider.pt")
+    np.save(tmp_path / "0.npy", np.zeros((1, 2, 3), np.float32))
+
+    def preprocessing(item):
+        return {"image": torch.from_numpy(np.load(item["image"]))}
+
+    with pytest.raises(CheckpointMismatchError, match=r"wider.pt: .*1.weight \(2, 8\) vs \(2, 6\)"):
+        predict_probabilities(
+            net,
+            preprocessing,
+            [str(tmp_path / "0.npy")],
+            torch.device("cpu"),
+            1,
+            {"best": tmp_path / "wider.pt"},
+            torch,
+        )
