@@ -8,6 +8,8 @@ version. Grad-CAM is checked against MONAI's post-hoc implementation, LRP agains
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -747,3 +749,88 @@ def test_unknown_option_and_unknown_gradcam_layer_are_rejected() -> None:
         compute("gradient", model, _input(2), 0, layer="0")
     with pytest.raises(ValueError, match="Grad-CAM layer 'nope'"):
         compute("gradcam", model, _input(2), 0, layer="nope")
+
+
+# ----- nonlinearities called as functions inside a forward ------------------------------------------------
+
+
+class _Block(nn.Module):
+    """A conv whose output goes through ``act``, a function called inside this container's forward."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class _Functional(nn.Module):
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.block = _Block(act)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(F.max_pool2d(self.block(x), 2).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("act", "name"),
+    [
+        (torch.tanh, "torch.tanh"),
+        (F.gelu, "torch.nn.functional.gelu"),
+        (lambda t: t.sigmoid(), "torch.Tensor.sigmoid"),
+        (lambda t: F.silu(t, inplace=True), "torch.nn.functional.silu"),
+        (lambda t: t**2, "torch.Tensor.__pow__"),
+        (lambda t: t.clamp(-1.0, 1.0), "torch.Tensor.clamp"),
+        (lambda t: F.layer_norm(t, t.shape[-2:]), "torch.nn.functional.layer_norm"),
+        (lambda t: F.batch_norm(t, None, None, training=True), "torch.nn.functional.batch_norm"),
+    ],
+)
+def test_a_functional_nonlinearity_in_a_forward_is_named_not_differentiated(act, name: str) -> None:
+    model = _Functional(act)
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(UnsupportedLayerError, match=rf"{re.escape(name)} is called as a function in the forward of "
+                       r"'block' \(_Block\)"):  # fmt: skip
+        wbp(model, x, 1)
+    # the same through the tracer a PPI training step uses
+    with pytest.raises(UnsupportedLayerError, match=re.escape(name)), WBPTracer(model):
+        model(x.requires_grad_(True))
+    model(x)  # the watch and its hooks are gone afterwards
+    assert not model._forward_hooks and not model.block._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("act", "layer"),
+    [
+        (F.relu, nn.ReLU()),
+        (lambda t: t.relu_(), nn.ReLU(inplace=True)),
+        (lambda t: F.leaky_relu(t, 0.1), nn.LeakyReLU(0.1)),
+        (lambda t: t.clamp(min=0), nn.ReLU()),
+        (lambda t: F.threshold(t, 0.0, 0.0), nn.ReLU()),
+    ],
+)
+def test_piecewise_linear_functional_calls_pass_because_their_rule_is_their_derivative(act, layer) -> None:
+    torch.manual_seed(0)
+    functional = _Functional(act)
+    modular = _Functional(layer)
+    modular.load_state_dict(functional.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    s = wbp(functional, x, 1)
+    torch.testing.assert_close(s, wbp(modular, x, 1))  # the layer form, where the rule applies by hook
+    torch.testing.assert_close(s, compute("input_x_gradient", functional, x, 1))
+
+
+def test_eval_batch_norm_called_functionally_passes() -> None:
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+    functional = _Functional(lambda t: F.relu(F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias)))
+    modular = _Functional(nn.Sequential(bn, nn.ReLU()))
+    modular.block.conv.load_state_dict(functional.block.conv.state_dict())
+    modular.head.load_state_dict(functional.head.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(wbp(functional, x, 0), wbp(modular.eval(), x, 0))
