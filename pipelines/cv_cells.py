@@ -386,7 +386,10 @@ class CellRunner:
                     self.client.set_terminated(run.info.run_id, "FAILED")
 
     def _log_child_metrics(self, run_id: str, preds: pd.DataFrame) -> dict[str, dict[str, float | None]]:
-        """Log ``auc_<site>`` (best checkpoint) and ``auc_final_<site>`` into the cell's run; return them."""
+        """Log ``auc_<site>`` (best checkpoint) and ``auc_final_<site>`` into the cell's run; return them.
+
+        Where a test site's cases have one class, no AUC is logged and the tag ``auc_undefined_<site>`` says why.
+        """
         aucs: dict[str, dict[str, float | None]] = {"best": {}, "final": {}}
         for site, g in preds.groupby("test_site", sort=True):
             for which, prefix in (("best", "auc_"), ("final", "auc_final_")):
@@ -394,6 +397,13 @@ class CellRunner:
                 aucs[which][str(site)] = None if math.isnan(auc) else auc
                 if not math.isnan(auc):
                     self.client.log_metric(run_id, prefix + _metric_name(site), auc)
+            if aucs["best"][str(site)] is None:  # a metric cannot say why it is missing; a tag can
+                labels = sorted(set(g["label"].astype(int)))
+                self.client.set_tag(
+                    run_id,
+                    "auc_undefined_" + _metric_name(site),
+                    f"one class in the {len(g)} test cases (label {labels[0]})" if labels else "no test cases",
+                )
         return aucs
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "cell_key",
     "main",
     "method_overrides",
+    "one_class_sites",
     "parse_overrides",
     "run_site_cv",
 ]
@@ -208,6 +209,21 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def one_class_sites(items: Sequence[Mapping[str, Any]], sites: Sequence[str]) -> dict[str, str]:
+    """The sites whose records all carry one label, each with a description (``only label 0 (12 cases)``).
+
+    Args:
+        items: datalist records with ``site`` and ``label``.
+        sites: the sites to look at.
+    """
+    out = {}
+    for site in sites:
+        labels = [int(it["label"]) for it in items if str(it.get("site")) == site]
+        if labels and len(set(labels)) == 1:
+            out[site] = f"only label {labels[0]} ({len(labels)} cases)"
+    return out
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
     """Artifacts beside a local SQLite store (``<folder>/mlruns``), as MONAI's MLflow handler puts them."""
     if tracking_uri.startswith("sqlite:///"):
@@ -283,6 +299,23 @@ class _Study:
         outside = [s for s in self.train_sites if s not in self.sites]
         if outside:
             raise SiteCVError(f"training site(s) {outside} are not among the sites {self.sites}")
+        # a site with one class: AUC is undefined on it, and a model trained on it learns nothing to rank with
+        # (nor can its validation AUC choose a checkpoint); its cases still count in the pooled comparison
+        self.one_class = one_class_sites(items, self.sites)
+        untrainable = [s for s in self.train_sites if s in self.one_class]
+        if untrainable and len(untrainable) == len(self.train_sites):
+            raise SiteCVError(
+                f"training site(s) {', '.join(f'{s} ({self.one_class[s]})' for s in untrainable)} of {self.datalist} "
+                "have one class only; a classifier needs both labels to learn and to choose its checkpoint"
+            )
+        self.notes = [
+            f"Site {s} has {self.one_class[s]}: "
+            + ("not trained on (a classifier needs both labels); " if s in untrainable else "")
+            + "AUC is undefined on it (n/a, DeLong skipped); its cases still enter the pooled off-diagonal test."
+            for s in self.sites
+            if s in self.one_class
+        ]
+        self.train_sites = [s for s in self.train_sites if s not in untrainable]
         self.val_fraction = parser.get_parsed_content("val_fraction")
         first = int(parser.get_parsed_content("seed")) if cfg.first_seed is None else int(cfg.first_seed)
         self.seeds = [first + i for i in range(int(cfg.seeds))]
@@ -448,6 +481,8 @@ def _torch_threads(n: int | None):
 def _run(study: _Study, cfg: SiteCVConfig, t_start: float) -> SiteCVResult:
     """Open the parent run, run or reuse every cell, write the report; the parent ends FINISHED or FAILED."""
     study.out_dir.mkdir(parents=True, exist_ok=True)
+    for note in study.notes:
+        print(f"site CV: {note}", file=sys.stderr)
     study.open_parent()
     status = "FAILED"
     try:
@@ -485,6 +520,11 @@ def _run_cells(study: _Study, cfg: SiteCVConfig) -> tuple[list[dict[str, Any]], 
                 rec = study.runner.train(cell)
             aucs = rec[f"auc_{cfg.checkpoint}"]
             shown = " ".join(f"{s}={aucs[s]:.3f}" if aucs.get(s) is not None else f"{s}=n/a" for s in study.sites)
+            undefined = [s for s in study.sites if aucs.get(s) is None]
+            note = "; ".join(
+                f"AUC on {s} undefined: {study.one_class.get(s, 'one class in its test cases')}" for s in undefined
+            )
+            shown += f" ({note})" if note else ""
             tqdm.write(
                 f"[{i}/{n}] {cell.label}: {state} in {time.perf_counter() - t0:.1f} s; AUC {shown} "
                 f"(run {rec['run_id']})"
@@ -503,6 +543,7 @@ def _run_cells(study: _Study, cfg: SiteCVConfig) -> tuple[list[dict[str, Any]], 
                     "n_train": rec["n_train"],
                     "n_heldout": rec["n_heldout"],
                     "train_seconds": rec["seconds"],
+                    "note": note,
                 }
             )
             bar.update()
@@ -521,15 +562,16 @@ def _notes(study: _Study, cfg: SiteCVConfig, tables: SiteCVTables) -> list[str]:
         notes = [where + "the final checkpoint is scored, so they did not select the model."]
     if tables.reference is None:
         notes.append("No 'baseline' among the methods: no DeLong tests.")
-    undefined = [
-        f"{m} {r}->{c}"
-        for m, df in tables.auc.items()
-        for r in df.index
-        for c in study.sites
-        if not math.isfinite(float(df.loc[r, c]))
-    ]
-    if undefined:
-        notes.append(f"AUC undefined (a class missing) in: {', '.join(undefined)}")
+    notes += study.notes
+    undefined: dict[str, list[str]] = {}
+    for m, df in tables.auc.items():
+        for r in df.index:
+            for c in study.sites:
+                if not math.isfinite(float(df.loc[r, c])):
+                    why = f"site {c} has {study.one_class[c]}" if c in study.one_class else "a class missing"
+                    undefined.setdefault(why, []).append(f"{m} {r}->{c}")
+    for why, cells in undefined.items():
+        notes.append(f"AUC undefined ({why}; no DeLong test there) in: {', '.join(cells)}")
     return notes
 
 

@@ -533,3 +533,43 @@ def test_predict_probabilities_names_a_checkpoint_of_another_network(tmp_path):
             {"best": tmp_path / "wider.pt"},
             torch,
         )
+
+
+def test_a_site_with_one_class_is_reported_not_a_crash(cv_twice, tmp_path, monkeypatch, capsys):
+    """Site B keeps only its label-0 eyes: not trained on, its column n/a with the reason, DeLong skipped."""
+    monkeypatch.chdir(tmp_path)
+    source = cv_twice["tmp"] / "data" / "datalist.json"
+    records = json.loads(source.read_text())["training"]
+    kept = [
+        dict(r, image=str((source.parent / r["image"]).resolve()))
+        for r in records
+        if r["site"] == "A" or r["label"] == 0
+    ]
+    n_b = sum(r["site"] == "B" for r in kept)
+    (tmp_path / "one_class").mkdir()
+    (tmp_path / "one_class" / "datalist.json").write_text(json.dumps({"training": kept}))
+    argv = _argv(tmp_path, "--dataset_dir", str(tmp_path / "one_class"))
+    argv[argv.index("--default_dataset_dir") + 1] = str(cv_twice["tmp"] / "data")
+    assert main(argv) == 0
+    why = f"only label 0 ({n_b} cases)"
+    assert f"site CV: Site B has {why}: not trained on" in capsys.readouterr().err
+    out = tmp_path / "cv"
+    for m in ("baseline", "ppi_wbp"):
+        auc = pd.read_csv(out / f"auc_{m}.csv", index_col=0)
+        assert list(auc.index) == ["A"] and 0.0 <= auc.loc["A", "A"] <= 1.0
+        assert math.isnan(auc.loc["A", "B"])
+    assert math.isnan(pd.read_csv(out / "pvalue_ppi_wbp_vs_baseline.csv", index_col=0).loc["A", "B"])
+    pooled = json.loads((out / "pooled_offdiag.json").read_text())["ppi_wbp"]
+    assert pooled["n_cases"] == n_b and pooled["n_pos"] == 0 and pooled["p_value"] is None
+    md = (out / "summary.md").read_text()
+    assert f"AUC undefined (site B has {why}; no DeLong test there) in: baseline A->B, ppi_wbp A->B" in md
+    cells = pd.read_csv(out / "cells.csv")
+    assert set(cells["train_site"]) == {"A"} and (cells["note"] == f"AUC on B undefined: {why}").all()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run_id in cells["run_id"]:
+        run = client.get_run(run_id)
+        assert run.data.tags["auc_undefined_B"] == f"one class in the {n_b} test cases (label 0)"
+        assert "auc_B" not in run.data.metrics and "auc_A" in run.data.metrics
+    # asked to train on that site alone: refused before anything is trained
+    assert main([*argv, "--train-sites", "B"]) == 2
+    assert f"training site(s) B ({why}) of " in capsys.readouterr().err
