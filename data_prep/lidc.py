@@ -171,6 +171,11 @@ def _rel(path: Path, out_dir: Path) -> str:
     return path.relative_to(out_dir).as_posix()
 
 
+def _rel_dicom(folder: Path, out_dir: Path) -> str:
+    """The series folder relative to the output (``../dicom/...``), so the datalist moves with its data."""
+    return Path(os.path.relpath(Path(folder).resolve(), Path(out_dir).resolve())).as_posix()
+
+
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write NIfTI with scanner-frame q/sform, via a temporary name (no half-written files)."""
     img = nib.Nifti1Image(array, affine)
@@ -260,6 +265,7 @@ def _process_scan(scan: Any, index: DicomIndex, out_dir: Path, settings: PatchSe
         "series_uid": series_uid,
         "study_uid": scan.study_instance_uid,
         "scan_image": _rel(scan_path, out_dir),
+        "scan_dicom": _rel_dicom(Path(files[0]).parent, out_dir),
         "n_slices": len(series.z),
         "n_slices_in_db": len(scan.slice_zvals),
         "slice_spacing_mm": series.slice_spacing,
@@ -348,6 +354,8 @@ def _assemble(
                     **base,
                     "malignancy_ratings": nod["malignancy_ratings"],
                     "scan_image": rec["scan_image"],
+                    # the DICOM series behind scan_image, for overlays a PACS can show (ppi_med.export)
+                    **({"scan_dicom": rec["scan_dicom"]} if rec.get("scan_dicom") else {}),
                     "centroid_lps_mm": nod["centroid_lps_mm"],
                     "consensus_volume_mm3": nod["consensus_volume_mm3"],
                     "mask_exceeds_patch": nod["mask_exceeds_patch"],
@@ -474,6 +482,12 @@ def preprocess(
                     f"{asdict(settings)}; use another output folder"
                 )
             if _record_complete(rec, out_dir):
+                if "scan_dicom" not in rec:  # a scan finished before records named their series folder
+                    try:
+                        files = index.find_series(scan.patient_id, scan.study_instance_uid, scan.series_instance_uid)
+                        rec["scan_dicom"] = _rel_dicom(files[0].parent, out_dir)
+                    except SeriesError:
+                        pass
                 records[marker.stem] = rec
     for sub in ("scans", "patches", "done"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)

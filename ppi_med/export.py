@@ -11,17 +11,23 @@ Per case, :class:`SaliencyExporter` writes into ``OUT/<case>/``:
 - ``<method>_<target>.nii.gz``: the overlay, with exactly the source's shape and affine (for a NIfTI source
   its qform/sform and codes are copied from the source header); values are the saliency divided by its
   maximum absolute value (so in [-1, 1]; the scale is in the index);
-- ``image.nii.gz``: the source as NIfTI when it was not NIfTI (a DICOM series, read with MONAI's
-  ``PydicomReader``), so that one viewer command opens both;
+- ``image.nii.gz``: the source as NIfTI (a DICOM series read with MONAI's ``PydicomReader``; a NIfTI source
+  copied with its header and on-disk type), so that the export folder holds everything a viewer or the review
+  page (``python -m pipelines.review``) opens; ``copy_sources=False`` keeps a NIfTI source where it is;
+- ``mask.nii.gz``: the record's lesion/nodule ``mask`` as 0/1 on the image's grid, when it has one;
 - ``<method>_<target>_in_scan.nii.gz``: for a patch cut from a whole scan (the record has ``scan_image``),
-  the overlay resampled into the scan's grid through the two affines, zeros elsewhere (a DICOM scan is also
+  the overlay resampled into the scan's grid through the two affines, zeros elsewhere (the scan is also
   written once as ``OUT/scans/<name>.nii.gz``);
+- ``<method>_<target>.dcm`` (source is a DICOM series) or ``<method>_<target>_in_scan.dcm`` (the record's
+  ``scan_dicom`` names the DICOM series of ``scan_image``, as LIDC records do): the overlay as a DICOM
+  Parametric Map over that series, for a PACS (:mod:`ppi_med.dicom_overlay`);
 - ``<method>_<target>_montage.png``: slices through the saliency peak along every axis (see
   :mod:`ppi_med.montage`) with the lesion mask outline when the record has a ``mask``;
 
-and ``OUT/index.csv`` lists every case and target with label, prediction, probabilities and paths. Nothing is
-ever overwritten: every output path is checked before any work starts, and each write refuses an existing
-file.
+``OUT/index.csv`` lists every case, method and target with label, prediction, probabilities and paths, and
+``OUT/export.json`` the methods, targets and checkpoint (by which the review finds the training run in
+MLflow). Several methods go into one export with ``method="wbp,gradcam"`` (or a list). Nothing is ever
+overwritten: every output path is checked before any work starts, and each write refuses an existing file.
 
 Targets: ``"predicted"`` (the model's class), ``"label"`` (the record's label), a class index, or a list of
 these (e.g. ``["predicted", 1]``) for several overlays per case.
@@ -42,7 +48,8 @@ Bundle run id ``export`` (in ``bundles/ga_ppi.json`` and ``bundles/lidc_ppi.json
 
 Its ids: ``checkpoint`` (default: the newest ``runs/ga-*/models/model_best.pt``, ``lidc-*`` for LIDC),
 ``export_dir`` (default: a new ``runs/export-<method>-<time>-<pid>``), ``export_method`` (``wbp``),
-``export_target`` (``predicted``; ``label``, a class index, or ``"['predicted',1]"``), ``export_datalist``
+``export_target`` (``predicted``; ``label``, a class index, or ``"['predicted',1]"``; ``export_method`` takes
+several methods as ``wbp,gradcam``), ``export_datalist``
 (default ``@validate#datalist``; a datalist JSON's ``training`` list, records, or one image path / DICOM folder),
 ``export_interp`` (``linear``), ``export_montage`` (``true``), and ``export_job``, the call itself.
 """
@@ -67,6 +74,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import check_volume_shape
+from .dicom_overlay import write_parametric_map
 from .image_grid import (
     SourceImage,
     ensure_new,
@@ -119,6 +127,8 @@ INDEX_COLUMNS = (
     "peak_ras_mm",
     "saliency_scale",
     "view_command",
+    "mask",
+    "dicom_overlay",
 )
 
 # torch.nn.functional.interpolate-based transforms (the rest resample with grid_sample or scipy)
@@ -446,7 +456,8 @@ class SaliencyExporter:
         network: the classifier (logits ``(N, M)``).
         preprocessing: the bundle's ``preprocessing`` (a ``Compose`` of invertible MONAI transforms).
         method: a method name of :func:`ppi_med.saliency.compute` (``wbp``, ``gradient``,
-            ``input_x_gradient``, ``gradcam``, ``lrp``) or a :data:`SaliencyFn`.
+            ``input_x_gradient``, ``gradcam``, ``lrp``), a :data:`SaliencyFn`, or several of these (a list or
+            ``"wbp,gradcam"``): one overlay per method and target.
         targets: ``"predicted"``, ``"label"``, a class index, or a list of these.
         checkpoint: weights to load into ``network`` first (``None``: use it as it is).
         device: where to run (default: the network's device).
@@ -456,11 +467,16 @@ class SaliencyExporter:
         signed_montage: diverging colours for the signed map; default: only for methods whose maps are
             signed (all but ``gradcam``).
         image_key, mask_key, scan_key, label_key: record keys.
-        method_kwargs: options for the method (e.g. ``layer`` for gradcam).
+        scan_dicom_key: the record key naming the DICOM series folder of ``scan_image``.
+        method_kwargs: options for the method (e.g. ``layer`` for gradcam); with several methods, keyed by
+            method name (``{"gradcam": {"layer": "backbone.layer4"}}``).
+        copy_sources: copy a NIfTI source and scan into the export too (a DICOM one is always written).
+        dicom: write DICOM Parametric Maps where the scan came from a DICOM series.
         progress: show a progress bar.
 
     Raises:
-        ValueError: an unknown method or target choice.
+        ValueError: an unknown method or target choice, a method named twice, or ``method_kwargs`` not keyed
+            by method name with several methods.
     """
 
     def __init__(
@@ -468,7 +484,7 @@ class SaliencyExporter:
         network: nn.Module,
         preprocessing: Compose,
         *,
-        method: str | SaliencyFn = "wbp",
+        method: str | SaliencyFn | Sequence[str | SaliencyFn] = "wbp",
         targets: str | int | Sequence[str | int] = "predicted",
         checkpoint: str | Path | None = None,
         device: str | torch.device | None = None,
@@ -480,31 +496,36 @@ class SaliencyExporter:
         mask_key: str = "mask",
         scan_key: str = "scan_image",
         label_key: str = "label",
+        scan_dicom_key: str = "scan_dicom",
         method_kwargs: Mapping[str, Any] | None = None,
+        copy_sources: bool = True,
+        dicom: bool = True,
         progress: bool = True,
     ) -> None:
-        from .saliency import METHODS
-
-        if isinstance(method, str) and method not in METHODS:
-            raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
-        if not isinstance(method, str) and not callable(method):
-            raise ValueError(f"method must be a name or a callable, got {type(method).__name__}")
+        methods = _parse_methods(method)
+        names = [m if isinstance(m, str) else getattr(m, "__name__", "custom") for m in methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a saliency method is named twice: {names}")
         if interp not in ("linear", "nearest", "trace"):
             raise ValueError(f"interp must be 'linear', 'nearest' or 'trace', got '{interp}'")
         self.network = network
         if checkpoint is not None:
             load_checkpoint(network, checkpoint)
         self.preprocessing = preprocessing
-        self.method = method
-        self.method_name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+        self.methods = list(zip(names, methods))
+        self.method, self.method_name = methods[0], names[0]  # the first method (the only one, usually)
         self.targets = parse_targets(targets)
         self.device = torch.device(device) if device is not None else _device_of(network)
         self.interp = interp
         self.normalise = normalise
         self.montage = montage
-        self.signed_montage = (self.method_name != "gradcam") if signed_montage is None else signed_montage
+        self.signed_montage = signed_montage
         self.image_key, self.mask_key, self.scan_key, self.label_key = image_key, mask_key, scan_key, label_key
-        self.method_kwargs = dict(method_kwargs or {})
+        self.scan_dicom_key = scan_dicom_key
+        self.method_kwargs = _kwargs_per_method(method_kwargs, names)
+        self.copy_sources = copy_sources
+        self.dicom = dicom
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.progress = progress
         self.loader = find_loader(preprocessing, image_key)
         self._scan_cache: tuple[str, SourceImage, Path] | None = None
@@ -513,20 +534,30 @@ class SaliencyExporter:
     def _case_paths(self, out_dir: Path, cid: str, record: Mapping[str, Any]) -> dict[str, Any]:
         case_dir = out_dir / cid
         paths: dict[str, Any] = {"dir": case_dir, "targets": {}}
-        if not is_nifti(record[self.image_key]):
+        dicom_source = not is_nifti(record[self.image_key]) and _is_dicom(record[self.image_key])
+        if self.copy_sources or not is_nifti(record[self.image_key]):
             paths["image"] = case_dir / "image.nii.gz"
-        for t in self.targets:
-            stem = f"{self.method_name}_{_target_tag(t)}"
-            p = {"overlay": case_dir / f"{stem}.nii.gz"}
-            if self.montage:
-                p["montage"] = case_dir / f"{stem}_montage.png"
-            if record.get(self.scan_key):
-                p["scan_overlay"] = case_dir / f"{stem}_in_scan.nii.gz"
-            paths["targets"][t] = p
+        if record.get(self.mask_key):
+            paths["mask"] = case_dir / "mask.nii.gz"
+        for name, _ in self.methods:
+            for t in self.targets:
+                stem = f"{name}_{_target_tag(t)}"
+                p = {"overlay": case_dir / f"{stem}.nii.gz"}
+                if self.montage:
+                    p["montage"] = case_dir / f"{stem}_montage.png"
+                if record.get(self.scan_key):
+                    p["scan_overlay"] = case_dir / f"{stem}_in_scan.nii.gz"
+                if self.dicom and dicom_source:
+                    p["dicom"] = case_dir / f"{stem}.dcm"
+                elif self.dicom and record.get(self.scan_key) and record.get(self.scan_dicom_key):
+                    p["scan_dicom"] = case_dir / f"{stem}_in_scan.dcm"
+                paths["targets"][(name, t)] = p
         return paths
 
     def _scan_copy_path(self, out_dir: Path, scan: str | Path) -> Path | None:
-        return None if is_nifti(scan) else out_dir / "scans" / f"{_stem(scan)}.nii.gz"
+        if is_nifti(scan) and not self.copy_sources:
+            return None
+        return out_dir / "scans" / f"{_stem(scan)}.nii.gz"
 
     # -- running ---------------------------------------------------------------------------------------------
     def run(self, data: str | Path | Mapping | Sequence, out_dir: str | Path) -> Path:
@@ -549,15 +580,19 @@ class SaliencyExporter:
         plans = [self._case_paths(out_dir, cid, rec) for cid, rec in zip(ids, records)]
         index = ensure_new(out_dir / "index.csv")
         scan_copies = {
-            str(rec[self.scan_key]) for rec in records if rec.get(self.scan_key) and not is_nifti(rec[self.scan_key])
+            str(rec[self.scan_key])
+            for rec in records
+            if rec.get(self.scan_key) and self._scan_copy_path(out_dir, rec[self.scan_key]) is not None
         }
         for plan in plans:
-            for p in [plan.get("image")] + [q for t in plan["targets"].values() for q in t.values()]:
+            for p in [plan.get("image"), plan.get("mask")] + [q for t in plan["targets"].values() for q in t.values()]:
                 if p is not None:
                     ensure_new(p)
         for scan in scan_copies:
             ensure_new(self._scan_copy_path(out_dir, scan))
+        meta = ensure_new(out_dir / "export.json")
         out_dir.mkdir(parents=True, exist_ok=True)
+        self._write_meta(meta, len(records))
 
         was_training = self.network.training
         self.network.eval()
@@ -566,7 +601,8 @@ class SaliencyExporter:
             writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
             writer.writeheader()
             try:
-                bar = tqdm(list(zip(ids, records, plans)), desc=f"export {self.method_name}", disable=not self.progress)
+                desc = f"export {','.join(n for n, _ in self.methods)}"
+                bar = tqdm(list(zip(ids, records, plans)), desc=desc, disable=not self.progress)
                 for cid, rec, plan in bar:
                     bar.set_postfix_str(cid)
                     writer.writerows(self.export_case(rec, cid, plan, out_dir))
@@ -576,11 +612,30 @@ class SaliencyExporter:
                 self._scan_cache = None
         return index
 
-    def _saliency(self, x: torch.Tensor, target: int) -> torch.Tensor:
+    def _write_meta(self, path: Path, n_cases: int) -> None:
+        """``export.json``: what was exported from which checkpoint (the review finds the MLflow run by it)."""
+        import json
+        import time
+
+        from .tracking import git_commit
+
+        meta = {
+            "methods": [n for n, _ in self.methods],
+            "targets": [str(t) for t in self.targets],
+            "checkpoint": self.checkpoint,
+            "n_cases": n_cases,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": git_commit(Path(__file__).resolve().parent),
+        }
+        with open(path, "x") as fh:
+            json.dump(meta, fh, indent=1)
+
+    def _saliency(self, x: torch.Tensor, target: int, method: str | SaliencyFn | None = None) -> torch.Tensor:
         t = torch.tensor([target], device=x.device)
-        if isinstance(self.method, str):
-            return compute(self.method, self.network, x, t, **self.method_kwargs)
-        sal = self.method(self.network, x, t)
+        method = self.method if method is None else method
+        if isinstance(method, str):
+            return compute(method, self.network, x, t, **self.method_kwargs.get(method, {}))
+        sal = method(self.network, x, t)
         if tuple(sal.shape) != tuple(x.shape):
             raise ValueError(f"saliency function returned shape {tuple(sal.shape)} for input {tuple(x.shape)}")
         return sal
@@ -591,7 +646,7 @@ class SaliencyExporter:
             scan = read_source(scan_path)
             copy = self._scan_copy_path(out_dir, scan_path)
             if copy is not None and not copy.exists():
-                write_nifti(copy, scan.array, scan.affine, description="ppi-med: source scan")
+                _write_copy(copy, scan, "ppi-med: source scan")
             self._scan_cache = (key, scan, copy or Path(scan_path))
         return self._scan_cache[1], self._scan_cache[2]
 
@@ -619,15 +674,18 @@ class SaliencyExporter:
         label = record.get(self.label_key)
         image_path = Path(record[self.image_key])
         if "image" in plan:
-            write_nifti(plan["image"], src.array, src.affine, description="ppi-med: source image")
+            _write_copy(plan["image"], src, "ppi-med: source image")
             image_path = plan["image"]
-        mask = self._mask_on(record, src, cid) if self.montage else None
+        mask = self._mask_on(record, src, cid)
+        if mask is not None and "mask" in plan:
+            write_nifti(plan["mask"], mask > 0.5, src.affine, like=src.header, dtype=np.uint8, description="mask")
         scan = self._scan(record[self.scan_key], out_dir) if record.get(self.scan_key) else None
 
         rows = []
-        for spec, paths in plan["targets"].items():
+        for (method_name, spec), paths in plan["targets"].items():
+            method = dict(self.methods)[method_name]
             cls = resolve_target(spec, pred, record, num_classes, cid)
-            sal = self._saliency(x, cls)[0].detach().cpu().float().sum(0, keepdim=True)
+            sal = self._saliency(x, cls, method)[0].detach().cpu().float().sum(0, keepdim=True)
             orig = to_original_grid(sal, x_pre, self.preprocessing, interp=self.interp, image_key=self.image_key)
             arr = orig[0].as_tensor().numpy().astype(np.float32)
             if not same_grid(arr.shape, orig.affine.numpy(), src.shape, src.affine):
@@ -638,7 +696,7 @@ class SaliencyExporter:
             scale = float(np.abs(arr).max())
             if self.normalise and scale > 0:
                 arr = arr / scale
-            desc = f"ppi-med {self.method_name} saliency, class {cls}"
+            desc = f"ppi-med {method_name} saliency, class {cls}"
             write_nifti(paths["overlay"], arr, src.affine, like=src.header, description=desc)
             row = {
                 "case_id": cid,
@@ -648,7 +706,7 @@ class SaliencyExporter:
                 "target": spec,
                 "target_class": cls,
                 "prob_target": f"{float(probs[cls]):.6f}",
-                "method": self.method_name,
+                "method": method_name,
                 "source": str(record[self.image_key]),
                 "image": str(image_path),
                 "overlay": str(paths["overlay"]),
@@ -658,16 +716,25 @@ class SaliencyExporter:
                 "peak_ras_mm": ";".join(f"{v:.3f}" for v in voxel_to_world(src.affine, peak_index(arr))),
                 "saliency_scale": f"{scale:.6g}",
                 "view_command": f"itksnap -g {image_path} -o {paths['overlay']}",
+                "mask": str(plan["mask"]) if mask is not None and "mask" in plan else "",
+                "dicom_overlay": "",
             }
+            if "dicom" in paths:  # the source itself is a DICOM series: the map goes over it, for a PACS
+                write_parametric_map(paths["dicom"], arr, src.affine, record[self.image_key], description=desc)
+                row["dicom_overlay"] = str(paths["dicom"])
             if scan is not None:
                 scan_img, scan_file = scan
                 placed = resample_to_grid(arr, src.affine, scan_img.shape, scan_img.affine, order=1)
                 write_nifti(paths["scan_overlay"], placed, scan_img.affine, like=scan_img.header, description=desc)
                 row["scan_image"], row["scan_overlay"] = str(scan_file), str(paths["scan_overlay"])
+                if "scan_dicom" in paths:  # a patch of a scan read from DICOM: the map over that series
+                    series = record[self.scan_dicom_key]
+                    write_parametric_map(paths["scan_dicom"], placed, scan_img.affine, series, description=desc)
+                    row["dicom_overlay"] = str(paths["scan_dicom"])
             if self.montage:
                 lab = "?" if label is None else int(label)
                 title = (
-                    f"{cid}  |  {self.method_name} saliency of class {cls} ({spec})  |  "
+                    f"{cid}  |  {method_name} saliency of class {cls} ({spec})  |  "
                     f"predicted {pred} (p={float(probs[pred]):.2f}), label {lab}"
                 )
                 codes = nib.aff2axcodes(src.affine)  # which way each array axis points, e.g. ('I', 'P', 'R')
@@ -678,12 +745,74 @@ class SaliencyExporter:
                     mask=mask,
                     spacing=src.spacing,
                     title=title,
-                    signed=self.signed_montage,
+                    signed=(method_name != "gradcam") if self.signed_montage is None else self.signed_montage,
                     axis_names=[f"axis {a} (to {c})" for a, c in enumerate(codes)],
                 )
                 row["montage"] = str(paths["montage"])
             rows.append(row)
         return rows
+
+
+def _parse_methods(method: str | SaliencyFn | Sequence[str | SaliencyFn]) -> list[str | SaliencyFn]:
+    """The methods to export: a name, ``"wbp,gradcam"``, a callable, or a list of these.
+
+    Raises:
+        ValueError: an unknown name, something that is neither a name nor a callable, or none at all.
+    """
+    from .saliency import METHODS
+
+    if isinstance(method, str):
+        items: list = [m.strip() for m in method.split(",") if m.strip()]
+    elif callable(method):
+        items = [method]
+    else:
+        items = list(method)
+    if not items:
+        raise ValueError("no saliency method given")
+    for m in items:
+        if isinstance(m, str) and m not in METHODS:
+            raise ValueError(f"unknown saliency method '{m}'; choose one of {', '.join(METHODS)}")
+        if not isinstance(m, str) and not callable(m):
+            raise ValueError(f"method must be a name or a callable, got {type(m).__name__}")
+    return items
+
+
+def _kwargs_per_method(kwargs: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Options per method: with one method, ``kwargs`` are its options; with several, a mapping from method
+    name to options (``{"gradcam": {"layer": "backbone.layer4"}}``).
+
+    Raises:
+        ValueError: several methods and a key that is not one of them.
+    """
+    kwargs = dict(kwargs or {})
+    if len(names) == 1:
+        return {names[0]: kwargs}
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise ValueError(f"with several methods, method_kwargs must be keyed by method name; unknown: {unknown}")
+    return {n: dict(kwargs.get(n) or {}) for n in names}
+
+
+def _is_dicom(path: str | Path) -> bool:
+    """A DICOM series folder or a ``.dcm`` file (what MONAI's loader reads as DICOM)."""
+    p = Path(path)
+    return p.is_dir() or p.name.lower().endswith(".dcm")
+
+
+def _write_copy(path: Path, src: SourceImage, description: str) -> Path:
+    """The source as NIfTI in the export (so the export folder holds all a viewer opens): a NIfTI source keeps
+    its header and, where its values fit, its on-disk type; anything else is written as float32."""
+    dtype: np.dtype = np.dtype(np.float32)
+    if src.header is not None:
+        disk = np.dtype(src.header.get_data_dtype())
+        if np.issubdtype(disk, np.integer):
+            info = np.iinfo(disk)
+            a = src.array
+            if np.array_equal(a, np.round(a)) and a.min() >= info.min and a.max() <= info.max:
+                dtype = disk
+        elif np.issubdtype(disk, np.floating):
+            dtype = disk
+    return write_nifti(path, src.array, src.affine, like=src.header, dtype=dtype, description=description)
 
 
 def _device_of(network: nn.Module) -> torch.device:
@@ -731,5 +860,6 @@ def export_saliency(
         network, preprocessing, method=method, targets=targets, checkpoint=checkpoint, device=device, **kwargs
     )
     index = exporter.run(data, out_dir)
-    print(f"saliency overlays ({exporter.method_name}) written to {Path(out_dir)}; index: {index}", flush=True)
+    names = ", ".join(n for n, _ in exporter.methods)
+    print(f"saliency overlays ({names}) written to {Path(out_dir)}; index: {index}", flush=True)
     return index

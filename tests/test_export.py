@@ -9,6 +9,7 @@ from the DICOM tags or the NIfTI affine.
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -225,8 +226,12 @@ def test_nifti_overlay_keeps_the_header_and_lands_on_the_marker(tmp_path, name, 
     src = _save_nifti(tmp_path / f"{name}.nii.gz", _marker_volume(shape, marker), affine)
     index = export_saliency(MeanNet(), _ct_preprocessing(), src, tmp_path / "out", method=blob_at_marker)
     row = _read_index(index)[0]
-    assert row["image"] == str(src)  # a NIfTI source is not copied
     original, overlay = nib.load(src), nib.load(row["overlay"])
+    # the source is copied into the export (a review page reads only there), header and values unchanged
+    copy = nib.load(row["image"])
+    assert row["source"] == str(src) and Path(row["image"]) == tmp_path / "out" / name / "image.nii.gz"
+    assert np.array_equal(copy.get_fdata(), original.get_fdata()) and np.allclose(copy.affine, original.affine)
+    assert int(copy.header["sform_code"]) == int(original.header["sform_code"])
     assert overlay.shape == original.shape
     assert np.allclose(overlay.affine, original.affine)
     assert np.allclose(overlay.header.get_qform(), original.header.get_qform())
@@ -280,7 +285,9 @@ def test_patch_overlay_is_placed_in_the_whole_scan(tmp_path):
         MeanNet(), _ct_preprocessing(size=(16, 16, 16)), [record], tmp_path / "out", method=blob_at_marker
     )
     row = _read_index(index)[0]
-    assert row["case_id"] == "LIDC-0001_nodule2" and row["scan_image"] == str(scan)
+    assert row["case_id"] == "LIDC-0001_nodule2"
+    assert row["scan_image"] == str(tmp_path / "out" / "scans" / "scan.nii.gz")
+    assert np.array_equal(nib.load(row["scan_image"]).get_fdata(), nib.load(scan).get_fdata())  # copied as it is
     placed = nib.load(row["scan_overlay"])
     assert placed.shape == scan_shape and np.allclose(placed.affine, scan_affine)
     data = np.asarray(placed.dataobj)
@@ -331,12 +338,17 @@ def test_two_targets_index_and_no_overwrite(tmp_path):
     assert {Path(r["overlay"]).name for r in rows} == {"input_x_gradient_pred.nii.gz", "input_x_gradient_class1.nii.gz"}
     for r in rows:
         assert Path(r["montage"]).is_file() and Path(r["montage"]).stat().st_size < 300_000
-        assert r["view_command"] == f"itksnap -g {src} -o {r['overlay']}"
+        assert r["view_command"] == f"itksnap -g {out / 'a' / 'image.nii.gz'} -o {r['overlay']}"
+        # the mask is copied beside the overlay (for the review page's outline), as 0/1 on the image's grid
+        assert r["mask"] == str(out / "a" / "mask.nii.gz") and r["dicom_overlay"] == ""
+        assert np.array_equal(np.asarray(nib.load(r["mask"]).dataobj), mask)
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["methods"] == ["input_x_gradient"] and meta["targets"] == ["predicted", "1"]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     with pytest.raises(FileExistsError, match="index.csv"):
         export_saliency(net, _ct_preprocessing(), [rec], out, method="input_x_gradient", targets=["predicted", 1])
     (out / "index.csv").rename(tmp_path / "moved.csv")
-    with pytest.raises(FileExistsError, match="input_x_gradient_pred.nii.gz"):
+    with pytest.raises(FileExistsError, match="a/image.nii.gz"):
         export_saliency(net, _ct_preprocessing(), [rec], out, method="input_x_gradient")
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert {p: t for p, t in before.items() if p.name != "index.csv"} == after
