@@ -3,18 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+REVIEW_WEB := pipelines/review/web
 
 .PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
 # torch goes first and pinned, so pip takes the local/CPU or CUDA wheel for this machine
-# instead of resolving a fresh several-GB build for a loose range.
-$(STAMP): pyproject.toml constraints.txt
+# instead of resolving a fresh several-GB build for a loose range. npm ci installs the review page's viewer
+# (NiiVue, pinned by package-lock.json) into $(REVIEW_WEB)/node_modules.
+$(STAMP): pyproject.toml constraints.txt $(REVIEW_WEB)/package.json $(REVIEW_WEB)/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	npm ci --prefix $(REVIEW_WEB) --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: install
@@ -30,4 +33,4 @@ bench: install
 	$(PY) benchmarks/bench_saliency_ppi.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(REVIEW_WEB)/node_modules

@@ -34,8 +34,7 @@ def _summarise(args: argparse.Namespace) -> int:
     summary, run_id, how = summarise_export(
         args.export_dir, tracking_uri=uri, run_id=args.run_id, experiment=args.experiment
     )
-    with_pd_options = summary.to_string(index=False, float_format=lambda x: f"{x:.3f}")
-    print(with_pd_options)
+    print(summary.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     where = {"given": "the given run", "export": "the export's run", "new": "a new run"}[how]
     print(f"\nlogged to {where} {run_id} in {uri}", flush=True)
     return 0
@@ -44,7 +43,11 @@ def _summarise(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import make_server
 
-    server = make_server(args.export_dir, host=args.host, port=args.port, quiet=not args.verbose)
+    try:
+        server = make_server(args.export_dir, host=args.host, port=args.port, quiet=not args.verbose)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
     n_cases = len(server.cases)
     problems = [f"  {c.case_id}: {p}" for c in server.cases for p in c.problems]
     if problems:
@@ -76,9 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _summarise(args) if args.summarise else _serve(args)
     except (ReviewInputError, ReviewSetupError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 2
 
 
