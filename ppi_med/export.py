@@ -74,7 +74,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import check_volume_shape
-from .dicom_overlay import write_parametric_map
+from .dicom_overlay import DicomSeriesError, write_parametric_map
 from .image_grid import (
     SourceImage,
     ensure_new,
@@ -720,7 +720,7 @@ class SaliencyExporter:
                 "dicom_overlay": "",
             }
             if "dicom" in paths:  # the source itself is a DICOM series: the map goes over it, for a PACS
-                write_parametric_map(paths["dicom"], arr, src.affine, record[self.image_key], description=desc)
+                _dicom_map(paths["dicom"], arr, src.affine, record[self.image_key], desc, cid)
                 row["dicom_overlay"] = str(paths["dicom"])
             if scan is not None:
                 scan_img, scan_file = scan
@@ -729,7 +729,7 @@ class SaliencyExporter:
                 row["scan_image"], row["scan_overlay"] = str(scan_file), str(paths["scan_overlay"])
                 if "scan_dicom" in paths:  # a patch of a scan read from DICOM: the map over that series
                     series = record[self.scan_dicom_key]
-                    write_parametric_map(paths["scan_dicom"], placed, scan_img.affine, series, description=desc)
+                    _dicom_map(paths["scan_dicom"], placed, scan_img.affine, series, desc, cid)
                     row["dicom_overlay"] = str(paths["scan_dicom"])
             if self.montage:
                 lab = "?" if label is None else int(label)
@@ -813,6 +813,14 @@ def _write_copy(path: Path, src: SourceImage, description: str) -> Path:
         elif np.issubdtype(disk, np.floating):
             dtype = disk
     return write_nifti(path, src.array, src.affine, like=src.header, dtype=dtype, description=description)
+
+
+def _dicom_map(path: Path, overlay: np.ndarray, affine: np.ndarray, series: str | Path, desc: str, cid: str) -> None:
+    """:func:`ppi_med.dicom_overlay.write_parametric_map` with the case named when the series is unusable."""
+    try:
+        write_parametric_map(path, overlay, affine, series, description=desc)
+    except DicomSeriesError as err:
+        raise ValueError(f"case {cid}: no DICOM overlay over {series}: {err}") from err
 
 
 def _device_of(network: nn.Module) -> torch.device:
