@@ -56,7 +56,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ppi_med.data import load_datalist
-from ppi_med.tracking import git_commit
+from ppi_med.tracking import TrackingServerError, check_tracking_uri, ensure_experiment, git_commit
 
 from .cv_cells import CELL_FORMAT, Cell, CellRunner, SiteCVError, cell_key, method_overrides, sha256_file
 from .cv_tables import SiteCVTables, site_cv_tables
@@ -327,6 +327,7 @@ class _Study:
                 "MLflow handler would use for the cells' runs; unset one of them"
             )
         self.tracking_uri = cfg.tracking_uri or env_uri or str(parser.get_parsed_content("tracking_uri"))
+        check_tracking_uri(self.tracking_uri)  # a server that does not answer stops the study before any cell
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "site_cv" / self.stamp
         self.bundle_sha = sha256_file(self.config_file)
@@ -345,15 +346,12 @@ class _Study:
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        exp = self.client.get_experiment_by_name(self.cfg.experiment)
-        if exp is None:
-            exp_id = self.client.create_experiment(
-                self.cfg.experiment, artifact_location=_artifact_location(self.tracking_uri)
+        try:
+            exp_id = ensure_experiment(
+                self.client, self.cfg.experiment, artifact_location=_artifact_location(self.tracking_uri)
             )
-        elif exp.lifecycle_stage != "active":
-            raise SiteCVError(f"MLflow experiment '{self.cfg.experiment}' is deleted; restore it or choose another")
-        else:
-            exp_id = exp.experiment_id
+        except ValueError as err:  # a deleted experiment
+            raise SiteCVError(str(err)) from err
         self.experiment_id = exp_id
         tags = {
             "git_commit": git_commit(_REPO),
@@ -454,6 +452,7 @@ def run_site_cv(cfg: SiteCVConfig) -> SiteCVResult:
     Raises:
         FileNotFoundError: the bundle config, metadata or datalist is missing.
         SiteCVError: an unknown site or method, a reserved or conflicting override.
+        TrackingServerError: the MLflow tracking server does not answer (checked before any training).
         RuntimeError: a cell's training left no MLflow run.
     """
     t_start = time.perf_counter()
@@ -767,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         run_site_cv(cfg)
-    except (SiteCVError, FileNotFoundError) as err:
+    except (SiteCVError, FileNotFoundError, TrackingServerError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -360,13 +360,12 @@ def log_to_mlflow(
     """
     from mlflow import MlflowClient
 
-    from .tracking import flatten_params, git_commit
+    from .tracking import ensure_experiment, flatten_params, git_commit
 
     client = MlflowClient(tracking_uri=tracking_uri)
     created = run_id is None
     if created:
-        exp = client.get_experiment_by_name(experiment_name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment_name)
+        exp_id = ensure_experiment(client, experiment_name)
         run = client.create_run(exp_id, run_name=run_name, tags={"kind": "saliency_eval", "git_commit": git_commit()})
         run_id = run.info.run_id
         for k, v in flatten_params(params or {}).items():

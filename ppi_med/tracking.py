@@ -1,12 +1,23 @@
-"""MLflow tracking for bundle runs: MONAI's handler plus tags, parameter files and a closing summary."""
+"""MLflow tracking for bundle runs: MONAI's handler plus tags, parameter files and a closing summary.
+
+A tracking server (``http://...``) is checked before anything trains (:func:`check_tracking_uri`). If it
+stops answering during a run, :class:`RunTracker` warns once and training goes on: every metric and param
+the run logs is also written to ``<output_dir>/metrics.jsonl`` (always, not only then), so nothing measured
+is lost, and the checkpoints stay in the run folder. Experiments are created as model-training experiments
+(:func:`ensure_experiment`).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +25,106 @@ from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
 __all__ = [
+    "EXPERIMENT_KIND_TAG",
+    "MODEL_TRAINING_KIND",
+    "TrackingServerError",
+    "check_tracking_uri",
     "default_tracking_uri",
+    "ensure_experiment",
     "flatten_params",
     "git_commit",
     "latest_checkpoint",
     "log_batch",
+    "server_problem",
     "unique_run_name",
     "RunTracker",
 ]
+
+#: MLflow 3's experiment tag that picks the UI's view: without it an experiment may open on the GenAI
+#: traces overview instead of the runs table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+class TrackingServerError(ConnectionError):
+    """The MLflow tracking server does not answer."""
+
+
+def _is_remote(uri: str | None) -> bool:
+    return bool(uri) and str(uri).startswith(("http://", "https://"))
+
+
+def server_problem(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the MLflow server at ``uri`` does not answer its ``/health`` endpoint, or ``None`` when it does.
+
+    One request, no retries (MLflow's own client retries a refused connection for minutes).
+
+    Args:
+        uri: an ``http(s)://`` tracking URI.
+        timeout: seconds to wait for the answer.
+    """
+    url = f"{str(uri).rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the user's own tracking URI)
+            return None if resp.status == 200 else f"{url} answered HTTP {resp.status}"
+    except urllib.error.HTTPError as err:
+        return f"{url} answered HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        return str(getattr(err, "reason", err))
+
+
+def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
+    """Stop early, naming the URI, when a tracking server (``http(s)://``) does not answer; local stores pass.
+
+    Args:
+        uri: the tracking URI (``None``: MLflow's default, not checked).
+        timeout: seconds to wait for the server.
+
+    Raises:
+        TrackingServerError: the server does not answer ``/health``.
+    """
+    if not _is_remote(uri):
+        return
+    problem = server_problem(str(uri), timeout)
+    if problem is not None:
+        raise TrackingServerError(
+            f"MLflow tracking server {uri} does not answer ({problem}); nothing was trained. Start it (e.g. "
+            "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db) or log to a "
+            "local store instead (--tracking_uri sqlite:///$PWD/mlflow.db)"
+        )
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of MLflow experiment ``name``, created if needed, tagged as a model-training experiment.
+
+    The tag (:data:`EXPERIMENT_KIND_TAG` = :data:`MODEL_TRAINING_KIND`) is also added to an existing
+    experiment that lacks it (e.g. one MONAI's handler created); a kind set otherwise is left as it is.
+
+    Args:
+        client: an ``mlflow.MlflowClient``.
+        name: the experiment name.
+        artifact_location: where a new experiment keeps its artifacts (``None``: the store decides).
+
+    Raises:
+        ValueError: the experiment exists but is deleted.
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+            )
+        except MlflowException as err:  # created meanwhile by another process
+            if "RESOURCE_ALREADY_EXISTS" not in str(err):
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage != "active":
+        raise ValueError(f"MLflow experiment '{name}' is deleted; restore it or choose another name")
+    if not exp.tags.get(EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return exp.experiment_id
 
 
 def default_tracking_uri(folder: str | Path = ".") -> str:
@@ -92,23 +195,59 @@ def log_batch(
     )
 
 
+class _GuardedClient:
+    """An ``MlflowClient`` whose calls go through :meth:`RunTracker._send`, metrics and params copied locally."""
+
+    def __init__(self, client: Any, tracker: RunTracker) -> None:
+        self._client = client
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name == "log_batch":
+                self._tracker._keep(kwargs.get("metrics", args[1] if len(args) > 1 else ()), "metric")
+                self._tracker._keep(kwargs.get("params", args[2] if len(args) > 2 else ()), "param")
+            elif name in ("log_metric", "log_param"):
+                names = ("run_id", "key", "value", "timestamp", "step")
+                rec = {**dict(zip(names, args)), **kwargs}
+                self._tracker._write({"kind": name[len("log_") :], **{k: rec.get(k) for k in ("key", "value", "step")}})
+            return self._tracker._send(attr, *args, **kwargs)
+
+        return call
+
+
 class RunTracker(MLFlowHandler):
     """:class:`monai.handlers.MLFlowHandler` that also records what makes a run reproducible.
 
     On top of MONAI's handler it logs the hyper-parameters (flattened) as params, writes them in full to
     ``params.json`` as an artifact (long values do not fit MLflow params), sets tags (git commit, seed,
     method), logs the given files as artifacts when training ends, and prints where the run is and the
-    command that opens the MLflow UI.
+    command that opens the MLflow UI. The experiment is created as a model-training experiment
+    (:func:`ensure_experiment`).
+
+    A tracking server is checked when the tracker is built, before any training (:func:`check_tracking_uri`).
+    Every metric and param sent to MLflow is also appended to ``<output_dir>/metrics.jsonl``. If the server
+    stops answering during the run, the tracker warns once, stops sending, and training goes on; MONAI's
+    plain ``MLFlowHandler`` on ``evaluator`` logging into the same run is made to do the same (its events are
+    re-registered behind the same guard), so a lost server cannot stop training from the validation side
+    either.
 
     Args:
         params: the hyper-parameters, possibly nested.
         tags: extra tags; ``git_commit`` is added.
-        output_dir: where ``params.json`` is written.
+        output_dir: where ``params.json`` and ``metrics.jsonl`` are written.
         summary_metric: the evaluator metric reported in the closing summary (e.g. ``val_auc``).
         evaluator: the engine holding that metric (``best_metric`` is read from its state).
         reference_metric: a metric of the run printed beside the best one in the closing summary, e.g. the
             linear reference's ``ref_val_auc`` (:mod:`ppi_med.reference`); skipped when the run lacks it.
         **kwargs: passed to :class:`monai.handlers.MLFlowHandler`.
+
+    Raises:
+        TrackingServerError: the tracking server does not answer when the tracker is built.
     """
 
     def __init__(
@@ -122,6 +261,9 @@ class RunTracker(MLFlowHandler):
         reference_metric: str | None = None,
         **kwargs: Any,
     ) -> None:
+        # MONAI's handler lets MLFLOW_TRACKING_URI win over its argument; check the one it will use
+        self.tracking_target = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri")
+        check_tracking_uri(self.tracking_target)
         self.params = dict(params or {})
         # the commit of the code that runs, wherever the run is started from
         code = git_commit(Path(__file__).resolve().parent)
@@ -134,29 +276,145 @@ class RunTracker(MLFlowHandler):
         # MLflow caps a param value at 6000 characters; the full values are in params.json
         short = {k: v for k, v in flat.items() if len(v) <= 500}
         super().__init__(experiment_param=short, artifacts=artifacts, **kwargs)
+        self.client = _GuardedClient(self.client, self)
+        self.metrics_file = self.output_dir / "metrics.jsonl" if self.output_dir else None
+        #: why the tracking server was given up on during the run (``None`` while it answers)
+        self.offline: str | None = None
+        self._adopted = False
+
+    # ----- keeping going without the server -----------------------------------------------------------------
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        if self.metrics_file is None:
+            return
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_file, "a") as fh:
+            fh.write(json.dumps({"time": round(time.time(), 3), **record}, default=str) + "\n")
+
+    def _keep(self, entries: Any, kind: str) -> None:
+        """Append MLflow ``Metric``/``Param`` entities (or ``name -> value`` at a step) to ``metrics.jsonl``."""
+        for e in entries or ():
+            self._write({"kind": kind, "key": e.key, "value": e.value, "step": getattr(e, "step", None)})
+
+    def _send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(...)`` unless the server was lost; a failure because it is gone is warned once and swallowed."""
+        if self.offline is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if self.offline is None and not self._lost(err):
+                raise
+            return None
+
+    def _lost(self, err: BaseException) -> bool:
+        """Whether ``err`` means the tracking server is gone (it no longer answers); if so, warn once."""
+        if not _is_remote(self.tracking_target):
+            return False
+        problem = server_problem(str(self.tracking_target), timeout=3.0)
+        if problem is None:
+            return False
+        self.offline = problem
+        kept = f"{self.metrics_file}" if self.metrics_file else "the console log"
+        warnings.warn(
+            f"MLflow tracking server {self.tracking_target} stopped answering during run '{self.run_name}' "
+            f"({problem}; the failed call: {type(err).__name__}). Training goes on without it: every metric and "
+            f"param is kept in {kept}, the checkpoints in the run folder; the MLflow run stays unfinished.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return True
+
+    def _guarded(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)  # ignite reads the signature through __wrapped__
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._send(fn, *args, **kwargs)
+
+        return call
+
+    def _adopt_evaluator_handlers(self) -> None:
+        """Put MONAI ``MLFlowHandler``s on the evaluator that log into this run behind this tracker's guard.
+
+        The bundle's evaluator has its own ``MLFlowHandler`` (same store, same run name); without this, a lost
+        server would raise from inside validation and stop training.
+        """
+        engine = self.evaluator
+        if engine is None or self._adopted:
+            return
+        self._adopted = True
+        # ignite offers no public listing of an engine's handlers
+        for event, entries in list(getattr(engine, "_event_handlers", {}).items()):
+            for func, _args, _kwargs in list(entries):
+                owner = getattr(func, "__self__", None)
+                if not isinstance(owner, MLFlowHandler) or owner is self or owner.run_name != self.run_name:
+                    continue
+                if not isinstance(owner.client, _GuardedClient):
+                    owner.client = _GuardedClient(owner.client, self)
+                    owner._log_metrics = self._local_when_offline(owner, owner._log_metrics)
+                # these use what the client returns; the per-epoch logging only sends (and keeps) metrics
+                if func.__name__ in ("start", "complete", "close"):
+                    engine.remove_event_handler(func, event)
+                    engine.add_event_handler(event, self._guarded(func))
+
+    def _local_when_offline(self, handler: MLFlowHandler, log: Callable[..., Any]) -> Callable[..., Any]:
+        """``handler._log_metrics`` that, with no MLflow run open (the server was lost), writes locally only."""
+
+        def call(metrics: dict[str, Any], step: int | None = None) -> None:
+            if handler.cur_run is None and self.offline is not None:
+                for k, v in metrics.items():
+                    self._write({"kind": "metric", "key": k, "value": v, "step": step or 0})
+                return
+            log(metrics, step)
+
+        return call
+
+    # ----- MONAI's handler events ------------------------------------------------------------------------
+
+    def _set_experiment(self) -> None:
+        if not self.experiment:
+            ensure_experiment(self.client, self.experiment_name, self.artifact_location)
+        super()._set_experiment()
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._local_when_offline(self, super()._log_metrics)(metrics, step)
 
     def start(self, engine: Engine) -> None:
+        self._adopt_evaluator_handlers()
+        if self.output_dir is not None and self.params:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "params.json").write_text(json.dumps(self.params, indent=2, default=str))
+        self._send(self._start_run, engine)
+
+    def _start_run(self, engine: Engine) -> None:
         super().start(engine)
         run_id = self.cur_run.info.run_id
         for k, v in self.tags.items():
             self.client.set_tag(run_id, k, v)
         if self.output_dir is not None and self.params:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            path = self.output_dir / "params.json"
-            path.write_text(json.dumps(self.params, indent=2, default=str))
-            self.client.log_artifact(run_id, str(path))
+            self.client.log_artifact(run_id, str(self.output_dir / "params.json"))
+
+    def close(self) -> None:
+        self._send(super().close)
 
     def complete(self) -> None:
-        super().complete()
-        if self.cur_run is None:
-            return
-        run = self.client.get_run(self.cur_run.info.run_id)
+        self._send(super().complete)
         lines = [""]
         if self.summary_metric and self.evaluator is not None:
             best = getattr(self.evaluator.state, "best_metric", None)
             epoch = getattr(self.evaluator.state, "best_metric_epoch", None)
             if best is not None and best > -1:
                 lines.append(f"best {self.summary_metric}: {best:.4f} (epoch {epoch})")
+        if self.cur_run is None and self.offline is None:
+            return
+        run = self.client.get_run(self.cur_run.info.run_id) if self.cur_run is not None else None
+        if self.offline is not None or run is None:
+            lines += [
+                f"MLflow tracking server {self.tracking_target} was lost during the run ({self.offline}); "
+                f"run '{self.run_name}' there is unfinished",
+                f"  the run's metrics and params: {self.metrics_file}",
+            ]
+            print("\n".join(lines), flush=True)
+            return
         ref = run.data.metrics.get(self.reference_metric) if self.reference_metric else None
         if ref is not None:
             model = run.data.params.get("ref.model", "reference model")
