@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from .image_grid import ensure_new, resample_to_grid
 
@@ -88,10 +89,11 @@ def read_source_series(path: str | Path) -> SourceSeries:
     found: list[tuple[Path, pydicom.Dataset]] = []
     for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            ds = pydicom.dcmread(f)
+            # headers only: the map copies the series' attributes and geometry, never its pixels
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - files that are not DICOM are not part of the series
             continue
-        if "PixelData" in ds and "ImagePositionPatient" in ds:
+        if "ImagePositionPatient" in ds and "Rows" in ds:
             found.append((f, ds))
     if not found:
         raise DicomSeriesError(f"{folder}: no DICOM image slice found")
@@ -161,6 +163,22 @@ def _with_type2_defaults(ds: pydicom.Dataset) -> pydicom.Dataset:
     return out
 
 
+def _crop_to_support(overlay: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The overlay cut to its non-zero box plus one voxel of zeros, with the affine moved to match.
+
+    A patch's overlay placed in a whole scan is zero almost everywhere; resampling only its box onto each slice
+    costs the patch's size, and gives the same values (outside the box the map is zero either way).
+    """
+    nz = np.argwhere(overlay != 0)
+    if nz.size == 0:
+        return overlay, affine
+    lo = np.maximum(nz.min(axis=0) - 1, 0)
+    hi = np.minimum(nz.max(axis=0) + 2, overlay.shape)
+    moved = affine.copy()
+    moved[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    return overlay[tuple(slice(a, b) for a, b in zip(lo, hi))], moved
+
+
 def write_parametric_map(
     path: str | Path,
     overlay: np.ndarray,
@@ -196,7 +214,7 @@ def write_parametric_map(
     path = ensure_new(path)
     if not isinstance(series, SourceSeries):
         series = read_source_series(series)
-    overlay = np.asarray(overlay, dtype=np.float32)
+    overlay, affine = _crop_to_support(np.asarray(overlay, dtype=np.float32), np.asarray(affine, dtype=float))
     ds0 = series.datasets[0]
     rows, cols = int(ds0.Rows), int(ds0.Columns)
     frames, sources = [], []
@@ -236,6 +254,9 @@ def write_parametric_map(
         content_label="SALIENCY",
     )
     pmap.SeriesDescription = description[:64]
+    # highdicom writes float maps uncompressed; deflating the dataset (a standard transfer syntax, read by
+    # pydicom and DICOM toolkits as is) shrinks a map that is zero outside a nodule about a hundredfold
+    pmap.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(suffix=".dcm", prefix=".tmp-", dir=path.parent)
     os.close(fd)

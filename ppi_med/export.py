@@ -74,7 +74,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import check_volume_shape
-from .dicom_overlay import DicomSeriesError, write_parametric_map
+from .dicom_overlay import DicomSeriesError, read_source_series, write_parametric_map
 from .image_grid import (
     SourceImage,
     ensure_new,
@@ -529,6 +529,7 @@ class SaliencyExporter:
         self.progress = progress
         self.loader = find_loader(preprocessing, image_key)
         self._scan_cache: tuple[str, SourceImage, Path] | None = None
+        self._series_cache: dict[str, Any] = {}
 
     # -- planning --------------------------------------------------------------------------------------------
     def _case_paths(self, out_dir: Path, cid: str, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -610,6 +611,7 @@ class SaliencyExporter:
             finally:
                 self.network.train(was_training)
                 self._scan_cache = None
+                self._series_cache.clear()
         return index
 
     def _write_meta(self, path: Path, n_cases: int) -> None:
@@ -720,7 +722,7 @@ class SaliencyExporter:
                 "dicom_overlay": "",
             }
             if "dicom" in paths:  # the source itself is a DICOM series: the map goes over it, for a PACS
-                _dicom_map(paths["dicom"], arr, src.affine, record[self.image_key], desc, cid)
+                _dicom_map(paths["dicom"], arr, src.affine, record[self.image_key], desc, cid, self._series_cache)
                 row["dicom_overlay"] = str(paths["dicom"])
             if scan is not None:
                 scan_img, scan_file = scan
@@ -729,7 +731,7 @@ class SaliencyExporter:
                 row["scan_image"], row["scan_overlay"] = str(scan_file), str(paths["scan_overlay"])
                 if "scan_dicom" in paths:  # a patch of a scan read from DICOM: the map over that series
                     series = record[self.scan_dicom_key]
-                    _dicom_map(paths["scan_dicom"], placed, scan_img.affine, series, desc, cid)
+                    _dicom_map(paths["scan_dicom"], placed, scan_img.affine, series, desc, cid, self._series_cache)
                     row["dicom_overlay"] = str(paths["scan_dicom"])
             if self.montage:
                 lab = "?" if label is None else int(label)
@@ -815,10 +817,17 @@ def _write_copy(path: Path, src: SourceImage, description: str) -> Path:
     return write_nifti(path, src.array, src.affine, like=src.header, dtype=dtype, description=description)
 
 
-def _dicom_map(path: Path, overlay: np.ndarray, affine: np.ndarray, series: str | Path, desc: str, cid: str) -> None:
-    """:func:`ppi_med.dicom_overlay.write_parametric_map` with the case named when the series is unusable."""
+def _dicom_map(
+    path: Path, overlay: np.ndarray, affine: np.ndarray, series: str | Path, desc: str, cid: str, cache: dict
+) -> None:
+    """:func:`ppi_med.dicom_overlay.write_parametric_map` with the case named when the series is unusable; the
+    series' headers are read once per export (``cache``: folder -> series), not once per nodule and method."""
     try:
-        write_parametric_map(path, overlay, affine, series, description=desc)
+        key = str(series)
+        if key not in cache:
+            cache.clear()  # records come grouped by scan: one series at a time is enough
+            cache[key] = read_source_series(series)
+        write_parametric_map(path, overlay, affine, cache[key], description=desc)
     except DicomSeriesError as err:
         raise ValueError(f"case {cid}: no DICOM overlay over {series}: {err}") from err
 
