@@ -126,9 +126,9 @@ function applyOverlaySettings() {
   // values are saliency / max |saliency|: show |s| >= threshold, positive warm, negative cool
   ov.cal_min = Math.max(threshold, 1e-3);
   ov.cal_max = 1.0;
-  nv.setOpacity(1, opacity);
-  if (nv.volumes.length > 2) nv.setOpacity(2, $("outline").checked ? 1.0 : 0.0);
-  nv.updateGLVolume();
+  ov.opacity = opacity;
+  if (nv.volumes.length > 2) nv.volumes[2].opacity = $("outline").checked ? 1.0 : 0.0;
+  nv.updateGLVolume(); // one update for all changes: each re-samples every layer onto the scan's grid
 }
 
 // the mask's boundary: mask voxels with a face neighbour outside the mask (drawn over the scan as a line)
@@ -194,6 +194,12 @@ async function loadViewer() {
   }
   if (token !== state.loadToken) return; // another case was opened meanwhile
   try {
+    const back = nv.volumes[0];
+    if (back.global_min <= -900) {
+      // Hounsfield units: the LIDC preprocessing's window (-1000..400 HU) instead of a percentile range
+      back.cal_min = -1000;
+      back.cal_max = 400;
+    }
     if (nv.volumes.length > 2) outlineMask(nv.volumes[2]);
     applyOverlaySettings();
     goToPeak();
