@@ -218,21 +218,34 @@ def ga_split(
     return {"train": train, "val": val, "test": test}[part]
 
 
-def fold_split(datalist: str | Path, *, part: str, val_fold: int = 0) -> list[dict[str, Any]]:
-    """The training (every other fold) or validation (``val_fold``) records of a datalist with ``fold`` keys.
+def fold_split(
+    datalist: str | Path, *, part: str, val_fold: int = 0, test_fold: int | None = None
+) -> list[dict[str, Any]]:
+    """The training, validation (``val_fold``) or held-out test (``test_fold``) records of a datalist with folds.
+
+    Training takes every fold but ``val_fold`` and ``test_fold``. With ``test_fold`` ``None`` there is no test
+    part (``part="test"`` gives an empty list): the validation fold then both chooses the checkpoint and is
+    the only score, which is optimistic.
 
     Raises:
-        ValueError: a bad ``part``, records without a fold, or a fold that holds no record.
+        ValueError: a bad ``part``, records without a fold, a fold that holds no record, or ``test_fold`` equal
+            to ``val_fold``.
     """
-    if part not in ("train", "val"):
-        raise ValueError(f"part must be 'train' or 'val', got '{part}'")
+    if part not in ("train", "val", "test"):
+        raise ValueError(f"part must be 'train', 'val' or 'test', got '{part}'")
     items = load_datalist(datalist)
     missing = [it["image"] for it in items if "fold" not in it]
     if missing:
         raise ValueError(f"{datalist}: {len(missing)} record(s) have no 'fold', e.g. {missing[0]}")
     folds = sorted({int(it["fold"]) for it in items})
-    if int(val_fold) not in folds:
-        raise ValueError(f"{datalist}: validation fold {val_fold} holds no record; folds are {folds}")
+    held = [int(val_fold)] + ([] if test_fold is None else [int(test_fold)])
+    for name, fold in zip(("validation", "test"), held):
+        if fold not in folds:
+            raise ValueError(f"{datalist}: {name} fold {fold} holds no record; folds are {folds}")
+    if len(set(held)) < len(held):
+        raise ValueError(f"{datalist}: the test fold must differ from the validation fold {val_fold}")
     if part == "val":
         return [it for it in items if int(it["fold"]) == int(val_fold)]
-    return [it for it in items if int(it["fold"]) != int(val_fold)]
+    if part == "test":
+        return [] if test_fold is None else [it for it in items if int(it["fold"]) == int(test_fold)]
+    return [it for it in items if int(it["fold"]) not in held]

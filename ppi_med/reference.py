@@ -9,7 +9,8 @@ records once. Voxels are standardised with statistics of the training folds (ins
 that the internal cross-validation does not see its held-out fold either).
 
 :class:`LinearReferenceHandler` runs it when a trainer starts and logs the result into the trainer's
-MLflow run (metric ``ref_val_auc``, ``ref_cv_auc``, ``ref_seconds``; params ``ref.model``, ``ref.C``,
+MLflow run (metric ``ref_val_auc``, ``ref_test_auc`` when the bundle holds out a test part, ``ref_cv_auc``,
+``ref_seconds``; params ``ref.model``, ``ref.C``,
 ``ref.n_features``); :class:`ppi_med.tracking.RunTracker` prints it beside the best validation AUC.
 """
 
@@ -40,6 +41,7 @@ class ReferenceResult:
 
     Attributes:
         val_auc: ROC AUC on the validation records (NaN when they hold one class only).
+        test_auc: ROC AUC on the held-out test records (NaN when there are none or they hold one class only).
         cv_auc: mean internal cross-validation AUC of the chosen ``C`` on the training records.
         C: the inverse regularisation strength the internal cross-validation chose.
         n_train: training records.
@@ -49,6 +51,7 @@ class ReferenceResult:
     """
 
     val_auc: float
+    test_auc: float
     cv_auc: float
     C: float
     n_train: int
@@ -97,8 +100,9 @@ def linear_reference(
     Cs: Sequence[float] = tuple(10.0 ** np.arange(-4, 5)),  # noqa: N803 (scikit-learn's name)
     folds: int = 5,
     seed: int = 0,
+    test: Sequence[dict[str, Any]] = (),
 ) -> ReferenceResult:
-    """Fit the L2 logistic regression on ``train`` (``C`` by internal CV) and score ``val``.
+    """Fit the L2 logistic regression on ``train`` (``C`` by internal CV) and score ``val`` (and ``test``).
 
     Args:
         train: training records (``image``, ``label``).
@@ -107,6 +111,7 @@ def linear_reference(
         Cs: candidate inverse regularisation strengths.
         folds: internal cross-validation folds (fewer when a class has fewer training records).
         seed: seed of the fold assignment.
+        test: held-out records, scored once like ``val`` (empty: ``test_auc`` is NaN).
 
     Returns:
         The :class:`ReferenceResult`.
@@ -142,9 +147,15 @@ def linear_reference(
         warnings.filterwarnings("ignore", message=".*did not converge.*")
         search.fit(x_train, y_train)
         scores = search.predict_proba(x_val)[:, 1]
+        test_auc = float("nan")
+        if test:
+            x_test, y_test = voxel_matrix(test, preprocessing)
+            if len(np.unique(y_test)) == 2:
+                test_auc = float(roc_auc_score(y_test, search.predict_proba(x_test)[:, 1]))
     val_auc = float(roc_auc_score(y_val, scores)) if len(np.unique(y_val)) == 2 else float("nan")
     return ReferenceResult(
         val_auc=val_auc,
+        test_auc=test_auc,
         cv_auc=float(search.best_score_),
         C=float(search.best_params_["logisticregression__C"]),
         n_train=len(y_train),
@@ -158,13 +169,14 @@ class LinearReferenceHandler:
     """Compute the linear reference when a trainer starts and log it into the trainer's MLflow run.
 
     Attach it after the :class:`ppi_med.tracking.RunTracker` (``tracker``), whose run it logs into: the
-    metrics ``ref_val_auc``, ``ref_cv_auc``, ``ref_seconds`` and the params ``ref.model``, ``ref.C``,
-    ``ref.n_features``. The result is kept in :attr:`result`.
+    metrics ``ref_val_auc`` (and ``ref_test_auc`` with ``test`` records), ``ref_cv_auc``, ``ref_seconds`` and the
+    params ``ref.model``, ``ref.C``, ``ref.n_features``. The result is kept in :attr:`result`.
 
     Args:
         train: training records.
         val: validation records.
         preprocessing: the bundle's deterministic preprocessing.
+        test: held-out test records (empty: none).
         tracker: the MLflow handler of the run (``None``: nothing is logged, the result is still printed).
         seed: seed of the internal cross-validation folds.
         enabled: ``False`` skips it.
@@ -178,9 +190,11 @@ class LinearReferenceHandler:
         tracker: Any = None,
         seed: int = 0,
         enabled: bool = True,
+        test: Sequence[dict[str, Any]] = (),
     ) -> None:
         self.train = list(train)
         self.val = list(val)
+        self.test = list(test or ())
         self.preprocessing = preprocessing
         self.tracker = tracker
         self.seed = int(seed)
@@ -194,7 +208,9 @@ class LinearReferenceHandler:
 
     def _run(self, engine: Engine) -> None:
         try:
-            self.result = res = linear_reference(self.train, self.val, self.preprocessing, seed=self.seed)
+            self.result = res = linear_reference(
+                self.train, self.val, self.preprocessing, seed=self.seed, test=self.test
+            )
         except ValueError as err:  # too few records for the reference must not stop the network's training
             warnings.warn(f"linear reference skipped: {err}", stacklevel=2)
             return
@@ -204,10 +220,17 @@ class LinearReferenceHandler:
                 self.tracker.client,
                 run.info.run_id,
                 params={"ref.model": REFERENCE_MODEL, "ref.C": res.C, "ref.n_features": res.n_features},
-                metrics={"ref_val_auc": res.val_auc, "ref_cv_auc": res.cv_auc, "ref_seconds": res.seconds},
+                metrics={
+                    "ref_val_auc": res.val_auc,
+                    "ref_cv_auc": res.cv_auc,
+                    "ref_seconds": res.seconds,
+                    **({"ref_test_auc": res.test_auc} if self.test else {}),
+                },
             )
         print(
             f"linear reference ({REFERENCE_MODEL}, C={res.C:g} by {res.n_train}-record internal CV): "
-            f"val AUC {res.val_auc:.4f} ({res.seconds:.1f} s)",
+            f"val AUC {res.val_auc:.4f}"
+            + (f", held-out test AUC {res.test_auc:.4f}" if self.test else "")
+            + f" ({res.seconds:.1f} s)",
             flush=True,
         )

@@ -136,3 +136,26 @@ def test_an_unreadable_nifti_is_named(tmp_path: Path) -> None:
     path = _write(tmp_path, [{"image": "broken.nii.gz", "label": 0}])
     with pytest.raises(ValueError, match=r"broken.nii.gz: not a readable NIfTI file"):
         load_datalist(path)
+
+
+def test_fold_split_keeps_a_held_out_test_fold(tmp_path):
+    import json
+
+    from ppi_med.data import fold_split
+
+    records = [{"image": f"img{i}.nii.gz", "label": i % 2, "fold": i % 4} for i in range(16)]
+    for rec in records:
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), tmp_path / rec["image"])
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": records}))
+    train = fold_split(path, part="train", val_fold=0, test_fold=1)
+    val = fold_split(path, part="val", val_fold=0, test_fold=1)
+    test = fold_split(path, part="test", val_fold=0, test_fold=1)
+    assert {r["fold"] for r in train} == {2, 3} and {r["fold"] for r in val} == {0} and {r["fold"] for r in test} == {1}
+    assert len(train) + len(val) + len(test) == 16
+    assert fold_split(path, part="test", val_fold=0) == []
+    assert {r["fold"] for r in fold_split(path, part="train", val_fold=0)} == {1, 2, 3}
+    with pytest.raises(ValueError, match="test fold must differ"):
+        fold_split(path, part="train", val_fold=1, test_fold=1)
+    with pytest.raises(ValueError, match="test fold 7 holds no record"):
+        fold_split(path, part="test", val_fold=0, test_fold=7)

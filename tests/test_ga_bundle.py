@@ -136,3 +136,42 @@ def test_inference_override_writes_predictions(two_runs):
     rows = [line.split(",") for line in csv.read_text().splitlines()]
     assert len(rows) == 4  # the validation subjects of 2 sites x 8 eyes at val_fraction 0.25
     assert all(Path(r[0]).is_file() and 0.0 <= float(r[1]) <= 1.0 for r in rows)
+
+
+def test_held_out_test_part_is_scored_with_the_chosen_checkpoint(tmp_path):
+    """With ``test_fraction`` the best checkpoint is scored once on eyes that neither trained nor chose it."""
+    from monai.bundle import ConfigParser
+    from sklearn.metrics import roc_auc_score
+
+    from ppi_med.held_out import predict_records
+    from ppi_med.networks import MVCNN
+
+    done = _run_bundle(tmp_path, "--ppi#enabled", "false", "--test_fraction", "0.25", "--max_epochs", "3")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    (run,) = runs
+    metrics, params = run.data.metrics, run.data.params
+    assert (int(params["n_train"]), int(params["n_val"]), int(params["n_test"])) == (8, 4, 4)
+    assert metrics["test_n"] == 4 and metrics["test_n_pos"] == 2
+    assert metrics["test_auc_lo"] <= metrics["test_auc"] <= metrics["test_auc_hi"]
+    assert "ref_test_auc" in metrics
+    (csv,) = (tmp_path / "runs").glob("ga-baseline-*/test_predictions.csv")
+    rows = [line.split(",") for line in csv.read_text().splitlines()]
+    assert rows[0][:3] == ["image", "label", "prob"] and len(rows) == 5
+    labels, probs = [int(r[1]) for r in rows[1:]], [float(r[2]) for r in rows[1:]]
+    assert roc_auc_score(labels, probs) == pytest.approx(metrics["test_auc"])
+    assert "test_predictions.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the probabilities are the best checkpoint's, not the final weights'
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE))
+    parser["network_def#width"] = 4
+    parser["spatial_size"] = [4, 32, 48]
+    preprocessing = parser.get_parsed_content("preprocessing")
+    records = [{"image": r[0], "label": int(r[1])} for r in rows[1:]]
+    (best,) = (tmp_path / "runs").glob("ga-baseline-*/models/model_best.pt")
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, MVCNN)
+    net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+    again = predict_records(net, records, preprocessing)
+    assert again == pytest.approx(probs, abs=1e-5)
+    assert "held-out test AUC (4 records, model_best.pt)" in done.stdout

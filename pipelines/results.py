@@ -1,0 +1,836 @@
+"""``make results``: every experiment behind ``docs/RESULTS.md``, run from scratch and logged to MLflow.
+
+Parts (each a set of independent jobs, every job a real command a user could type)::
+
+    ga        table 2.2 form: the GA bundle, baseline and PPI with each saliency (gradient, input x gradient,
+              Grad-CAM, LRP, WBP), pooled training, seeds 0..S-1, each scored on its held-out test part
+              (``test_fraction``) with the linear reference of the same split
+    sites     table 2.3 form: ``pipelines.site_cv`` for baseline and PPI-WBP, the confounded site D among
+              the training sites, S seeds, DeLong p-values and the pooled off-diagonal test
+    lidc      tables 2.4/2.5 form: the LIDC bundle, baseline and PPI-WBP with each mask (soft, adaptive soft,
+              hard point, box), rotating the held-out fold over every patient-level fold; the folds' test
+              predictions are pooled, so every labelled nodule is scored once by a model that neither trained on
+              it nor chose its checkpoint on it (DeLong CI, DeLong paired test against the baseline)
+    saliency  figures 2.4/2.6 form: deletion curves and localisation of every saliency method on the seed-0 GA
+              baseline and PPI-WBP models (test part), with WBP's localisation on the true positives
+    shortcut  the shortcut benchmark (:mod:`pipelines.shortcut`, patch cue, default grid)
+    cost      epoch time and peak memory per method (from the GA jobs), PPI step cost in both modes and the
+              time of each saliency method (``benchmarks/bench_saliency_ppi.py``)
+
+Every job writes into ``OUT/jobs/<name>/`` and leaves ``done.json`` (exit code, wall time, peak memory, the
+commit it ran at) when it succeeds; a rerun into the same ``OUT`` skips finished jobs, so an interrupted
+study resumes. All runs log to one MLflow store, ``OUT/mlflow.db`` unless ``--tracking-uri`` is given. The
+report, ``OUT/RESULTS.md`` with its figures under ``OUT/results/``, is made from the job outputs alone;
+``--publish DIR`` also copies it to ``DIR/RESULTS.md`` and ``DIR/results/``.
+
+CPU budget of the full study (``--profile full``, the default) on 2 cores with ``--workers 2``: see the
+header of ``docs/RESULTS.md``, which records the measured wall time of every part. ``--profile quick`` runs
+the same jobs at toy sizes (a minute or two; the test suite uses it); its numbers mean nothing.
+
+CLI::
+
+    python -m pipelines.results --out runs/results --publish docs          # make results
+    python -m pipelines.results --out /tmp/r --profile quick --parts ga,lidc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ppi_med.stats import auc_ci, delong_test
+from ppi_med.tracking import git_commit
+
+__all__ = ["PARTS", "PROFILES", "Job", "Profile", "build_jobs", "main", "run_jobs", "write_report"]
+
+PARTS = ("ga", "sites", "lidc", "saliency", "shortcut", "cost")
+SALIENCIES = ("gradient", "input_x_gradient", "gradcam", "lrp", "wbp")
+LIDC_MASKS = ("soft", "soft_adaptive", "hard", "box")
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("results_ga", "results_site_cv", "results_lidc", "results_saliency", "results_shortcut")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of a study.
+
+    Attributes:
+        seeds: GA and site-CV seeds.
+        ga: overrides of the GA bundle (on top of the held-out split).
+        sites: extra arguments of ``pipelines.site_cv``.
+        lidc: overrides of the LIDC bundle.
+        lidc_folds: patient-level folds of the LIDC datalist, each held out once.
+        lidc_data: ``default`` (the bundle's phantom) or ``small`` (three thinned phantom patients).
+        shortcut: arguments of ``pipelines.shortcut``.
+        bench: arguments of the benchmark script.
+        eval_ks: deletion sizes of the saliency evaluation.
+        saliencies: the PPI saliencies of the GA table.
+        lidc_masks: the PPI-WBP masks of the LIDC table.
+    """
+
+    seeds: int
+    ga: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()
+    lidc: tuple[str, ...] = ()
+    lidc_folds: int = 5
+    lidc_data: str = "default"
+    shortcut: tuple[str, ...] = ("--cue", "patch", "--grid", "default", "--seeds", "5")
+    bench: tuple[str, ...] = ()
+    eval_ks: str = "[100,500,1000,5000,10000]"
+    saliencies: tuple[str, ...] = SALIENCIES
+    lidc_masks: tuple[str, ...] = LIDC_MASKS
+
+
+_TINY_GA = (
+    "--synthetic#sites", "['A','B','C','D']", "--synthetic#subjects_per_site", "8", "--synthetic#n_bscans", "4",
+    "--synthetic#height", "32", "--synthetic#width", "48", "--spatial_size", "[4,32,48]",
+    "--network_def#width", "4", "--batch_size", "4", "--max_epochs", "2", "--ppi#warmup_epochs", "1",
+)  # fmt: skip
+
+PROFILES = {
+    "full": Profile(seeds=3),
+    "quick": Profile(
+        seeds=1,
+        ga=_TINY_GA,
+        sites=(*_TINY_GA, "--sites", "A,B,D", "--synthetic#sites", "['A','B','D']"),
+        lidc=("--max_epochs", "2", "--network_def#width", "4", "--batch_size", "4", "--ppi#warmup_epochs", "1"),
+        lidc_folds=3,
+        lidc_data="small",
+        shortcut=("--cue", "patch", "--grid", "default", "--seeds", "1", "--epochs", "1"),
+        bench=("--repeats", "1", "--warmup", "0", "--skip-saliency"),
+        eval_ks="[10,100]",
+        saliencies=("wbp",),
+        lidc_masks=("soft",),
+    ),
+}
+
+
+@dataclass
+class Job:
+    """One command of the study: ``argv`` run with its working directory at the repository root.
+
+    Attributes:
+        name: unique folder name under ``OUT/jobs``.
+        part: the part it belongs to.
+        argv: the command.
+        after: jobs that must have finished first.
+        meta: what the report needs to know about it (method, seed, fold...).
+    """
+
+    name: str
+    part: str
+    argv: list[str]
+    after: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+
+def _bundle(config: str, run_id: str = "run") -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
+
+
+def _ppi_args(method: str, mask: str = "soft") -> list[str]:
+    if method == "baseline":
+        return ["--ppi#enabled", "false"]
+    return ["--ppi#saliency", method.removeprefix("ppi_"), "--ppi#mask", mask]
+
+
+def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: str) -> list[Job]:
+    """Every job of the chosen parts (the ``saliency`` part needs the ``ga`` jobs of seed 0)."""
+    jobs: list[Job] = []
+    common = ["--tracking_uri", tracking_uri]
+    ga_data = ["--default_dataset_dir", str(out / "data" / "ga"), "--dataset_dir", str(out / "data" / "ga")]
+    ga_split = ["--test_fraction", "0.25"]
+    methods = ("baseline", *(f"ppi_{s}" for s in profile.saliencies))
+    if "ga" in parts or "saliency" in parts:
+        for seed in range(profile.seeds):
+            for method in methods:
+                if "ga" not in parts and not (seed == 0 and method in ("baseline", "ppi_wbp")):
+                    continue
+                name = f"ga-{method}-s{seed}"
+                jobs.append(
+                    Job(
+                        name,
+                        "ga",
+                        [
+                            *_bundle("bundles/ga_ppi.json"),
+                            *common,
+                            *ga_data,
+                            *ga_split,
+                            "--seed",
+                            str(seed),
+                            "--runs_dir",
+                            str(out / "jobs" / name / "runs"),
+                            "--experiment_name",
+                            "results_ga",
+                            "--run_tags",
+                            json.dumps({"results_job": name}),
+                            *_ppi_args(method),
+                            *profile.ga,
+                        ],  # fmt: skip
+                        meta={"method": method, "seed": seed},
+                    )
+                )
+    if "saliency" in parts:
+        for method in ("baseline", "ppi_wbp"):
+            train = f"ga-{method}-s0"
+            name = f"saliency-{method}"
+            jobs.append(
+                Job(
+                    name,
+                    "saliency",
+                    [
+                        *_bundle("bundles/ga_ppi.json", "evaluate_saliency"),
+                        *common,
+                        *ga_data,
+                        *ga_split,
+                        "--seed",
+                        "0",
+                        "--runs_dir",
+                        str(out / "jobs" / train / "runs"),
+                        "--eval_dir",
+                        str(out / "jobs" / name / "eval"),
+                        "--eval_datalist",
+                        "@test#datalist",
+                        "--eval_ks",
+                        profile.eval_ks,
+                        "--experiment_name",
+                        "results_saliency",
+                        *_ppi_args(method),
+                        *profile.ga,
+                    ],  # fmt: skip
+                    after=(train,),
+                    meta={"method": method, "train_job": train},
+                )
+            )
+    if "sites" in parts:
+        name = "sites"
+        jobs.append(
+            Job(
+                name,
+                "sites",
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.site_cv",
+                    "--config_file",
+                    "bundles/ga_ppi.json",
+                    "--methods",
+                    "baseline,ppi_wbp",
+                    "--seeds",
+                    str(profile.seeds),
+                    "--out",
+                    str(out / "jobs" / name / "cv"),
+                    "--tracking-uri",
+                    tracking_uri,
+                    "--experiment",
+                    "results_site_cv",
+                    "--no-progress",
+                    "--num-threads",
+                    "1",
+                    "--default_dataset_dir",
+                    str(out / "data" / "ga_sites"),
+                    "--dataset_dir",
+                    str(out / "data" / "ga_sites"),
+                    *profile.sites,
+                ],  # fmt: skip
+            )
+        )
+    if "lidc" in parts:
+        lidc_data = ["--dataset_dir", str(out / "data" / "lidc" / "patches")] if profile.lidc_data == "small" else []
+        for variant in ("baseline", *(f"ppi_wbp_{m}" for m in profile.lidc_masks)):
+            method, mask = ("baseline", "soft") if variant == "baseline" else ("ppi_wbp", variant[len("ppi_wbp_") :])
+            for fold in range(profile.lidc_folds):
+                name = f"lidc-{variant}-f{fold}"
+                jobs.append(
+                    Job(
+                        name,
+                        "lidc",
+                        [
+                            *_bundle("bundles/lidc_ppi.json"),
+                            *common,
+                            *lidc_data,
+                            "--val_fold",
+                            str(fold),
+                            "--test_fold",
+                            str((fold + 1) % profile.lidc_folds),
+                            "--runs_dir",
+                            str(out / "jobs" / name / "runs"),
+                            "--experiment_name",
+                            "results_lidc",
+                            "--run_tags",
+                            json.dumps({"results_job": name}),
+                            *_ppi_args(method, mask),
+                            *profile.lidc,
+                        ],  # fmt: skip
+                        meta={"variant": variant, "fold": fold},
+                    )
+                )
+    if "shortcut" in parts:
+        jobs.append(
+            Job(
+                "shortcut",
+                "shortcut",
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.shortcut",
+                    "--out",
+                    str(out / "jobs" / "shortcut" / "out"),
+                    "--tracking-uri",
+                    tracking_uri,
+                    "--experiment",
+                    "results_shortcut",
+                    "--num-threads",
+                    "1",
+                    *profile.shortcut,
+                ],  # fmt: skip
+            )
+        )
+    if "cost" in parts:
+        jobs.append(
+            Job(
+                "cost",
+                "cost",
+                [
+                    sys.executable,
+                    str(ROOT / "benchmarks" / "bench_saliency_ppi.py"),
+                    "--json",
+                    str(out / "jobs" / "cost" / "bench.json"),
+                    *profile.bench,
+                ],
+            )
+        )
+    return jobs
+
+
+def _done(out: Path, job: Job) -> Path:
+    return out / "jobs" / job.name / "done.json"
+
+
+def run_jobs(jobs: Sequence[Job], out: Path, *, workers: int = 2, threads: int = 1, progress: bool = True) -> None:
+    """Run every unfinished job, ``workers`` at a time, each with ``threads`` CPU threads.
+
+    A job's output goes to ``OUT/jobs/<name>/log.txt``; on success ``done.json`` records exit code, wall time,
+    peak resident memory (of the job's process, from ``wait4``) and the commit. A failed job's log is kept and
+    named; the others still run.
+
+    Raises:
+        RuntimeError: some jobs failed (each named with its log), or a job waits on a failed one.
+    """
+    pending = [j for j in jobs if not _done(out, j).is_file()]
+    names = {j.name for j in jobs}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    commit = git_commit(ROOT)
+    running: dict[int, tuple[Job, float, object]] = {}
+    failed: list[str] = []
+    bar = tqdm(total=len(pending), desc="results", unit="job", disable=not progress)
+    while pending or running:
+        ready = [j for j in pending if all((out / "jobs" / a / "done.json").is_file() for a in j.after if a in names)]
+        blocked = [j for j in pending if any(a in failed for a in j.after)]
+        for j in blocked:
+            pending.remove(j)
+            failed.append(j.name)
+            bar.update(1)
+        while ready and len(running) < workers:
+            job = ready.pop(0)
+            if job not in pending:
+                continue
+            pending.remove(job)
+            folder = out / "jobs" / job.name
+            if folder.exists():  # an interrupted or failed earlier attempt: kept aside, never overwritten
+                folder.rename(folder.with_name(f"{job.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
+            folder.mkdir(parents=True)
+            log = open(folder / "log.txt", "a")
+            log.write(f"$ {' '.join(job.argv)}\n")
+            log.flush()
+            proc = subprocess.Popen(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[proc.pid] = (job, time.perf_counter(), log)
+        if not running:
+            if pending:  # waiting on jobs outside this run that never finished
+                raise RuntimeError(f"jobs wait on unfinished jobs: {[j.name for j in pending]}")
+            break
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        job, t0, log = running.pop(pid)
+        log.close()
+        rc = os.waitstatus_to_exitcode(status)
+        bar.update(1)
+        if rc != 0:
+            failed.append(job.name)
+            tqdm.write(f"job {job.name} failed (exit {rc}); see {out / 'jobs' / job.name / 'log.txt'}")
+            continue
+        record = {
+            "job": job.name,
+            "part": job.part,
+            "returncode": rc,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            # ru_maxrss is in KiB on Linux
+            "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "commit": commit,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "meta": job.meta,
+        }
+        _done(out, job).write_text(json.dumps(record, indent=1))
+    bar.close()
+    if failed:
+        logs = ", ".join(f"{n} ({out / 'jobs' / n / 'log.txt'})" for n in failed)
+        raise RuntimeError(f"{len(failed)} job(s) failed or could not run: {logs}")
+
+
+def prepare_data(out: Path, profile: Profile, parts: Sequence[str]) -> None:
+    """Data the jobs share, made once before they start (so parallel jobs never build it twice).
+
+    The GA data sets are made by the bundle's own default path on first use; here they are built up front
+    by the same function. The LIDC data is the bundle's default phantom, or for the small profile three
+    phantom patients with every third slice.
+    """
+    from data_prep.defaults import ga_datalist
+
+    if {"ga", "saliency", "sites"} & set(parts):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles" / "ga_ppi.json"))
+        synthetic = dict(parser.get("synthetic"))
+        for name, extra in (("ga", profile.ga), ("ga_sites", profile.sites)):
+            if name == "ga" and not {"ga", "saliency"} & set(parts) or name == "ga_sites" and "sites" not in parts:
+                continue
+            spec = dict(synthetic, **_synthetic_overrides(extra))
+            folder = out / "data" / name
+            ga_datalist(folder, folder, **spec)
+    if "lidc" in parts:
+        if profile.lidc_data == "small":
+            from data_prep.lidc import preprocess
+            from data_prep.lidc_phantom import TEST_PATIENTS, TEST_SLICE_STEP, write_phantom
+
+            patients = [*TEST_PATIENTS, "LIDC-IDRI-0749"]
+            root = out / "data" / "lidc"
+            write_phantom(root / "dicom", patients, slice_step=TEST_SLICE_STEP, progress=False)
+            preprocess(root / "dicom", root / "patches", patients=patients, folds=profile.lidc_folds, progress=False)
+        else:
+            from data_prep.defaults import lidc_datalist
+
+            lidc_datalist(ROOT / "data" / "lidc_phantom", ROOT / "data" / "lidc_phantom")
+
+
+def _synthetic_overrides(argv: Sequence[str]) -> dict:
+    """``--synthetic#key value`` pairs of an override list, parsed as the bundle CLI parses them."""
+    import ast
+
+    found = {}
+    for key, value in zip(argv[::1], argv[1::1]):
+        if key.startswith("--synthetic#"):
+            try:
+                found[key[len("--synthetic#") :]] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                found[key[len("--synthetic#") :]] = value
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if not len(v):
+        return "n/a"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def _predictions(out: Path, job: str) -> pd.DataFrame | None:
+    found = sorted((out / "jobs" / job / "runs").glob("*/test_predictions.csv"))
+    return pd.read_csv(found[-1]) if found else None
+
+
+def _run_metrics(client, experiment: str, job: str) -> dict[str, float]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], f"tags.results_job = '{job}'", max_results=1)
+    if not runs:
+        return {}
+    metrics = dict(runs[0].data.metrics)
+    # the latest val_auc is in the run's metrics; the best one is its history's maximum
+    history = client.get_metric_history(runs[0].info.run_id, "val_auc")
+    metrics["best_val_auc"] = max((m.value for m in history), default=float("nan"))
+    return metrics
+
+
+def _delong_p(base: pd.DataFrame | None, other: pd.DataFrame | None) -> float:
+    if base is None or other is None:
+        return float("nan")
+    merged = base.merge(other, on=["image", "label"], suffixes=("_a", "_b"))
+    if len(merged) != len(base) or merged["label"].nunique() < 2:
+        return float("nan")
+    return delong_test(merged["label"], merged["prob_b"], merged["prob_a"]).p_value
+
+
+def _ga_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
+    ga = [j for j in jobs if j.part == "ga"]
+    seeds = sorted({j.meta["seed"] for j in ga})
+    methods = list(dict.fromkeys(j.meta["method"] for j in ga))
+    preds = {(j.meta["method"], j.meta["seed"]): _predictions(out, j.name) for j in ga}
+    metrics = {(j.meta["method"], j.meta["seed"]): _run_metrics(client, "results_ga", j.name) for j in ga}
+    lines = [
+        "## GA, pooled training (table 2.2 form)",
+        "",
+        "The GA bundle (`bundles/ga_ppi.json`) on its embedded synthetic default, every site pooled, split per seed "
+        "into training, checkpoint selection (validation) and a held-out test part (`test_fraction` 0.25) that "
+        "neither trains nor chooses the checkpoint. Test AUC: mean ± sd over seeds; p: DeLong's paired test "
+        "against the baseline on the same test eyes, per seed. The linear reference is an L2 logistic regression "
+        "on the same preprocessed voxels and split (`ppi_med.reference`).",
+        "",
+        "| method | test AUC | per seed | DeLong p vs baseline, per seed | best val AUC |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        aucs, ps, vals = [], [], []
+        for s in seeds:
+            p = preds.get((m, s))
+            aucs.append(auc_ci(p["label"], p["prob"]).auc if p is not None and p["label"].nunique() == 2 else np.nan)
+            ps.append(np.nan if m == "baseline" else _delong_p(preds.get(("baseline", s)), p))
+            vals.append(metrics[(m, s)].get("best_val_auc", np.nan))
+        pcol = "" if m == "baseline" else ", ".join(_fmt(x) for x in ps)
+        lines.append(f"| {m} | {_mean_sd(aucs)} | {', '.join(_fmt(a) for a in aucs)} | {pcol} | {_mean_sd(vals)} |")
+    ref = [metrics[("baseline", s)].get("ref_test_auc", np.nan) for s in seeds if ("baseline", s) in metrics]
+    n = [len(preds[("baseline", s)]) for s in seeds if preds.get(("baseline", s)) is not None]
+    lines += [
+        f"| linear reference | {_mean_sd(ref)} | {', '.join(_fmt(a) for a in ref)} | | |",
+        "",
+        f"Test eyes per seed: {', '.join(map(str, n))}.",
+        "",
+    ]
+    return lines
+
+
+def _sites_section(out: Path, fig_dir: Path) -> list[str]:
+    cv = out / "jobs" / "sites" / "cv"
+    summary = cv / "summary.md"
+    if not summary.is_file():
+        return []
+    for png in sorted(cv.glob("heatmap_*.png")):
+        shutil.copy2(png, fig_dir / f"sites_{png.name}")
+    body = [("#" + line) if line.startswith("#") else line for line in summary.read_text().splitlines()]
+    lines = [
+        "## GA, site-wise cross-validation (table 2.3 form)",
+        "",
+        "`pipelines.site_cv`: a model per training site (site D carries the label-correlated watermark), scored on "
+        "the held-out subjects of its own site (the diagonal, apart from the checkpoint-selection part) and on "
+        "every other site; baseline and PPI-WBP, DeLong's paired test per cell. Its own summary follows.",
+        "",
+        *body,
+        "",
+    ]
+    lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob("sites_heatmap_*.png"))]
+    return [*lines, ""]
+
+
+def _lidc_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
+    lidc = [j for j in jobs if j.part == "lidc"]
+    variants = list(dict.fromkeys(j.meta["variant"] for j in lidc))
+    pooled: dict[str, pd.DataFrame] = {}
+    per_fold: dict[str, list[float]] = {}
+    ref: list[float] = []
+    for v in variants:
+        frames = []
+        for j in (j for j in lidc if j.meta["variant"] == v):
+            p = _predictions(out, j.name)
+            if p is not None:
+                frames.append(p)
+            if v == "baseline":
+                ref.append(_run_metrics(client, "results_lidc", j.name).get("ref_test_auc", np.nan))
+        if frames:
+            pooled[v] = pd.concat(frames, ignore_index=True)
+            per_fold[v] = [
+                auc_ci(f["label"], f["prob"]).auc if f["label"].value_counts().min() >= 2 else np.nan for f in frames
+            ]
+    if not pooled:
+        return []
+    base = pooled.get("baseline")
+    n_pat = base["patient_id"].nunique() if base is not None and "patient_id" in base else "?"
+    lines = [
+        "## LIDC phantom nodules (tables 2.4/2.5 form)",
+        "",
+        "The LIDC bundle (`bundles/lidc_ppi.json`) on its phantom of the LIDC-IDRI download (real scan geometry and "
+        "real readers' nodule outlines, synthetic anatomy). For each patient-level fold k, a model trains on the "
+        "remaining folds, chooses its checkpoint on fold k and is scored on fold k+1; the held-out predictions "
+        "of all rotations are pooled, so every labelled nodule is scored "
+        "once by a model that neither trained on it nor chose its checkpoint with it. AUC with DeLong's 95 % CI; "
+        "p: DeLong's paired test against the baseline on the same nodules.",
+        "",
+        f"Nodules: {len(base) if base is not None else '?'} ({int(base['label'].sum()) if base is not None else '?'} "
+        f"malignant) from {n_pat} patients.",
+        "",
+        "| method | pooled held-out AUC [95 % CI] | DeLong p vs baseline | AUC per held-out fold |",
+        "|---|---|---|---|",
+    ]
+    for v, frame in pooled.items():
+        res = auc_ci(frame["label"], frame["prob"])
+        p = "" if v == "baseline" else _fmt(_delong_p(base, frame))
+        folds = ", ".join(_fmt(a, 2) for a in per_fold[v])
+        lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {p} | {folds} |")
+    lines += [
+        f"| linear reference (mean over folds) | {_mean_sd(ref)} | | {', '.join(_fmt(a, 2) for a in ref)} |",
+        "",
+    ]
+    return lines
+
+
+def _saliency_section(out: Path, jobs: Sequence[Job], fig_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = {j.meta["method"]: out / "jobs" / j.name / "eval" for j in jobs if j.part == "saliency"}
+    evals = {m: d for m, d in evals.items() if (d / "summary.csv").is_file()}
+    if not evals:
+        return []
+    lines = [
+        "## Saliency: deletion and localisation (figures 2.4/2.6 form)",
+        "",
+        "Seed-0 GA models, held-out test eyes, the label's class explained. Deletion: mean drop of that class's "
+        "probability when the k most salient voxels are set to the volume's minimum (higher: the map found what the "
+        "model uses); `random` ranks voxels at random. Localisation on eyes with GA: share of |saliency| inside the "
+        "lesion mask, pointing game (the saliency peak inside the lesion) and the best Dice of a thresholded map.",
+        "",
+    ]
+    fig, axes = plt.subplots(1, len(evals), figsize=(5.5 * len(evals), 4), squeeze=False, sharey=True)
+    for ax, (model, folder) in zip(axes[0], evals.items()):
+        summary = pd.read_csv(folder / "summary.csv")
+        deletion = pd.read_csv(folder / "deletion.csv")
+        cols = [c for c in summary.columns if c.startswith("drop_k")]
+        lines += [
+            f"**{model}**",
+            "",
+            "| saliency | " + " | ".join(cols) + " | share inside | pointing | best Dice |",
+            "|---" * (len(cols) + 4) + "|",
+        ]
+        for _, r in summary.iterrows():
+            cells = " | ".join(_fmt(r[c]) for c in cols)
+            lines.append(
+                f"| {r['method']} | {cells} | {_fmt(r['share_inside'])} | {_fmt(r['pointing_acc'])} "
+                f"| {_fmt(r['dice_best'])} |"
+            )
+        loc = pd.read_csv(folder / "localisation.csv")
+        tp_ids = set(deletion.loc[(deletion["target_class"] == 1) & (deletion["prob_before"] > 0.5), "case_id"])
+        wbp = loc[(loc["method"] == "wbp") & loc["case_id"].isin(tp_ids)]
+        lines += [
+            "",
+            f"WBP on the {wbp['case_id'].nunique()} true-positive eyes: share inside the lesion "
+            f"{_fmt(wbp['share_inside'].mean())} (the lesion is {_fmt(wbp['mask_fraction'].mean(), 4)} of the "
+            f"volume), pointing game {_fmt(wbp['pointing_hit'].mean())}.",
+            "",
+        ]
+        for method, g in deletion.groupby("method"):
+            curve = g.groupby("n_deleted")["drop"].mean()
+            ax.plot(curve.index, curve.values, marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_title(f"GA {model}")
+        ax.set_xlabel("voxels deleted")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("drop of the label's probability")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "deletion_curves.png", dpi=110)
+    plt.close(fig)
+    for model, folder in evals.items():
+        if (folder / "localisation.png").is_file():
+            shutil.copy2(folder / "localisation.png", fig_dir / f"localisation_{model}.png")
+    lines += ["![deletion curves](results/deletion_curves.png)", ""]
+    lines += [f"![localisation {m}](results/localisation_{m}.png)" for m in evals]
+    return [*lines, ""]
+
+
+def _shortcut_section(out: Path, fig_dir: Path) -> list[str]:
+    root = out / "jobs" / "shortcut" / "out"
+    summaries = sorted(root.glob("*/summary.md")) or sorted(root.glob("summary.md"))
+    if not summaries:
+        return []
+    lines = [
+        "## Shortcut benchmark",
+        "",
+        "`pipelines.shortcut`: real digit scans with a spurious cue that is aligned with the label in training and "
+        "reversed at test (see `docs/shortcut/README.md` for the method and the other cues).",
+        "",
+    ]
+    for path in summaries:
+        lines += [("##" + x) if x.startswith("#") else x for x in path.read_text().splitlines()]
+        for png in sorted(path.parent.glob("*.png")):
+            target = fig_dir / f"shortcut_{path.parent.name}_{png.name}"
+            shutil.copy2(png, target)
+            lines += ["", f"![{png.stem}](results/{target.name})"]
+    return [*lines, ""]
+
+
+def _epoch_seconds(log: Path) -> float:
+    import re
+
+    times = []
+    for m in re.finditer(r"Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", log.read_text(errors="replace")):
+        times.append(int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3)))
+    return float(np.median(times)) if times else float("nan")
+
+
+def _cost_section(out: Path, jobs: Sequence[Job]) -> list[str]:
+    lines = ["## Cost", ""]
+    ga = [j for j in jobs if j.part == "ga" and _done(out, j).is_file()]
+    if ga:
+        lines += [
+            "GA bundle jobs (one CPU thread each, two jobs at a time): median epoch time (training and "
+            "validation) from the engine's log, peak resident memory of the job's process, and its wall time.",
+            "",
+            "| method | epoch (s) | peak memory (MB) | job wall (s) |",
+            "|---|---|---|---|",
+        ]
+        for method in dict.fromkeys(j.meta["method"] for j in ga):
+            mine = [j for j in ga if j.meta["method"] == method]
+            done = [json.loads(_done(out, j).read_text()) for j in mine]
+            epoch = np.nanmedian([_epoch_seconds(out / "jobs" / j.name / "log.txt") for j in mine])
+            lines.append(
+                f"| {method} | {_fmt(epoch, 2)} | {max(d['max_rss_mb'] for d in done):.0f} "
+                f"| {np.median([d['wall_s'] for d in done]):.0f} |"
+            )
+        lines.append("")
+    bench = out / "jobs" / "cost" / "bench.json"
+    if bench.is_file():
+        lines += [
+            "`benchmarks/bench_saliency_ppi.py` (medians of repeated timings):",
+            "",
+            "```json",
+            json.dumps(json.loads(bench.read_text()), indent=1)[:6000],
+            "```",
+            "",
+        ]
+    return lines if len(lines) > 2 else []
+
+
+def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Path | None = None) -> Path:
+    """Write ``OUT/RESULTS.md`` and ``OUT/results/*.png`` from the finished jobs (and copy them to ``publish``).
+
+    Returns:
+        The report's path.
+    """
+    from mlflow import MlflowClient
+
+    fig_dir = out / "results"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=_tracking_uri(out, None))
+    done = [json.loads(_done(out, j).read_text()) for j in jobs if _done(out, j).is_file()]
+    commits = sorted({d["commit"] for d in done})
+    part_wall = {}
+    for d in done:
+        part_wall[d["part"]] = part_wall.get(d["part"], 0.0) + d["wall_s"]
+    import torch
+
+    device = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    lines = [
+        "# Results",
+        "",
+        f"Made by `python -m pipelines.results --profile {profile_name}` (`make results`) from its own runs: "
+        f"{len(done)} jobs at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}; report written "
+        f"{time.strftime('%Y-%m-%d %H:%M')}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, {device}. "
+        "Every run is in the study's MLflow store (experiments `results_ga`, `results_site_cv`, `results_lidc`, "
+        "`results_saliency`, `results_shortcut`).",
+        "",
+        "CPU time per part (sum of job wall times; two jobs ran at a time): "
+        + ", ".join(f"{p} {w / 60:.0f} min" for p, w in part_wall.items())
+        + ".",
+        "",
+    ]
+    if profile_name != "full":
+        lines += [f"**Profile `{profile_name}`: toy sizes that test the machinery; its figures mean nothing.**", ""]
+    lines += _ga_section(out, jobs, client) if any(j.part == "ga" for j in jobs) else []
+    lines += _sites_section(out, fig_dir)
+    lines += _lidc_section(out, jobs, client) if any(j.part == "lidc" for j in jobs) else []
+    lines += _saliency_section(out, jobs, fig_dir)
+    lines += _shortcut_section(out, fig_dir)
+    lines += _cost_section(out, jobs)
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    if publish is not None:
+        publish.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, publish / "RESULTS.md")
+        target = publish / "results"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(fig_dir, target)
+    return path
+
+
+def init_store(uri: str) -> None:
+    """Create the MLflow store and the study's experiments before jobs start.
+
+    Two processes that create a new SQLite store at the same moment can both try to build its schema and one
+    fails; parallel jobs therefore find it made.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for name in EXPERIMENTS:
+        if client.get_experiment_by_name(name) is None:
+            client.create_experiment(name)
+
+
+def _tracking_uri(out: Path, given: str | None) -> str:
+    return given or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.results", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/results"), help="study folder (default: %(default)s)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full", help="sizes (default: %(default)s)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {PARTS} (default: all)")
+    parser.add_argument("--workers", type=int, default=2, help="jobs at a time (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per job (default: %(default)s)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///OUT/mlflow.db)")
+    parser.add_argument("--publish", type=Path, help="also copy RESULTS.md and its figures into this folder")
+    parser.add_argument("--report-only", action="store_true", help="write the report from finished jobs only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        parser.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    if args.workers < 1 or args.threads < 1:
+        parser.error("--workers and --threads must be >= 1")
+    profile = PROFILES[args.profile]
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = _tracking_uri(out, args.tracking_uri)
+    jobs = build_jobs(out, profile, parts, uri)
+    if not args.report_only:
+        t0 = time.perf_counter()
+        init_store(uri)
+        prepare_data(out, profile, parts)
+        run_jobs(jobs, out, workers=args.workers, threads=args.threads, progress=not args.no_progress)
+        print(f"all {len(jobs)} jobs finished ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    path = write_report(out, jobs, args.profile, publish=args.publish)
+    print(f"report: {path}" + (f" (published to {args.publish / 'RESULTS.md'})" if args.publish else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
