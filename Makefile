@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REVIEW_WEB := pipelines/review/web
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench results clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_saliency_ppi.py
+
+# every experiment behind docs/RESULTS.md, from scratch into runs/results (reruns resume); hours on 2 CPU cores
+results: install
+	$(PY) -m pipelines.results --out runs/results --publish docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(REVIEW_WEB)/node_modules

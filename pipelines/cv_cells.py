@@ -170,6 +170,7 @@ class CellRunner:
         experiment_id: its id.
         parent_run_id: the invocation's parent run.
         bundle_logging: apply the bundle's ``logging.conf`` rather than keeping MONAI quiet.
+        min_steps: optimiser steps a cell gets at least (its epochs are raised to reach them; 0: the bundle's).
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class CellRunner:
         experiment_id: str,
         parent_run_id: str,
         bundle_logging: bool = False,
+        min_steps: int = 0,
     ) -> None:
         self.config_file = config_file
         self.meta_file = meta_file
@@ -200,6 +202,7 @@ class CellRunner:
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.bundle_logging = bundle_logging
+        self.min_steps = int(min_steps)
         # preprocessed test images, shared by the cells: every cell has the same overrides but for the
         # method, site and seed, which the evaluation preprocessing does not depend on
         self._tensors = TensorCache()
@@ -275,6 +278,8 @@ class CellRunner:
                     workflow_type="train",
                     **overrides,
                 )
+            epochs, steps = self._epochs(wf.parser)
+            wf.parser["max_epochs"] = epochs
             wf.initialize()
             wf.run()
             parse = wf.parser.get_parsed_content
@@ -333,6 +338,8 @@ class CellRunner:
             "train_subjects": sorted({str(it.get("subject", it["image"])) for it in train_list}),
             "heldout_subjects": sorted({str(it.get("subject", it["image"])) for it in heldout}),
             "n_train": len(train_list),
+            "epochs": epochs,
+            "optimiser_steps": epochs * steps,
             "n_heldout": len(heldout),
             "selection_subjects": sorted({str(it.get("subject", it["image"])) for it in selection}),
             "auc_best": aucs["best"],
@@ -344,6 +351,15 @@ class CellRunner:
         tmp.write_text(json.dumps(rec, indent=2, default=str))
         tmp.replace(attempt / "cell.json")  # written last: its presence marks a complete attempt
         return rec
+
+    def _epochs(self, parser: Any) -> tuple[int, int]:
+        """``(epochs, steps per epoch)`` of a cell: the bundle's epochs, raised to reach ``min_steps``."""
+        parse = parser.get_parsed_content
+        steps = max(1, math.ceil(len(parse("train#datalist")) / int(parse("batch_size"))))
+        epochs = int(parse("max_epochs"))
+        if self.min_steps:
+            epochs = max(epochs, math.ceil(self.min_steps / steps))
+        return epochs, steps
 
     def _test_cases(self, site: str, heldout: list[dict]) -> list[dict[str, Any]]:
         """The training site's held-out records, then every record of every other site of the datalist."""

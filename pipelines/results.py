@@ -36,6 +36,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -52,7 +53,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ppi_med.stats import auc_ci, delong_test
-from ppi_med.tracking import git_commit
+from ppi_med.tracking import ensure_experiment, git_commit
 
 __all__ = ["PARTS", "PROFILES", "Job", "Profile", "build_jobs", "main", "run_jobs", "write_report"]
 
@@ -105,7 +106,7 @@ PROFILES = {
     "quick": Profile(
         seeds=1,
         ga=_TINY_GA,
-        sites=(*_TINY_GA, "--sites", "A,B,D", "--synthetic#sites", "['A','B','D']"),
+        sites=(*_TINY_GA, "--sites", "A,B,D", "--synthetic#sites", "['A','B','D']", "--min-steps", "0"),
         lidc=("--max_epochs", "2", "--network_def#width", "4", "--batch_size", "4", "--ppi#warmup_epochs", "1"),
         lidc_folds=3,
         lidc_data="small",
@@ -760,6 +761,17 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
     ]
     if profile_name != "full":
         lines += [f"**Profile `{profile_name}`: toy sizes that test the machinery; its figures mean nothing.**", ""]
+    missing = [j for j in jobs if not _done(out, j).is_file()]
+    if missing:
+        by_part: dict[str, list[str]] = {}
+        for j in missing:
+            by_part.setdefault(j.part, []).append(j.name)
+        lines += [
+            f"**Not run yet: {len(missing)} of {len(jobs)} jobs**, so the sections below lack them: "
+            + "; ".join(f"{p}: {', '.join(names)}" for p, names in by_part.items())
+            + ". Run `make results` again to add them (finished jobs are kept).",
+            "",
+        ]
     lines += _ga_section(out, jobs, client) if any(j.part == "ga" for j in jobs) else []
     lines += _sites_section(out, fig_dir)
     lines += _lidc_section(out, jobs, client) if any(j.part == "lidc" for j in jobs) else []
@@ -788,8 +800,7 @@ def init_store(uri: str) -> None:
 
     client = MlflowClient(tracking_uri=uri)
     for name in EXPERIMENTS:
-        if client.get_experiment_by_name(name) is None:
-            client.create_experiment(name)
+        ensure_experiment(client, name)
 
 
 def _tracking_uri(out: Path, given: str | None) -> str:
@@ -807,6 +818,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per job (default: %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///OUT/mlflow.db)")
     parser.add_argument("--publish", type=Path, help="also copy RESULTS.md and its figures into this folder")
+    parser.add_argument(
+        "--only",
+        help="comma-separated job-name patterns (shell style, e.g. 'lidc-baseline-*,ga-*-s0') to run of the chosen "
+        "parts; the report still covers every job of the parts and lists those not run",
+    )
     parser.add_argument("--report-only", action="store_true", help="write the report from finished jobs only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -821,12 +837,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(out, args.tracking_uri)
     jobs = build_jobs(out, profile, parts, uri)
+    todo = jobs
+    if args.only:
+        patterns = [p.strip() for p in args.only.split(",") if p.strip()]
+        todo = [j for j in jobs if any(fnmatch.fnmatchcase(j.name, p) for p in patterns)]
+        if not todo:
+            parser.error(f"--only {args.only!r} matches no job of the parts {', '.join(parts)}")
+        needed = {a for j in todo for a in j.after}
+        todo = [j for j in jobs if j in todo or j.name in needed]
     if not args.report_only:
         t0 = time.perf_counter()
         init_store(uri)
         prepare_data(out, profile, parts)
-        run_jobs(jobs, out, workers=args.workers, threads=args.threads, progress=not args.no_progress)
-        print(f"all {len(jobs)} jobs finished ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+        run_jobs(todo, out, workers=args.workers, threads=args.threads, progress=not args.no_progress)
+        print(f"all {len(todo)} jobs finished ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     path = write_report(out, jobs, args.profile, publish=args.publish)
     print(f"report: {path}" + (f" (published to {args.publish / 'RESULTS.md'})" if args.publish else ""), flush=True)
     return 0

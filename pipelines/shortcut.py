@@ -519,7 +519,7 @@ def run_benchmark(
     """
     from mlflow import MlflowClient
 
-    from ppi_med.tracking import default_tracking_uri, flatten_params, git_commit, log_batch
+    from ppi_med.tracking import default_tracking_uri, ensure_experiment, flatten_params, git_commit, log_batch
 
     out = Path(out_dir)
     if (out / "results.csv").exists():
@@ -527,8 +527,7 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     # an explicit client: mlflow's fluent API would change the process-wide tracking URI for whatever runs next
     client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    exp_id = ensure_experiment(client, experiment)
     settings = {k: v for k, v in asdict(cfg).items() if k != "methods"}
     parent = client.create_run(
         exp_id,

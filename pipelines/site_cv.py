@@ -115,6 +115,11 @@ class SiteCVConfig:
         test_fraction: share of the training site's subjects kept as its test part (the diagonal): they
             neither train nor choose the checkpoint, which the validation part (``val_fraction``) does.
             0 scores the validation part on the diagonal, as before.
+        min_steps: optimiser steps every cell gets at least: a cell whose ``max_epochs`` of its training site
+            would take fewer trains for ``ceil(min_steps / steps_per_epoch)`` epochs instead (the bundle's
+            one-cycle schedule and PPI warm-up scale with the epochs). 0 keeps the bundle's epochs. The default,
+            360, is what the pooled GA default takes (120 training eyes in batches of 8, 24 epochs); one site's
+            20 training eyes at the bundle's 24 epochs would get 72.
         bundle_logging: apply the bundle's ``logging.conf`` (the engines' INFO logs) instead of staying quiet.
         progress: show the tqdm bar.
         num_threads: CPU threads for torch during the invocation (torch's default when ``None``); on a shared
@@ -134,6 +139,7 @@ class SiteCVConfig:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: str = "best"
     test_fraction: float = 0.25
+    min_steps: int = 360
     bundle_logging: bool = False
     progress: bool = True
     num_threads: int | None = None
@@ -273,6 +279,10 @@ class _Study:
         self.key_overrides = dict(cfg.overrides)
         if cfg.test_fraction > 0:
             self.overrides["test_fraction"] = self.key_overrides["test_fraction"] = float(cfg.test_fraction)
+        if int(cfg.min_steps) < 0:
+            raise SiteCVError(f"--min-steps must be >= 0, got {cfg.min_steps}")
+        if cfg.min_steps:  # in the key only: the bundle knows no such id
+            self.key_overrides["min_steps (site_cv)"] = int(cfg.min_steps)
 
         # resolve the datalist once (it may generate the synthetic default) to know the sites and hash it
         parser = ConfigParser()
@@ -387,6 +397,7 @@ class _Study:
             experiment_id=self.experiment_id,
             parent_run_id=self.parent_id,
             bundle_logging=self.cfg.bundle_logging,
+            min_steps=int(self.cfg.min_steps),
         )
 
     def close_parent(self, status: str) -> None:
@@ -718,6 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the training site's subjects kept for the diagonal, apart from the checkpoint-selection "
         "part (default: %(default)s; 0: the diagonal is the selection part)",
     )
+    p.add_argument(
+        "--min-steps",
+        type=int,
+        default=360,
+        help="optimiser steps every cell gets at least; a small site trains for more epochs (default: %(default)s, "
+        "what the pooled GA default takes; 0: the bundle's max_epochs)",
+    )
     p.add_argument("--out", default=None, help="output folder; rerun into it to resume (default: runs/site_cv/<time>)")
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the bundle's)"
@@ -761,6 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides=overrides,
             checkpoint=args.checkpoint,
             test_fraction=args.test_fraction,
+            min_steps=args.min_steps,
             bundle_logging=args.bundle_logging,
             num_threads=args.num_threads,
             progress=not args.no_progress,

@@ -259,7 +259,7 @@ TINY = [
     "--synthetic#sites", "['A','B']", "--synthetic#subjects_per_site", "12", "--synthetic#n_bscans", "4",
     "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "B",
     "--spatial_size", "[4,32,48]", "--network_def#width", "4", "--batch_size", "4", "--max_epochs", "2",
-    "--val_fraction", "0.25", "--ppi#warmup_epochs", "0",
+    "--val_fraction", "0.25", "--ppi#warmup_epochs", "0", "--min-steps", "0",
 ]  # fmt: skip
 
 
@@ -451,6 +451,22 @@ def test_training_on_one_site_scores_every_site(cv_twice, monkeypatch):
         assert list(auc.index) == ["A"] and list(auc.columns) == ["A", "B", "Mean", "STD"]
     pooled = json.loads((tmp / "cv" / "pooled_offdiag.json").read_text())
     assert pooled["ppi_wbp"]["n_cases"] == 12  # every volume of B, scored by the models of A
+
+
+def test_small_sites_train_for_enough_optimiser_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # 6 training eyes of site A in batches of 4: 2 steps an epoch, so 12 steps take 6 epochs, not the bundle's 2
+    assert main(_argv(tmp_path, "--train-sites", "A", "--methods", "baseline", "--min-steps", "12")) == 0
+    (cell,) = json.loads((tmp_path / "cv" / "summary.json").read_text())["cells"]
+    (record,) = (tmp_path / "cv" / "cells").glob("*/attempt-1/cell.json")
+    rec = json.loads(record.read_text())
+    assert rec["n_train"] == 6 and rec["epochs"] == 6 and rec["optimiser_steps"] == 12
+    client, _ = _client(tmp_path)
+    run = client.get_run(rec["run_id"])
+    assert run.data.params["max_epochs"] == "6"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((record.parent.parent / "key.json").read_text())["overrides"]["min_steps (site_cv)"] == 12
+    assert main(_argv(tmp_path, "--min-steps", "-1")) == 2
 
 
 def test_clear_errors(cv_twice, tmp_path, capsys, monkeypatch):

@@ -1,0 +1,103 @@
+"""``make results`` (``pipelines.results``): the quick profile end to end, resume, and failing jobs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipelines.results import PROFILES, Job, build_jobs, main, run_jobs
+from ppi_med.stats import auc_ci
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    code = main(["--out", str(out), "--profile", "quick", "--parts", "ga,saliency,lidc", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_quick_study_writes_the_report_from_its_own_runs(quick_study):
+    out = quick_study
+    text = (out / "RESULTS.md").read_text()
+    for heading in ("## GA, pooled training", "## LIDC phantom nodules", "## Saliency: deletion and localisation"):
+        assert heading in text
+    assert "Profile `quick`" in text and "figures mean nothing" in text
+    # the GA row is the AUC of the held-out predictions the bundle wrote
+    preds = pd.read_csv(next((out / "jobs" / "ga-baseline-s0" / "runs").glob("*/test_predictions.csv")))
+    auc = auc_ci(preds["label"], preds["prob"]).auc
+    assert f"| baseline | {auc:.3f} |" in text
+    # LIDC: every labelled nodule scored once, by the fold that held it out
+    datalist = json.loads((out / "data" / "lidc" / "patches" / "datalist.json").read_text())["training"]
+    pooled = pd.concat(pd.read_csv(p) for p in (out / "jobs").glob("lidc-baseline-f*/runs/*/test_predictions.csv"))
+    assert len(pooled) == len(datalist) and pooled["image"].is_unique
+    assert f"Nodules: {len(datalist)} " in text
+    assert (out / "results" / "deletion_curves.png").stat().st_size > 10_000
+
+
+def test_quick_study_logs_every_run_to_one_mlflow_store(quick_study):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{quick_study / 'mlflow.db'}")
+    ga = client.get_experiment_by_name("results_ga")
+    runs = client.search_runs([ga.experiment_id])
+    assert {r.data.tags["results_job"] for r in runs} == {"ga-baseline-s0", "ga-ppi_wbp-s0"}
+    assert all("test_auc" in r.data.metrics and "ref_test_auc" in r.data.metrics for r in runs)
+    lidc = client.search_runs([client.get_experiment_by_name("results_lidc").experiment_id])
+    assert len(lidc) == 2 * PROFILES["quick"].lidc_folds
+    assert client.search_runs([client.get_experiment_by_name("results_saliency").experiment_id])
+
+
+def test_rerun_skips_finished_jobs_and_keeps_their_outputs(quick_study, capsys):
+    out = quick_study
+    before = {p: p.stat().st_mtime for p in (out / "jobs").glob("*/done.json")}
+    assert main(["--out", str(out), "--profile", "quick", "--parts", "ga,saliency,lidc", "--no-progress"]) == 0
+    after = {p: p.stat().st_mtime for p in (out / "jobs").glob("*/done.json")}
+    assert before == after
+    assert "report:" in capsys.readouterr().out
+
+
+def test_failed_job_is_named_with_its_log_and_its_dependants_do_not_run(tmp_path):
+    fail = Job("broken", "ga", [sys.executable, "-c", "import sys; print('bad input'); sys.exit(3)"])
+    after = Job("after", "saliency", [sys.executable, "-c", "open('ran', 'w')"], after=("broken",))
+    ok = Job("fine", "cost", [sys.executable, "-c", "print('ok')"])
+    with pytest.raises(RuntimeError, match=r"2 job\(s\) failed or could not run: broken .*log.txt.*after"):
+        run_jobs([fail, after, ok], tmp_path, workers=2, progress=False)
+    assert "bad input" in (tmp_path / "jobs" / "broken" / "log.txt").read_text()
+    assert not (tmp_path / "jobs" / "broken" / "done.json").exists()
+    done = json.loads((tmp_path / "jobs" / "fine" / "done.json").read_text())
+    assert done["returncode"] == 0 and done["max_rss_mb"] > 0
+    # a second attempt keeps the failed one's folder aside instead of overwriting it
+    with pytest.raises(RuntimeError):
+        run_jobs([fail], tmp_path, workers=1, progress=False)
+    assert len(list((tmp_path / "jobs").glob("broken.attempt-*"))) == 1
+
+
+def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
+    jobs = build_jobs(tmp_path, PROFILES["full"], ["ga", "saliency", "lidc", "sites", "shortcut", "cost"], "sqlite://")
+    names = {j.name for j in jobs}
+    ga = {n for n in names if n.startswith("ga-")}
+    assert len(ga) == 6 * 3 and "ga-ppi_gradcam-s2" in ga
+    lidc = [j for j in jobs if j.part == "lidc"]
+    assert len(lidc) == 5 * 5
+    # each rotation holds out the fold after the one that chooses the checkpoint
+    (box_f4,) = [j for j in lidc if j.name == "lidc-ppi_wbp_box-f4"]
+    argv = box_f4.argv
+    assert argv[argv.index("--val_fold") + 1] == "4" and argv[argv.index("--test_fold") + 1] == "0"
+    assert argv[argv.index("--ppi#mask") + 1] == "box"
+    assert {j.after for j in jobs if j.part == "saliency"} == {("ga-baseline-s0",), ("ga-ppi_wbp-s0",)}
+    assert Path(jobs[-1].argv[1]).name == "bench_saliency_ppi.py"
+
+
+def test_report_lists_jobs_not_run_and_only_must_match(quick_study):
+    out = quick_study
+    argv = ["--out", str(out), "--profile", "quick", "--parts", "ga,saliency,lidc,cost", "--no-progress"]
+    assert main([*argv, "--report-only"]) == 0
+    text = (out / "RESULTS.md").read_text()
+    assert "**Not run yet: 1 of" in text and "cost: cost" in text
+    with pytest.raises(SystemExit) as err:
+        main([*argv, "--only", "nothing-*"])
+    assert err.value.code == 2
