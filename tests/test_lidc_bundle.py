@@ -56,7 +56,8 @@ def test_lidc_bundle_trains_on_the_phantom(tmp_path):
     for key in ("loss_cls", "loss_con", "loss_reg", "loss_ad", "val_auc"):
         assert key in run.data.metrics, f"{key} missing: {sorted(run.data.metrics)}"
     params = run.data.params
-    assert params["ppi.w_con"] == "10.0" and params["val_fold"] == "0"
+    assert params["ppi.w_con"] == "1.0" and params["val_fold"] == "0"
+    assert params["test_fold"] == "None" and params["n_test"] == "0" and params["lr_schedule"] == "one_cycle"
     n_val = sum(1 for r in labelled if r["fold"] == 0)
     assert int(params["n_val"]) == n_val and int(params["n_train"]) == len(labelled) - n_val
     assert (next((tmp_path / "runs").iterdir()) / "models" / "model_best.pt").is_file()
