@@ -1,4 +1,5 @@
-"""MONAI engine glue: a training iteration that runs the PPI objective, and per-epoch loss averages."""
+"""MONAI engine glue: a training iteration that runs the PPI objective, per-epoch loss averages, and the window
+in which the best checkpoint is chosen."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from .ppi import PPIConfig, PPIObjective
 
-__all__ = ["PPIIteration", "EpochLossAverages"]
+__all__ = ["PPIIteration", "EpochLossAverages", "SelectionWindow"]
 
 
 class PPIIteration:
@@ -104,3 +105,35 @@ class EpochLossAverages:
         if self._count:
             for k, v in self._sums.items():
                 engine.state.metrics[k] = v / self._count
+
+
+class SelectionWindow:
+    """Choose the best checkpoint only among the epochs from ``first_epoch`` on.
+
+    A PPI run trains with plain cross-entropy during its warm-up; if a warm-up epoch scored best on
+    validation, the "PPI" checkpoint would be a model PPI never touched (seen on GA: the best epoch of half
+    the PPI runs fell in the warm-up). When the trainer starts ``first_epoch``, this forgets the best so far,
+    both the evaluator's record and the key-metric :class:`monai.handlers.CheckpointSaver`'s, so the next
+    validation writes ``model_best.pt`` afresh. Bundles give the baseline the same window, so methods are
+    compared on checkpoints chosen alike.
+
+    Args:
+        saver: the evaluator's key-metric checkpoint saver.
+        evaluator: the validation engine (its ``best_metric`` is reset).
+        first_epoch: the first epoch (1-based) that may be chosen; 1 or less: every epoch.
+    """
+
+    def __init__(self, saver: Any, evaluator: Engine, first_epoch: int) -> None:
+        self.saver = saver
+        self.evaluator = evaluator
+        self.first_epoch = int(first_epoch)
+
+    def attach(self, engine: Engine) -> None:
+        if self.first_epoch > 1:
+            engine.add_event_handler(Events.EPOCH_STARTED(once=self.first_epoch), self._forget)
+
+    def _forget(self, engine: Engine) -> None:
+        # the saver's public resume hook: an empty list of saved checkpoints
+        self.saver.load_state_dict({"_saved": []})
+        self.evaluator.state.best_metric = -1
+        self.evaluator.state.best_metric_epoch = -1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,7 @@ def test_held_out_test_part_is_scored_with_the_chosen_checkpoint(tmp_path):
     again = predict_records(net, records, preprocessing)
     assert again == pytest.approx(probs, abs=1e-5)
     assert "held-out test AUC (4 records, model_best.pt)" in done.stdout
+    # the checkpoint is chosen only from the epochs after the warm-up (max_epochs // 2 = 1), for every method
+    assert params["checkpoint_from_epoch"] == "2"
+    best_epoch = int(re.search(r"best val_auc: [\d.]+ \(epoch (\d+)\)", done.stdout).group(1))
+    assert best_epoch >= 2
