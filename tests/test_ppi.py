@@ -31,17 +31,6 @@ from ppi_med.ppi import (
 )
 from ppi_med.saliency import wbp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes each op
-    hundreds of times slower; restore the setting for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # masks
 

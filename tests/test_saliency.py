@@ -35,16 +35,6 @@ from ppi_med.saliency.rules import population_var
 SPATIAL = {2: 12, 3: 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes each op
-    hundreds of times slower; restore the setting for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _conv(sd: int) -> type[nn.Module]:
     return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[sd]
 

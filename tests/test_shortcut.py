@@ -21,14 +21,6 @@ from pipelines.shortcut import (
 from ppi_med.ppi import PPIConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_data_sets_have_the_requested_cue_shares_and_disjoint_digits():
     cfg = ShortcutConfig(cue="patch", train_p_pos=0.9, train_p_neg=0.1)
     data = make_data(cfg, seed=3)
