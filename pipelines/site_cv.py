@@ -74,6 +74,7 @@ __all__ = [
     "one_class_sites",
     "parse_overrides",
     "run_site_cv",
+    "run_site_cv_shard",
 ]
 
 # bundle ids that the pipeline sets per cell; the user sets them through the command's own options
@@ -120,6 +121,10 @@ class SiteCVConfig:
             one-cycle schedule and PPI warm-up scale with the epochs). 0 keeps the bundle's epochs. The default,
             360, is what the pooled GA default takes (120 training eyes in batches of 8, 24 epochs); one site's
             20 training eyes at the bundle's 24 epochs would get 72.
+        shard: ``(i, n)``: run only the cells ``i, i + n, i + 2n ...`` (0-based, in the study's fixed cell
+            order) and write no report; ``n`` workers with ``i = 0 .. n-1`` share the study over machines or
+            GPUs against one output folder and one MLflow store, and a final run without ``shard`` reuses
+            every finished cell and writes the report (it names any cell still missing, and trains it).
         bundle_logging: apply the bundle's ``logging.conf`` (the engines' INFO logs) instead of staying quiet.
         progress: show the tqdm bar.
         num_threads: CPU threads for torch during the invocation (torch's default when ``None``); on a shared
@@ -140,6 +145,7 @@ class SiteCVConfig:
     checkpoint: str = "best"
     test_fraction: float = 0.25
     min_steps: int = 360
+    shard: tuple[int, int] | None = None
     bundle_logging: bool = False
     progress: bool = True
     num_threads: int | None = None
@@ -369,7 +375,11 @@ class _Study:
             "cv_out_dir": str(self.out_dir.resolve()),
             "bundle": self.config_file.name,
         }
-        run = self.client.create_run(exp_id, run_name=f"site-cv-{self.stamp}", tags=tags)
+        name = f"site-cv-{self.stamp}"
+        if self.cfg.shard is not None:
+            tags["cv_shard"] = "{}/{}".format(*self.cfg.shard)
+            name += "-shard{}of{}".format(*self.cfg.shard)
+        run = self.client.create_run(exp_id, run_name=name, tags=tags)
         self.parent_id = run.info.run_id
         params = {
             "config_file": str(self.config_file),
@@ -470,6 +480,34 @@ def run_site_cv(cfg: SiteCVConfig) -> SiteCVResult:
     study = _Study(cfg)
     with _torch_threads(cfg.num_threads):
         return _run(study, cfg, t_start)
+
+
+def run_site_cv_shard(cfg: SiteCVConfig) -> pd.DataFrame:
+    """Run (or reuse) only the cells of ``cfg.shard``; no report. See :class:`SiteCVConfig` ``shard``.
+
+    Returns:
+        The shard's cell table (method, site, seed, status, key, MLflow run ...).
+
+    Raises:
+        SiteCVError: a bad shard, plus everything :func:`run_site_cv` raises.
+    """
+    if cfg.shard is None:
+        raise SiteCVError("run_site_cv_shard needs a shard (i, n)")
+    index, count = cfg.shard
+    if not (count >= 1 and 0 <= index < count):
+        raise SiteCVError(f"--shard must be i/n with 0 <= i < n, got {index}/{count}")
+    study = _Study(cfg)
+    study.cells = study.cells[index::count]
+    study.out_dir.mkdir(parents=True, exist_ok=True)
+    with _torch_threads(cfg.num_threads):
+        study.open_parent()
+        status = "FAILED"
+        try:
+            _, cells = _run_cells(study, cfg)
+            status = "FINISHED"
+        finally:
+            study.close_parent(status)
+    return cells
 
 
 @contextlib.contextmanager
@@ -736,6 +774,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimiser steps every cell gets at least; a small site trains for more epochs (default: %(default)s, "
         "what the pooled GA default takes; 0: the bundle's max_epochs)",
     )
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="i/n: run only every n-th cell from the i-th (0-based) and no report, so n workers (machines, GPUs, "
+        "a SLURM array) share one study in one --out; then run once without --shard to gather the report",
+    )
     p.add_argument("--out", default=None, help="output folder; rerun into it to resume (default: runs/site_cv/<time>)")
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the bundle's)"
@@ -750,6 +794,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: torch's own); 1 is often much faster on a busy shared CPU",
     )
     return p
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise SiteCVError(f"--shard must look like i/n (e.g. 0/4), got '{text}'") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise SiteCVError(f"--shard must be i/n with 0 <= i < n, got '{text}'")
+    return index, count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -780,11 +836,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             test_fraction=args.test_fraction,
             min_steps=args.min_steps,
+            shard=_parse_shard(args.shard),
             bundle_logging=args.bundle_logging,
             num_threads=args.num_threads,
             progress=not args.no_progress,
         )
-        run_site_cv(cfg)
+        if cfg.shard is None:
+            run_site_cv(cfg)
+        else:
+            cells = run_site_cv_shard(cfg)
+            trained = int((cells["status"] == "trained").sum()) if len(cells) else 0
+            print(
+                f"shard {args.shard}: {len(cells)} cells ({trained} trained, {len(cells) - trained} reused) in "
+                f"{cfg.out_dir}; when every shard is done, run the same command without --shard for the report"
+            )
     except (SiteCVError, FileNotFoundError, TrackingServerError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -589,3 +589,24 @@ def test_a_site_with_one_class_is_reported_not_a_crash(cv_twice, tmp_path, monke
     # asked to train on that site alone: refused before anything is trained
     assert main([*argv, "--train-sites", "B"]) == 2
     assert f"training site(s) B ({why}) of " in capsys.readouterr().err
+
+
+def test_shards_then_gather_equal_the_one_process_study(cv_twice, tmp_path, monkeypatch):
+    """Two workers each run half the cells into one folder and store; the gathering run reuses them all."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = _argv(tmp_path)  # the same generated data, in a new folder and store
+    assert main([*argv, "--shard", "0/2"]) == 0
+    assert main([*argv, "--shard", "1/2"]) == 0
+    assert not (tmp_path / "cv" / "summary.json").exists()  # shards write no report
+    client, exp_id = _client(tmp_path)
+    shard_runs = client.search_runs([exp_id], "tags.cv_kind = 'site_cv_parent'")
+    assert sorted(r.data.tags["cv_shard"] for r in shard_runs) == ["0/2", "1/2"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
+    assert len(summary["cells"]) == 4 and all(c["status"] == "reused" for c in summary["cells"])
+    for m in ("baseline", "ppi_wbp"):
+        gathered = pd.read_csv(tmp_path / "cv" / f"auc_{m}.csv", index_col=0)
+        pd.testing.assert_frame_equal(gathered, cv_twice["first_auc"][m])
+    assert main([*argv, "--shard", "2/2"]) == 2
+    assert main([*argv, "--shard", "one"]) == 2
