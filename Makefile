@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REVIEW_WEB := pipelines/review/web
+# TORCH_INDEX=cpu (or cu124, ...) installs torch from PyTorch's own wheel index for that build, e.g. the CPU
+# wheel on a GPU-less machine where PyPI's default Linux wheel would pull several GB of CUDA libraries
+TORCH_INDEX ?=
+TORCH_SOURCE := $(if $(TORCH_INDEX),--index-url https://download.pytorch.org/whl/$(TORCH_INDEX),)
 
 .PHONY: install run test lint bench results clean
 
@@ -15,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt $(REVIEW_WEB)/package.json $(REVIEW_WEB)/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt $(TORCH_SOURCE) torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	npm ci --prefix $(REVIEW_WEB) --no-audit --no-fund --loglevel=error
 	touch $@
