@@ -807,7 +807,7 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
         "Every run is in the study's MLflow store (experiments `results_ga`, `results_site_cv`, `results_lidc`, "
         "`results_saliency`, `results_shortcut`).",
         "",
-        "CPU time per part (sum of job wall times; two jobs ran at a time): "
+        "CPU time per part (sum of job wall times, jobs run side by side on the same cores): "
         + ", ".join(f"{p} {w / 60:.0f} min" for p, w in part_wall.items())
         + ".",
         "",
