@@ -553,8 +553,11 @@ def _lidc_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
     per_fold: dict[str, list[float]] = {}
     ref: list[float] = []
     for v in variants:
+        mine = [j for j in lidc if j.meta["variant"] == v]
+        if not all(_done(out, j).is_file() for j in mine):  # pooled over some folds only: not comparable
+            continue
         frames = []
-        for j in (j for j in lidc if j.meta["variant"] == v):
+        for j in mine:
             p = _predictions(out, j.name)
             if p is not None:
                 frames.append(p)
