@@ -142,6 +142,18 @@ def _bundle(config: str, run_id: str = "run") -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
 
 
+def _tracked_run(out: Path, job: str, experiment: str) -> list[str]:
+    """Bundle overrides that put a training job's run folder in its job folder and tag its MLflow run."""
+    return [
+        "--runs_dir",
+        str(out / "jobs" / job / "runs"),
+        "--experiment_name",
+        experiment,
+        "--run_tags",
+        json.dumps({"results_job": job}),
+    ]
+
+
 def _ppi_args(method: str, mask: str = "soft") -> list[str]:
     if method == "baseline":
         return ["--ppi#enabled", "false"]
@@ -172,15 +184,10 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                             *ga_split,
                             "--seed",
                             str(seed),
-                            "--runs_dir",
-                            str(out / "jobs" / name / "runs"),
-                            "--experiment_name",
-                            "results_ga",
-                            "--run_tags",
-                            json.dumps({"results_job": name}),
+                            *_tracked_run(out, name, "results_ga"),
                             *_ppi_args(method),
                             *profile.ga,
-                        ],  # fmt: skip
+                        ],
                         meta={"method": method, "seed": seed},
                     )
                 )
@@ -211,7 +218,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                         "results_saliency",
                         *_ppi_args(method),
                         *profile.ga,
-                    ],  # fmt: skip
+                    ],
                     after=(train,),
                     meta={"method": method, "train_job": train},
                 )
@@ -246,7 +253,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                     "--dataset_dir",
                     str(out / "data" / "ga_sites"),
                     *profile.sites,
-                ],  # fmt: skip
+                ],
             )
         )
     if "lidc" in parts:
@@ -267,15 +274,10 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                             str(fold),
                             "--test_fold",
                             str((fold + 1) % profile.lidc_folds),
-                            "--runs_dir",
-                            str(out / "jobs" / name / "runs"),
-                            "--experiment_name",
-                            "results_lidc",
-                            "--run_tags",
-                            json.dumps({"results_job": name}),
+                            *_tracked_run(out, name, "results_lidc"),
                             *_ppi_args(method, mask),
                             *profile.lidc,
-                        ],  # fmt: skip
+                        ],
                         meta={"variant": variant, "fold": fold},
                     )
                 )
@@ -297,7 +299,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                     "--num-threads",
                     "1",
                     *profile.shortcut,
-                ],  # fmt: skip
+                ],
             )
         )
     if "cost" in parts:
