@@ -6,7 +6,9 @@ Parts (each a set of independent jobs, every job a real command a user could typ
               Grad-CAM, LRP, WBP), pooled training, seeds 0..S-1, each scored on its held-out test part
               (``test_fraction``) with the linear reference of the same split
     sites     table 2.3 form: ``pipelines.site_cv`` for baseline and PPI-WBP, the confounded site D among
-              the training sites, S seeds, DeLong p-values and the pooled off-diagonal test
+              the training sites, S seeds, DeLong p-values and the pooled off-diagonal test; and the
+              confounded study: trained on site D alone (its watermark marks GA), scored on sites without
+              the watermark and on site C, generated with the correlation reversed
     lidc      tables 2.4/2.5 form: the LIDC bundle, baseline and PPI-WBP with each mask (soft, adaptive soft,
               hard point, box), rotating the held-out fold over every patient-level fold; the folds' test
               predictions are pooled, so every labelled nodule is scored once by a model that neither trained on
@@ -72,6 +74,8 @@ class Profile:
         seeds: GA and site-CV seeds.
         ga: overrides of the GA bundle (on top of the held-out split).
         sites: extra arguments of ``pipelines.site_cv``.
+        confounded: extra arguments of the confounded study (trained on the watermarked site only, scored on
+            every site, one of them generated with the watermark's correlation reversed).
         lidc: overrides of the LIDC bundle.
         lidc_folds: patient-level folds of the LIDC datalist, each held out once.
         lidc_data: ``default`` (the bundle's phantom) or ``small`` (three thinned phantom patients).
@@ -85,6 +89,7 @@ class Profile:
     seeds: int
     ga: tuple[str, ...] = ()
     sites: tuple[str, ...] = ()
+    confounded: tuple[str, ...] = ("--train-sites", "D", "--synthetic#reversed_cue_site", "C")
     lidc: tuple[str, ...] = ()
     lidc_folds: int = 5
     lidc_data: str = "default"
@@ -101,12 +106,15 @@ _TINY_GA = (
     "--network_def#width", "4", "--batch_size", "4", "--max_epochs", "2", "--ppi#warmup_epochs", "1",
 )  # fmt: skip
 
+_TINY_SITES = (*_TINY_GA, "--sites", "A,B,D", "--synthetic#sites", "['A','B','D']", "--min-steps", "0")
+
 PROFILES = {
     "full": Profile(seeds=3),
     "quick": Profile(
         seeds=1,
         ga=_TINY_GA,
-        sites=(*_TINY_GA, "--sites", "A,B,D", "--synthetic#sites", "['A','B','D']", "--min-steps", "0"),
+        sites=_TINY_SITES,
+        confounded=(*_TINY_SITES, "--train-sites", "D", "--synthetic#reversed_cue_site", "B"),
         lidc=("--max_epochs", "2", "--network_def#width", "4", "--batch_size", "4", "--ppi#warmup_epochs", "1"),
         lidc_folds=3,
         lidc_data="small",
@@ -224,38 +232,41 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                 )
             )
     if "sites" in parts:
-        name = "sites"
-        jobs.append(
-            Job(
-                name,
-                "sites",
-                [
-                    sys.executable,
-                    "-m",
-                    "pipelines.site_cv",
-                    "--config_file",
-                    "bundles/ga_ppi.json",
-                    "--methods",
-                    "baseline,ppi_wbp",
-                    "--seeds",
-                    str(profile.seeds),
-                    "--out",
-                    str(out / "jobs" / name / "cv"),
-                    "--tracking-uri",
-                    tracking_uri,
-                    "--experiment",
-                    "results_site_cv",
-                    "--no-progress",
-                    "--num-threads",
-                    "1",
-                    "--default_dataset_dir",
-                    str(out / "data" / "ga_sites"),
-                    "--dataset_dir",
-                    str(out / "data" / "ga_sites"),
-                    *profile.sites,
-                ],
+        for name, data, extra in (
+            ("sites", "ga_sites", profile.sites),
+            ("sites-confounded", "ga_sites_rev", profile.confounded),
+        ):
+            jobs.append(
+                Job(
+                    name,
+                    "sites",
+                    [
+                        sys.executable,
+                        "-m",
+                        "pipelines.site_cv",
+                        "--config_file",
+                        "bundles/ga_ppi.json",
+                        "--methods",
+                        "baseline,ppi_wbp",
+                        "--seeds",
+                        str(profile.seeds),
+                        "--out",
+                        str(out / "jobs" / name / "cv"),
+                        "--tracking-uri",
+                        tracking_uri,
+                        "--experiment",
+                        "results_site_cv",
+                        "--no-progress",
+                        "--num-threads",
+                        "1",
+                        "--default_dataset_dir",
+                        str(out / "data" / data),
+                        "--dataset_dir",
+                        str(out / "data" / data),
+                        *extra,
+                    ],
+                )
             )
-        )
     if "lidc" in parts:
         lidc_data = ["--dataset_dir", str(out / "data" / "lidc" / "patches")] if profile.lidc_data == "small" else []
         for variant in ("baseline", *(f"ppi_wbp_{m}" for m in profile.lidc_masks)):
@@ -410,8 +421,9 @@ def prepare_data(out: Path, profile: Profile, parts: Sequence[str]) -> None:
         parser = ConfigParser()
         parser.read_config(str(ROOT / "bundles" / "ga_ppi.json"))
         synthetic = dict(parser.get("synthetic"))
-        for name, extra in (("ga", profile.ga), ("ga_sites", profile.sites)):
-            if name == "ga" and not {"ga", "saliency"} & set(parts) or name == "ga_sites" and "sites" not in parts:
+        sets = {"ga": profile.ga, "ga_sites": profile.sites, "ga_sites_rev": profile.confounded}
+        for name, extra in sets.items():
+            if name == "ga" and not {"ga", "saliency"} & set(parts) or name != "ga" and "sites" not in parts:
                 continue
             spec = dict(synthetic, **_synthetic_overrides(extra))
             folder = out / "data" / name
@@ -526,26 +538,39 @@ def _ga_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
     return lines
 
 
-def _sites_section(out: Path, fig_dir: Path) -> list[str]:
-    cv = out / "jobs" / "sites" / "cv"
-    summary = cv / "summary.md"
-    if not summary.is_file():
-        return []
-    for png in sorted(cv.glob("heatmap_*.png")):
-        shutil.copy2(png, fig_dir / f"sites_{png.name}")
-    body = [("#" + line) if line.startswith("#") else line for line in summary.read_text().splitlines()]
-    lines = [
-        "## GA, site-wise cross-validation (table 2.3 form)",
-        "",
+_SITE_STUDIES = {
+    "sites": (
+        "GA, site-wise cross-validation (table 2.3 form)",
         "`pipelines.site_cv`: a model per training site (site D carries the label-correlated watermark), scored on "
         "the held-out subjects of its own site (the diagonal, apart from the checkpoint-selection part) and on "
         "every other site; baseline and PPI-WBP, DeLong's paired test per cell. Its own summary follows.",
-        "",
-        *body,
-        "",
-    ]
-    lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob("sites_heatmap_*.png"))]
-    return [*lines, ""]
+    ),
+    "sites-confounded": (
+        "GA, trained on the confounded site only",
+        "`pipelines.site_cv --train-sites D`: models trained on site D alone, where the watermark marks 90 % of "
+        "the GA eyes and 10 % of the others, scored on D's held-out test subjects, on sites A and B (no "
+        "watermark) and on site C, generated with the correlation reversed (the watermark on the eyes without "
+        "GA). A model that leans on the watermark falls below 0.5 on C; this is the shift PPI is built for. "
+        "Its own summary follows.",
+    ),
+}
+
+
+def _sites_section(out: Path, fig_dir: Path) -> list[str]:
+    lines: list[str] = []
+    for job, (title, intro) in _SITE_STUDIES.items():
+        cv = out / "jobs" / job / "cv"
+        summary = cv / "summary.md"
+        if not summary.is_file():
+            continue
+        prefix = job.replace("-", "_")
+        for png in sorted(cv.glob("heatmap_*.png")):
+            shutil.copy2(png, fig_dir / f"{prefix}_{png.name}")
+        body = [("#" + line) if line.startswith("#") else line for line in summary.read_text().splitlines()]
+        lines += [f"## {title}", "", intro, "", *body, ""]
+        lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob(f"{prefix}_heatmap_*.png"))]
+        lines.append("")
+    return lines
 
 
 def _lidc_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
