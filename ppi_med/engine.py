@@ -23,18 +23,35 @@ class PPIIteration:
     It replaces the trainer's own forward/loss/backward with :class:`~ppi_med.ppi.PPIObjective` (which
     falls back to plain cross-entropy when ``enabled`` is false), keeps AMP (``trainer.amp``) and the
     trainer's iteration events, and returns a dict output with the image, label, prediction, the total
-    ``loss`` and each named term (``loss_cls``, ``loss_con``, ``loss_reg``, ``loss_ad``).
+    ``loss`` and each named term (``loss_cls``, ``loss_con``, ``loss_reg``, ``loss_ad``) as detached
+    tensors: nothing in the step waits for the device (:class:`EpochLossAverages` reads them once an epoch).
+
+    Under AMP the step runs in bfloat16 where the device supports it (its range is float32's, so the
+    saliency's inner backward, which no loss scaler reaches, cannot underflow), else in float16 with the
+    trainer's gradient scaler.
 
     Args:
         ppi: a :class:`~ppi_med.ppi.PPIConfig` or a dict of its fields (e.g. straight from a bundle).
+        amp_dtype: ``"bfloat16"`` or ``"float16"`` to force the AMP precision; ``None`` chooses as above.
     """
 
-    def __init__(self, ppi: PPIConfig | dict[str, Any] | None = None) -> None:
+    def __init__(self, ppi: PPIConfig | dict[str, Any] | None = None, amp_dtype: str | None = None) -> None:
         self.objective = PPIObjective(ppi)
+        if amp_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16', 'float16' or None, got {amp_dtype!r}")
+        self.amp_dtype = amp_dtype
 
     @property
     def config(self) -> PPIConfig:
         return self.objective.config
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype:
+        """The precision of the AMP region on ``device``."""
+        if self.amp_dtype is not None:
+            return getattr(torch, self.amp_dtype)
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
 
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
@@ -43,11 +60,12 @@ class PPIIteration:
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=inputs.device.type, enabled=bool(engine.amp)):
+        dtype = self.autocast_dtype(inputs.device)
+        with torch.autocast(device_type=inputs.device.type, dtype=dtype, enabled=bool(engine.amp)):
             out = self.objective(engine.network, inputs, targets, epoch=engine.state.epoch)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.amp and engine.scaler is not None:
+        if engine.amp and engine.scaler is not None and dtype == torch.float16:
             engine.scaler.scale(out.loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
@@ -61,8 +79,8 @@ class PPIIteration:
             Keys.IMAGE: inputs,
             Keys.LABEL: targets,
             Keys.PRED: out.logits.detach(),
-            Keys.LOSS: out.components["loss"],
-            **out.components,
+            Keys.LOSS: out.terms["loss"],
+            **out.terms,
         }
 
 
@@ -78,7 +96,7 @@ class EpochLossAverages:
 
     def __init__(self, keys: list[str] | None = None) -> None:
         self.keys = keys
-        self._sums: dict[str, float] = defaultdict(float)
+        self._sums: dict[str, Any] = defaultdict(float)
         self._count = 0
 
     def attach(self, engine: Engine) -> None:
@@ -97,14 +115,15 @@ class EpochLossAverages:
             return
         keys = self.keys or [k for k in output if isinstance(k, str) and k.startswith("loss")]
         for k in keys:
-            if k in output:
-                self._sums[k] += float(output[k])
+            if k in output:  # summed where they are (tensors stay on the device): read once an epoch
+                v = output[k]
+                self._sums[k] = self._sums[k] + (v.detach() if isinstance(v, torch.Tensor) else float(v))
         self._count += 1
 
     def _publish(self, engine: Engine) -> None:
         if self._count:
             for k, v in self._sums.items():
-                engine.state.metrics[k] = v / self._count
+                engine.state.metrics[k] = float(v) / self._count
 
 
 class SelectionWindow:

@@ -148,12 +148,20 @@ class PPIConfig:
 
 @dataclass
 class PPIOutput:
-    """The total loss (with graph), its named parts (floats), the logits of ``x`` and the saliency used."""
+    """The total loss (with graph), its named parts, the logits of ``x`` and the saliency used.
+
+    ``terms`` holds the parts as detached 0-d tensors on the loss's device, so a training step never waits
+    for the device to read them; ``components`` reads them as floats (one synchronisation).
+    """
 
     loss: torch.Tensor
-    components: dict[str, float]
+    terms: dict[str, torch.Tensor]
     logits: torch.Tensor
     saliency: torch.Tensor | None = None
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.terms.items()}
 
 
 def contrast_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "flip") -> torch.Tensor:
@@ -224,10 +232,12 @@ class PPIObjective:
         if not cfg.enabled:
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-            return PPIOutput(loss, {"loss": loss.item(), "loss_cls": loss.item()}, logits)
+            return PPIOutput(loss, {"loss": loss.detach(), "loss_cls": loss.detach()}, logits)
 
         w = cfg.weights(epoch)
         active = any(v > 0 for v in w.values())
+        if active:  # pairs from the labels before work is queued on the device, where reading them costs nothing
+            i, j = adversarial_partners(y, cfg.partner)
         tracer = make_tracer(cfg.saliency, model, **cfg.saliency_kwargs)
         differentiable = cfg.mode == "differentiable" and tracer.differentiable
         x = plain(x).detach()
@@ -236,8 +246,9 @@ class PPIObjective:
             logits = model(xg)
         loss_cls = F.cross_entropy(logits, y)
         if not active:
-            parts = {"loss": loss_cls.item(), "loss_cls": loss_cls.item(), "loss_con": 0.0, "loss_reg": 0.0}
-            return PPIOutput(loss_cls, {**parts, "loss_ad": 0.0}, logits)
+            zero = loss_cls.new_zeros(())
+            parts = {"loss": loss_cls.detach(), "loss_cls": loss_cls.detach(), "loss_con": zero, "loss_reg": zero}
+            return PPIOutput(loss_cls, {**parts, "loss_ad": zero}, logits)
 
         s = tracer.saliency(logits, xg, y, create_graph=differentiable, retain_graph=True)
         s_n = normalize(s.abs() if cfg.absolute else s)
@@ -253,7 +264,6 @@ class PPIObjective:
         )
         mask = dilate(mask, cfg.dilate)
         n = x.shape[0]
-        i, j = adversarial_partners(y, cfg.partner)
         if not i.numel() and not self._warned_no_partner:
             self._warned_no_partner = True
             warnings.warn(
@@ -266,22 +276,19 @@ class PPIObjective:
         if cfg.exclusive and i.numel():
             # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
             neg_mask = mask.index_put((i,), mask[i] * (1 - mask[j]))
-        con = torch.ones_like(y, dtype=torch.bool) if cfg.contrast_classes is None else _member(y, cfg.contrast_classes)
-        x_neg = (x - neg_mask * x)[con]
+        x_neg, y_neg = x - neg_mask * x, y
+        if cfg.contrast_classes is not None:  # boolean indexing waits for the device: only when classes are chosen
+            con = _member(y, cfg.contrast_classes)
+            x_neg, y_neg = x_neg[con], y[con]
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
         contrasts = torch.cat([x_neg, x[i] - mask[j] * x[i]])
         with frozen_buffers(model):
             out = model(contrasts) if contrasts.shape[0] else logits[:0]
         out_neg, out_adv = out[: x_neg.shape[0]], out[x_neg.shape[0] :]
-        loss_con = contrast_loss(out_neg, y[con], cfg.contrast_loss) if con.any() else loss_cls.new_zeros(())
+        loss_con = contrast_loss(out_neg, y_neg, cfg.contrast_loss) if x_neg.shape[0] else loss_cls.new_zeros(())
         loss_ad = F.cross_entropy(out_adv, y[i]) if i.numel() else loss_cls.new_zeros(())
         loss_reg = s_n.abs().reshape(n, -1).mean(dim=1).mean()
         total = loss_cls + w["con"] * loss_con + w["reg"] * loss_reg + w["ad"] * loss_ad
-        parts = {
-            "loss": total.item(),
-            "loss_cls": loss_cls.item(),
-            "loss_con": loss_con.item(),
-            "loss_reg": loss_reg.item(),
-            "loss_ad": loss_ad.item(),
-        }
+        parts = {"loss": total, "loss_cls": loss_cls, "loss_con": loss_con, "loss_reg": loss_reg, "loss_ad": loss_ad}
+        parts = {k: v.detach() for k, v in parts.items()}
         return PPIOutput(total, parts, logits, s.detach())

@@ -1,0 +1,71 @@
+"""The PPI training iteration inside a real MONAI SupervisedTrainer: outputs, epoch averages, AMP precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from torch import nn
+
+from ppi_med.engine import EpochLossAverages, PPIIteration
+from ppi_med.ppi import PPIConfig
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3, padding=1)
+    return nn.Sequential(conv, nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def _trainer(iteration: PPIIteration, amp: bool = False, steps: int = 3) -> tuple[SupervisedTrainer, list[dict]]:
+    torch.manual_seed(1)
+    data = [{"image": torch.randn(4, 1, 12, 12), "label": torch.tensor([0, 1, 0, 1])} for _ in range(steps)]
+    net = _net()
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        epoch_length=steps,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.01),
+        loss_function=nn.CrossEntropyLoss(),
+        iteration_update=iteration,
+        amp=amp,
+        decollate=False,
+    )
+    outputs: list[dict] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    return trainer, outputs
+
+
+def test_terms_are_device_tensors_and_epoch_averages_read_them():
+    trainer, outputs = _trainer(PPIIteration(PPIConfig(warmup_epochs=0)))
+    EpochLossAverages().attach(trainer)
+    trainer.run()
+    assert len(outputs) == 3
+    for out in outputs:
+        for key in ("loss", "loss_cls", "loss_con", "loss_reg", "loss_ad"):
+            assert isinstance(out[key], torch.Tensor) and out[key].ndim == 0 and not out[key].requires_grad
+        assert float(out["loss_con"]) > 0  # the PPI terms are on
+    for key in ("loss", "loss_cls", "loss_con", "loss_reg", "loss_ad"):
+        expected = sum(float(o[key]) for o in outputs) / len(outputs)
+        assert trainer.state.metrics[key] == pytest.approx(expected, rel=1e-6)
+        assert isinstance(trainer.state.metrics[key], float)
+
+
+def test_amp_runs_in_bfloat16_on_cpu_and_trains():
+    iteration = PPIIteration(PPIConfig(warmup_epochs=0))
+    assert iteration.autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    trainer, outputs = _trainer(iteration, amp=True)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.run()
+    assert all(torch.isfinite(o["loss"]) for o in outputs)
+    assert outputs[0]["pred"].dtype == torch.bfloat16  # the forward ran under autocast
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_amp_dtype_can_be_forced_and_is_checked():
+    assert PPIIteration(amp_dtype="float16").autocast_dtype(torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="amp_dtype"):
+        PPIIteration(amp_dtype="fp8")
