@@ -93,6 +93,7 @@ __all__ = [
     "ensure_default",
     "generate",
     "main",
+    "render_with_cue",
     "subject_seed",
 ]
 
@@ -382,6 +383,45 @@ def generate(
     write_json_atomic(datalist_path, datalist)
     marker.unlink(missing_ok=True)
     return datalist_path
+
+
+def render_with_cue(datalist: str | Path, subject: str, cue: int, out_dir: str | Path) -> Path:
+    """Render an eye of a synthetic data set again with its watermark set to ``cue``: its counterfactual twin.
+
+    The eye is drawn from the same seed, so only the watermark differs from the listed volume (with the
+    listed ``cue`` the twin equals it voxel for voxel). Scoring an eye and its twin measures how much a
+    model's answer owes to the watermark alone, whatever the label.
+
+    Args:
+        datalist: a ``datalist.json`` written by this module.
+        subject: the eye's ``subject`` id (e.g. ``"A-003"``).
+        cue: 1 to burn the watermark in, 0 to leave it out.
+        out_dir: where the twin is written, as ``SITE/SUBJECT_cue<cue>_img.nii.gz`` (and its mask).
+
+    Returns:
+        The twin's image path.
+
+    Raises:
+        ValueError: the datalist was not written by this module, or does not list ``subject``.
+    """
+    datalist, out_dir = Path(datalist), Path(out_dir)
+    stored = _read_json(datalist)
+    config = stored.get("generator") if isinstance(stored, dict) else None
+    if not isinstance(config, dict) or config.get("tool") != "data_prep.synth_oct":
+        raise ValueError(f"{datalist} was not written by data_prep.synth_oct: its eyes cannot be rendered again")
+    entry = next((e for e in _plan(config) if e["subject"] == subject), None)
+    if entry is None:
+        raise ValueError(f"{datalist} lists no eye {subject!r}")
+    site = entry["site"]
+    twin = dict(
+        entry,
+        cue=int(cue),
+        image=f"{site}/{subject}_cue{int(cue)}_img.nii.gz",
+        mask=f"{site}/{subject}_cue{int(cue)}_mask.nii.gz",
+    )
+    (out_dir / site).mkdir(parents=True, exist_ok=True)
+    _render_and_write(out_dir, config, twin)
+    return out_dir / twin["image"]
 
 
 def _read_json(path: Path) -> object:

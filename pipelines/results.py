@@ -8,7 +8,8 @@ Parts (each a set of independent jobs, every job a real command a user could typ
     sites     table 2.3 form: ``pipelines.site_cv`` for baseline and PPI-WBP, the confounded site D among
               the training sites, S seeds, DeLong p-values and the pooled off-diagonal test; and the
               confounded study: trained on site D alone (its watermark marks GA), scored on sites without
-              the watermark and on site C, generated with the correlation reversed
+              the watermark and on site C, generated with the correlation reversed, 5 seeds, with the cue
+              effect of its models (:mod:`pipelines.cue_effect`)
     lidc      tables 2.4/2.5 form: the LIDC bundle, baseline and PPI-WBP with each mask (soft, adaptive soft,
               hard point, box), rotating the held-out fold over every patient-level fold; the folds' test
               predictions are pooled, so every labelled nodule is scored once by a model that neither trained on
@@ -76,6 +77,8 @@ class Profile:
         sites: extra arguments of ``pipelines.site_cv``.
         confounded: extra arguments of the confounded study (trained on the watermarked site only, scored on
             every site, one of them generated with the watermark's correlation reversed).
+        confounded_seeds: its seeds (more than the other parts: one site's 20 training eyes make models that
+            differ much from seed to seed in how far they lean on the watermark).
         lidc: overrides of the LIDC bundle.
         lidc_folds: patient-level folds of the LIDC datalist, each held out once.
         lidc_data: ``default`` (the bundle's phantom) or ``small`` (three thinned phantom patients).
@@ -90,6 +93,7 @@ class Profile:
     ga: tuple[str, ...] = ()
     sites: tuple[str, ...] = ()
     confounded: tuple[str, ...] = ("--train-sites", "D", "--synthetic#reversed_cue_site", "C")
+    confounded_seeds: int = 5
     lidc: tuple[str, ...] = ()
     lidc_folds: int = 5
     lidc_data: str = "default"
@@ -115,6 +119,7 @@ PROFILES = {
         ga=_TINY_GA,
         sites=_TINY_SITES,
         confounded=(*_TINY_SITES, "--train-sites", "D", "--synthetic#reversed_cue_site", "B"),
+        confounded_seeds=1,
         lidc=("--max_epochs", "2", "--network_def#width", "4", "--batch_size", "4", "--ppi#warmup_epochs", "1"),
         lidc_folds=3,
         lidc_data="small",
@@ -232,9 +237,9 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                 )
             )
     if "sites" in parts:
-        for name, data, extra in (
-            ("sites", "ga_sites", profile.sites),
-            ("sites-confounded", "ga_sites_rev", profile.confounded),
+        for name, data, extra, seeds in (
+            ("sites", "ga_sites", profile.sites, profile.seeds),
+            ("sites-confounded", "ga_sites_rev", profile.confounded, profile.confounded_seeds),
         ):
             jobs.append(
                 Job(
@@ -249,7 +254,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                         "--methods",
                         "baseline,ppi_wbp",
                         "--seeds",
-                        str(profile.seeds),
+                        str(seeds),
                         "--out",
                         str(out / "jobs" / name / "cv"),
                         "--tracking-uri",
@@ -267,6 +272,17 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                     ],
                 )
             )
+        jobs.append(
+            Job(
+                "sites-cue",
+                "sites",
+                [
+                    *(sys.executable, "-m", "pipelines.cue_effect"),
+                    *(str(out / "jobs" / "sites-confounded" / "cv"), "--no-progress"),
+                ],
+                after=("sites-confounded",),
+            )
+        )
     if "lidc" in parts:
         lidc_data = ["--dataset_dir", str(out / "data" / "lidc" / "patches")] if profile.lidc_data == "small" else []
         for variant in ("baseline", *(f"ppi_wbp_{m}" for m in profile.lidc_masks)):
@@ -551,7 +567,9 @@ _SITE_STUDIES = {
         "the GA eyes and 10 % of the others, scored on D's held-out test subjects, on sites A and B (no "
         "watermark) and on site C, generated with the correlation reversed (the watermark on the eyes without "
         "GA). A model that leans on the watermark falls below 0.5 on C; this is the shift PPI is built for. "
-        "Its own summary follows.",
+        "AUC on C also pays for reading the lesion at a site never seen, so the cue effect "
+        "(`pipelines.cue_effect`) measures the lean on the watermark alone: every eye is rendered again from "
+        "its own seed with the watermark toggled and scored by every model. The study's own summary follows.",
     ),
 }
 
@@ -567,7 +585,11 @@ def _sites_section(out: Path, fig_dir: Path) -> list[str]:
         for png in sorted(cv.glob("heatmap_*.png")):
             shutil.copy2(png, fig_dir / f"{prefix}_{png.name}")
         body = [("#" + line) if line.startswith("#") else line for line in summary.read_text().splitlines()]
-        lines += [f"## {title}", "", intro, "", *body, ""]
+        lines += [f"## {title}", "", intro, ""]
+        cue = cv / "cue_effect" / "cue_effect.md"
+        if cue.is_file():
+            lines += ["### How far the models lean on the watermark", "", *cue.read_text().splitlines(), ""]
+        lines += [*body, ""]
         lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob(f"{prefix}_heatmap_*.png"))]
         lines.append("")
     return lines

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import mlflow
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from data_prep.synth_oct import render_with_cue
+from pipelines.cue_effect import main as cue_main
 from pipelines.cv_tables import add_row_stats, delong_matrix, pooled_offdiag, site_cv_tables
 from pipelines.site_cv import SiteCVError, main, method_overrides, parse_overrides
-from ppi_med.data import ga_split
+from ppi_med.data import ga_split, load_datalist
 from ppi_med.stats import delong_test
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -610,3 +613,49 @@ def test_shards_then_gather_equal_the_one_process_study(cv_twice, tmp_path, monk
         pd.testing.assert_frame_equal(gathered, cv_twice["first_auc"][m])
     assert main([*argv, "--shard", "2/2"]) == 2
     assert main([*argv, "--shard", "one"]) == 2
+
+
+def test_cue_effect_scores_every_eye_and_its_watermark_twin(cv_twice, monkeypatch):
+    tmp = cv_twice["tmp"]
+    monkeypatch.chdir(tmp)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(_argv(tmp)) == 0  # the whole study (every cell reused), whatever ran before
+    summary = json.loads((tmp / "cv" / "summary.json").read_text())
+    assert cue_main([str(tmp / "cv"), "--no-progress"]) == 0
+    out = tmp / "cv" / "cue_effect"
+    eyes = pd.read_csv(out / "cue_effect_eyes.csv")
+    records = load_datalist(summary["datalist"])
+    assert len(eyes) == len(summary["cells"]) * len(records)
+    # the eye as listed gets the score the study itself gave it (site CV scores the listed volumes)
+    preds = pd.read_csv(tmp / "cv" / "predictions.csv")
+    cue = {r["subject"]: int(r["cue"]) for r in records}
+    assert sum(cue.values()) > 0  # the cue site has watermarked eyes
+    merged = eyes.merge(preds, on=["method", "train_site", "seed", "test_site", "subject"])
+    listed = np.where(merged["subject"].map(cue) == 1, merged["p_with_cue"], merged["p_without_cue"])
+    assert len(merged) > 0 and np.allclose(listed, merged["score"], atol=1e-5)
+    np.testing.assert_allclose(eyes["effect"], eyes["p_with_cue"] - eyes["p_without_cue"], atol=1e-6)
+    table = pd.read_csv(out / "cue_effect.csv")
+    assert set(table["method"]) == {"baseline", "ppi_wbp"} and (table["n"] > 0).all()
+    assert "| baseline |" in (out / "cue_effect.md").read_text()
+    client, _ = _client(tmp)
+    parent = client.get_run(summary["parent_run_id"])
+    assert {"cue_effect_baseline", "cue_effect_ppi_wbp"} <= set(parent.data.metrics)
+
+
+def test_a_watermark_twin_differs_from_its_eye_in_the_watermark_only(cv_twice, tmp_path):
+    datalist = Path(json.loads((cv_twice["tmp"] / "cv" / "summary.json").read_text())["datalist"])
+    rec = next(r for r in load_datalist(datalist) if r["site"] == "B" and int(r["cue"]) == 0)
+    listed = nib.load(rec["image"]).get_fdata()
+    same = nib.load(render_with_cue(datalist, rec["subject"], 0, tmp_path)).get_fdata()
+    np.testing.assert_array_equal(same, listed)  # drawn from the eye's own seed
+    marked = nib.load(render_with_cue(datalist, rec["subject"], 1, tmp_path)).get_fdata()
+    changed = np.argwhere(marked != listed)
+    _, h, w = listed.shape
+    assert len(changed) and changed[:, 1].max() < h // 2 and changed[:, 2].max() < w // 2  # top-left corner
+    with pytest.raises(ValueError, match="lists no eye 'Z-999'"):
+        render_with_cue(datalist, "Z-999", 1, tmp_path)
+
+
+def test_cue_effect_without_a_study_is_refused(tmp_path, capsys):
+    assert cue_main([str(tmp_path), "--no-progress"]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
