@@ -64,6 +64,7 @@ PARTS = ("ga", "sites", "lidc", "saliency", "shortcut", "cost")
 SALIENCIES = ("gradient", "input_x_gradient", "gradcam", "lrp", "wbp")
 LIDC_MASKS = ("soft", "soft_adaptive", "hard", "box")
 ROOT = Path(__file__).resolve().parents[1]
+GPU_FIGURES = ROOT / "docs" / "gpu"
 EXPERIMENTS = ("results_ga", "results_site_cv", "results_lidc", "results_saliency", "results_shortcut")
 
 
@@ -784,14 +785,55 @@ def _cost_section(out: Path, jobs: Sequence[Job]) -> list[str]:
     bench = out / "jobs" / "cost" / "bench.json"
     if bench.is_file():
         lines += _bench_lines(json.loads(bench.read_text()))
+    if len(lines) > 2:  # GPU figures only beside the CPU ones, never in a report of other parts
+        lines += _gpu_lines(GPU_FIGURES)
     return lines if len(lines) > 2 else []
+
+
+def _gpu_lines(folder: Path) -> list[str]:
+    """The GPU measurements committed under ``folder``: made on a GPU machine by the two benchmark scripts,
+    not by ``make results``, which runs on CPU."""
+    real = folder / "real_size_h200.json"
+    bench = folder / "bench_saliency_ppi_h200.json"
+    if not real.is_file() and not bench.is_file():
+        return []
+    lines = [
+        "### On a GPU",
+        "",
+        f"Measured once on a GPU machine, not by `make results` (which runs on CPU); files in `{folder.name}/`.",
+        "",
+    ]
+    if real.is_file():
+        data = json.loads(real.read_text())
+        meta = data["meta"]
+        lines += [
+            f"The GA bundle's trainer (`benchmarks/bench_real_size.py`: the bundle's network, optimiser and PPI "
+            f"configuration in MONAI's SupervisedTrainer with the PPI iteration) at the real OCT size "
+            f"{' x '.join(str(s) for s in meta['shape'])} per eye, on {meta['card']}, torch {meta['torch']}, "
+            f"{meta['date']}. bf16: autocast in bfloat16; fp32: none.",
+            "",
+            "| precision | method | batch (eyes) | step (ms) | ms per eye | peak GPU memory (GiB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in data["rows"]:
+            if "step_ms" in r:
+                lines.append(
+                    f"| {r['precision']} | {r['method']} | {r['batch']} | {r['step_ms']:.0f} | "
+                    f"{r['step_ms'] / r['batch']:.0f} | {r['peak_gib']:.1f} |"
+                )
+            else:
+                lines.append(f"| {r['precision']} | {r['method']} | {r['batch']} | {r['error']} | | |")
+        lines += ["", f"Not measured: {meta['not_measured']}.", ""]
+    if bench.is_file():
+        lines += _bench_lines(json.loads(bench.read_text()))
+    return lines
 
 
 def _bench_lines(bench: dict) -> list[str]:
     """The benchmark's JSON as two tables: saliency time per method, PPI step against a plain step."""
     sizes = bench.get("sizes", {})
     lines = [
-        f"`benchmarks/bench_saliency_ppi.py` on {bench.get('device')} ({bench.get('threads')} thread, load average "
+        f"`benchmarks/bench_saliency_ppi.py` on {bench.get('device_name') or bench.get('device')} ({bench.get('threads')} thread, load average "
         f"{', '.join(f'{x:.1f}' for x in bench.get('load_average', []))}; medians of {bench.get('repeats')} "
         "timed repeats).",
         "",
