@@ -832,8 +832,9 @@ def _gpu_lines(folder: Path) -> list[str]:
 def _bench_lines(bench: dict) -> list[str]:
     """The benchmark's JSON as two tables: saliency time per method, PPI step against a plain step."""
     sizes = bench.get("sizes", {})
+    device = bench.get("device_name") or bench.get("device")
     lines = [
-        f"`benchmarks/bench_saliency_ppi.py` on {bench.get('device_name') or bench.get('device')} ({bench.get('threads')} thread, load average "
+        f"`benchmarks/bench_saliency_ppi.py` on {device} ({bench.get('threads')} thread, load average "
         f"{', '.join(f'{x:.1f}' for x in bench.get('load_average', []))}; medians of {bench.get('repeats')} "
         "timed repeats).",
         "",
