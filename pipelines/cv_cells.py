@@ -380,9 +380,11 @@ class CellRunner:
         return cases
 
     def _child_runs(self, cell: Cell, attempt: int) -> list[Any]:
+        # under this invocation's parent only: a study in another folder of the same store has the same keys
         return self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.cv_key = '{cell.key}' and tags.cv_attempt = '{attempt}'",
+            filter_string=f"tags.cv_key = '{cell.key}' and tags.cv_attempt = '{attempt}' "
+            f"and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
         )
 
     def _child_run(self, cell: Cell, attempt: int) -> Any:

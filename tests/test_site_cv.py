@@ -659,3 +659,18 @@ def test_a_watermark_twin_differs_from_its_eye_in_the_watermark_only(cv_twice, t
 def test_cue_effect_without_a_study_is_refused(tmp_path, capsys):
     assert cue_main([str(tmp_path), "--no-progress"]) == 2
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_a_second_study_in_another_folder_of_the_same_store_finds_its_own_runs(cv_twice, monkeypatch):
+    tmp = cv_twice["tmp"]
+    monkeypatch.chdir(tmp)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the same cells (same content keys) trained again into another folder, logging to the same MLflow store
+    assert main([*_argv(tmp, "--train-sites", "A"), "--out", str(tmp / "cv_elsewhere")]) == 0
+    summary = json.loads((tmp / "cv_elsewhere" / "summary.json").read_text())
+    assert {c["status"] for c in summary["cells"]} == {"trained"}
+    client, exp_id = _client(tmp)
+    for cell in summary["cells"]:
+        run = client.get_run(cell["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+        assert run.info.status == "FINISHED"
