@@ -1,8 +1,10 @@
 """Resuming a killed training run: what a checkpoint must hold beyond the weights, and loading the latest one.
 
-Every epoch the bundles' :class:`monai.handlers.CheckpointSaver` writes ``checkpoint_epoch=N.pt`` (ignite
-writes it to a temporary file and renames it, so a kill during the write leaves the previous one whole, and
-removes the previous one only after). Beside the network and the optimiser it holds the learning-rate
+Every epoch the bundles' :class:`AtomicCheckpointSaver` writes ``checkpoint_epoch=N.pt``: to a temporary
+file first, renamed when complete, and the previous epoch's file is removed only after that, so a kill at any
+moment leaves a whole checkpoint behind (MONAI's own saver writes in place, and ignite removes the old file
+before writing the new one: a kill in between left none, or a truncated one, in our test). Beside the network
+and the optimiser it holds the learning-rate
 schedule and a :class:`TrainingProgress`: the trainer's counters (epoch, iteration), the best validation
 metric so far, the checkpoint it chose, and the random number generators. :class:`ResumeHandler` loads the
 newest of these files when the trainer starts, with MONAI's :class:`~monai.handlers.CheckpointLoader`
@@ -23,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["ResumeHandler", "TrainingProgress", "latest_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "ResumeHandler", "TrainingProgress", "latest_checkpoint"]
 
 _EPOCH_FILE = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
 
@@ -38,6 +41,51 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
         if m:
             found.append((int(m.group(1)), path))
     return max(found)[1] if found else None
+
+
+class AtomicDiskSaver(DiskSaver):
+    """ignite's :class:`~ignite.handlers.DiskSaver` that never leaves a run without a whole checkpoint.
+
+    Each file is written to a temporary file and renamed when complete; a file the checkpointer asks to remove
+    is removed only once the next one is on disk (ignite asks before writing). With ``filename`` every
+    checkpoint goes to that one name (``model_best.pt``), replaced in one rename.
+
+    Args:
+        dirname: the checkpoint folder.
+        filename: a fixed file name, or ``None`` for the names the checkpointer gives.
+    """
+
+    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        self.filename = filename
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        written = self.filename or filename
+        super().__call__(checkpoint, written, metadata)
+        for old in self._pending:
+            if old != written:
+                (self.dirname / old).unlink(missing_ok=True)
+        self._pending.clear()
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """:class:`monai.handlers.CheckpointSaver` whose every file is written by an :class:`AtomicDiskSaver`.
+
+    Same arguments and files as MONAI's saver (``checkpoint_epoch=N.pt``, ``model_best.pt``,
+    ``model_final.pt``); only how they reach the disk differs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the ignite checkpointers MONAI built (best, interval, final), whatever it names them
+        for checkpointer in vars(self).values():
+            if isinstance(checkpointer, Checkpoint) and isinstance(checkpointer.save_handler, DiskSaver):
+                old = checkpointer.save_handler
+                checkpointer.save_handler = AtomicDiskSaver(old.dirname, getattr(old, "filename", None))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -84,6 +132,8 @@ class TrainingProgress:
         self.best_saver = best_saver
         self.best_filename = best_filename
         self.trainer: Engine | None = None
+        #: the metrics of the epoch a resumed run starts after
+        self.epoch_metrics: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
         self.trainer = engine
@@ -92,8 +142,13 @@ class TrainingProgress:
         if self.trainer is None:
             raise RuntimeError("TrainingProgress is not attached to a trainer")
         state = self.evaluator.state
+        metrics = {**self.trainer.state.metrics, **state.metrics}
         return {
             "epoch": int(self.trainer.state.epoch),
+            # the epoch's metrics: logged after this is written, so a kill in between can log them on resume
+            "metrics": {
+                str(getattr(k, "value", k)): float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+            },
             "iteration": int(self.trainer.state.iteration),
             "best_metric": float(getattr(state, "best_metric", -1)),
             "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
@@ -104,6 +159,7 @@ class TrainingProgress:
         if self.trainer is None:
             raise RuntimeError("TrainingProgress is not attached to a trainer")
         self.trainer.state.epoch = state["epoch"]
+        self.epoch_metrics = dict(state.get("metrics", {}))
         self.trainer.state.iteration = state["iteration"]
         self.evaluator.state.best_metric = state["best_metric"]
         self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
@@ -123,22 +179,48 @@ class ResumeHandler:
             :class:`TrainingProgress`).
         enabled: resume (``True``) or start afresh (``False``: the handler does nothing).
         map_location: passed to ``torch.load``.
+        tracker: the run's :class:`~ppi_med.tracking.RunTracker`, which logs after the checkpoint is written:
+            if the kill came in between, the resumed-from epoch's metrics (kept in the checkpoint) are logged
+            on resume, so every epoch is in MLflow once.
 
     Raises:
         FileNotFoundError: resuming, but ``ckpt_dir`` holds no epoch checkpoint (names the folder).
     """
 
-    def __init__(self, ckpt_dir: str | Path, load_dict: dict[str, Any], enabled: bool = True, map_location=None):
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        load_dict: dict[str, Any],
+        enabled: bool = True,
+        map_location: Any = None,
+        tracker: Any = None,
+    ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.load_dict = load_dict
         self.enabled = bool(enabled)
         self.map_location = map_location
+        self.tracker = tracker
+        self._relogged = False
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
             engine.add_event_handler(Events.STARTED, self)
+            # by then the tracker has opened its run (it starts after this handler)
+            engine.add_event_handler(Events.EPOCH_STARTED | Events.COMPLETED, self._relog)
+
+    def _relog(self, engine: Engine) -> None:
+        """Log the resumed-from epoch's metrics where the kill came between its checkpoint and its logging."""
+        if self._relogged or self.tracker is None:
+            return
+        self._relogged = True
+        progress = next((v for v in self.load_dict.values() if isinstance(v, TrainingProgress)), None)
+        if progress is not None and progress.epoch_metrics:
+            self.tracker.log_missing(progress.epoch_metrics, step=engine.state.epoch_at_resume)
 
     def __call__(self, engine: Engine) -> None:
+        for stale in self.ckpt_dir.glob("tmp*"):  # temporary files of writes a kill cut short
+            if stale.is_file() and stale.suffix != ".pt":
+                stale.unlink()
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             raise FileNotFoundError(
@@ -146,4 +228,5 @@ class ResumeHandler:
                 "first epoch ended; start it afresh without resume_from)"
             )
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
+        engine.state.epoch_at_resume = engine.state.epoch
         engine.logger.info(f"resumed from {path}: epoch {engine.state.epoch} of {engine.state.max_epochs} done")

@@ -378,6 +378,25 @@ class RunTracker(MLFlowHandler):
     def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self._local_when_offline(self, super()._log_metrics)(metrics, step)
 
+    def _default_epoch_log(self, engine: Engine) -> None:
+        # the evaluator's metrics of this epoch too: one handler logs an epoch, after its checkpoint is written
+        merged = {**engine.state.metrics, **(self.evaluator.state.metrics if self.evaluator is not None else {})}
+        if merged:
+            self._log_metrics(merged, step=self.global_epoch_transform(engine.state.epoch))
+
+    def log_missing(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log those of ``metrics`` that the run has no value of at ``step`` (a resumed run's last epoch)."""
+        if self.cur_run is None:
+            return
+        run_id = self.cur_run.info.run_id
+        missing = {
+            k: v
+            for k, v in metrics.items()
+            if not any(m.step == step for m in (self._send(self.client.get_metric_history, run_id, k) or []))
+        }
+        if missing:
+            self._log_metrics(missing, step=step)
+
     def start(self, engine: Engine) -> None:
         self._adopt_evaluator_handlers()
         if self.output_dir is not None and self.params:

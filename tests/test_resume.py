@@ -97,6 +97,7 @@ def test_resume_continues_the_same_run_without_repeating_or_losing_epochs(killed
     models = k["run_dir"] / "models"
     assert (models / "model_final.pt").is_file() and (models / "model_best.pt").is_file()
     assert latest_checkpoint(models).name == f"checkpoint_epoch={EPOCHS}.pt"
+    assert not (models / "tmpkilledwrite").exists()  # the interrupted write's leftover is cleared
 
 
 def test_resume_without_a_checkpoint_names_the_folder(tmp_path):
