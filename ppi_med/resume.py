@@ -28,12 +28,12 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "ResumeHandler", "TrainingProgress", "latest_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "ResumeHandler", "TrainingProgress", "latest_epoch_checkpoint"]
 
 _EPOCH_FILE = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+def latest_epoch_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """The epoch checkpoint of the highest epoch in ``ckpt_dir`` (``None`` if there is none)."""
     found = []
     for path in Path(ckpt_dir).glob("checkpoint_epoch=*.pt"):
@@ -221,7 +221,7 @@ class ResumeHandler:
         for stale in self.ckpt_dir.glob("tmp*"):  # temporary files of writes a kill cut short
             if stale.is_file() and stale.suffix != ".pt":
                 stale.unlink()
-        path = latest_checkpoint(self.ckpt_dir)
+        path = latest_epoch_checkpoint(self.ckpt_dir)
         if path is None:
             raise FileNotFoundError(
                 f"nothing to resume in {self.ckpt_dir}: no checkpoint_epoch=N.pt (the run was killed before its "

@@ -16,7 +16,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from ppi_med.resume import TrainingProgress, latest_checkpoint
+from ppi_med.resume import TrainingProgress, latest_epoch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "ga_ppi.json"
@@ -59,7 +59,7 @@ def _kill_after_epoch(tmp: Path, epoch: int) -> Path:
 def killed_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     run_dir = _kill_after_epoch(tmp, 2)
-    killed_at = latest_checkpoint(run_dir / "models")
+    killed_at = latest_epoch_checkpoint(run_dir / "models")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ga_ppi")
     (before,) = client.search_runs([exp.experiment_id])
@@ -96,7 +96,7 @@ def test_resume_continues_the_same_run_without_repeating_or_losing_epochs(killed
         assert sorted(steps) == list(range(1, EPOCHS + 1)), f"{key} logged at epochs {sorted(steps)}"
     models = k["run_dir"] / "models"
     assert (models / "model_final.pt").is_file() and (models / "model_best.pt").is_file()
-    assert latest_checkpoint(models).name == f"checkpoint_epoch={EPOCHS}.pt"
+    assert latest_epoch_checkpoint(models).name == f"checkpoint_epoch={EPOCHS}.pt"
     assert not (models / "tmpkilledwrite").exists()  # the interrupted write's leftover is cleared
 
 
