@@ -20,6 +20,7 @@ from pipelines.cue_effect import main as cue_main
 from pipelines.cv_tables import add_row_stats, delong_matrix, pooled_offdiag, site_cv_tables
 from pipelines.site_cv import SiteCVError, main, method_overrides, parse_overrides
 from ppi_med.data import ga_split, load_datalist
+from ppi_med.ppi import PPIConfig
 from ppi_med.stats import delong_test
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -674,3 +675,10 @@ def test_a_second_study_in_another_folder_of_the_same_store_finds_its_own_runs(c
         run = client.get_run(cell["run_id"])
         assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
         assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("method", ["baseline", "ppi_wbp", "ppi_gradcam", "ppi_wbp_box", "ppi_input_x_gradient_hard"])
+def test_a_method_name_makes_a_config_that_names_it_back(method):
+    overrides = method_overrides(method)
+    config = PPIConfig(**{k.removeprefix("ppi#"): v for k, v in overrides.items()})
+    assert config.method == method  # the cell's tag and the bundle's run tag agree

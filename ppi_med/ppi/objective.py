@@ -142,6 +142,14 @@ class PPIConfig:
         boost = self.con_boost if self.con_boost_epoch is not None and (epoch or 0) >= self.con_boost_epoch else 1.0
         return {"con": self.w_con * boost, "reg": self.w_reg, "ad": self.w_ad}
 
+    @property
+    def method(self) -> str:
+        """The method's name, as runs are tagged and site CV spells it: ``baseline``, ``ppi_<saliency>``, or
+        ``ppi_<saliency>_<mask>`` when the mask is not the default soft one (``ppi_wbp_box``)."""
+        if not self.enabled:
+            return "baseline"
+        return f"ppi_{self.saliency}" + ("" if self.mask == "soft" else f"_{self.mask}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
