@@ -7,10 +7,24 @@ from pathlib import Path
 __all__ = ["ga_datalist", "lidc_datalist"]
 
 
+def _first_on_rank_zero(fn):
+    """``fn()`` on rank 0 first, then on the other ranks of a distributed run (which find its output built)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    if dist.get_rank() == 0:
+        out = fn()
+        dist.barrier()
+        return out
+    dist.barrier()
+    return fn()
+
+
 def _resolve(dataset_dir: str | Path, default_dir: str | Path, build, how_to: str) -> str:
     dataset_dir, default_dir = Path(dataset_dir), Path(default_dir)
     if dataset_dir.resolve() == default_dir.resolve():
-        return str(build(dataset_dir))  # idempotent: checks an existing default instead of rebuilding
+        return str(_first_on_rank_zero(lambda: build(dataset_dir)))  # idempotent: checks an existing default
     datalist = dataset_dir / "datalist.json"
     if datalist.is_file():
         return str(datalist)

@@ -69,9 +69,9 @@ def frozen_buffers(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, copy in saved:
                 # through .data: the graph of a training-mode batch norm keeps the running stats as saved
-                # inputs (unused by its backward), and a tracked in-place write would invalidate it
-                if not torch.equal(b, copy):
-                    b.data.copy_(copy)
+                # inputs (unused by its backward), and a tracked in-place write would invalidate it; always
+                # copied, since comparing first would make the step wait for the device
+                b.data.copy_(copy)
 
 
 class Tracer:
