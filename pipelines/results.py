@@ -575,6 +575,33 @@ _SITE_STUDIES = {
 }
 
 
+def _sites_verdict(cv: Path) -> list[str]:
+    """What the study's numbers say about PPI, in words, from its own output files."""
+    pooled = cv / "pooled_offdiag.json"
+    if not pooled.is_file():
+        return []
+    lines = []
+    for method, r in json.loads(pooled.read_text()).items():
+        verdict = "beats" if r["auc_diff"] > 0 and r["p_value"] < 0.05 else "does not beat"
+        lines.append(
+            f"**{method} {verdict} the baseline out of site here:** pooled off-diagonal AUC {r['auc']:.3f} against "
+            f"{r['auc_reference']:.3f} over {r['n_cases']} cases (DeLong p = {r['p_value']:.2g})."
+        )
+    cue = cv / "cue_effect" / "cue_effect.csv"
+    if cue.is_file():
+        table = pd.read_csv(cue)
+        by_seed = table.groupby(["method", "seed"]).apply(lambda g: np.average(g.effect, weights=g.n)).unstack(0)
+        if "baseline" in by_seed:
+            for method in [m for m in by_seed if m != "baseline"]:
+                lines.append(
+                    f"The watermark alone moves P(GA) by {by_seed['baseline'].mean():+.2f} for the baseline and "
+                    f"{by_seed[method].mean():+.2f} for {method} (mean over eyes and seeds; lower by "
+                    f"{by_seed['baseline'].mean() - by_seed[method].mean():.2f} in "
+                    f"{int((by_seed[method] < by_seed['baseline']).sum())} of {len(by_seed)} seeds)."
+                )
+    return [" ".join(lines)]
+
+
 def _sites_section(out: Path, fig_dir: Path) -> list[str]:
     lines: list[str] = []
     for job, (title, intro) in _SITE_STUDIES.items():
@@ -585,8 +612,10 @@ def _sites_section(out: Path, fig_dir: Path) -> list[str]:
         prefix = job.replace("-", "_")
         for png in sorted(cv.glob("heatmap_*.png")):
             shutil.copy2(png, fig_dir / f"{prefix}_{png.name}")
-        body = [("#" + line) if line.startswith("#") else line for line in summary.read_text().splitlines()]
-        lines += [f"## {title}", "", intro, ""]
+        # the summary's own title goes (the section has one), its sections become subsections
+        text = summary.read_text().splitlines()
+        body = [("#" + line) if line.startswith("#") else line for line in text if not line.startswith("# ")]
+        lines += [f"## {title}", "", intro, "", *_sites_verdict(cv), ""]
         cue = cv / "cue_effect" / "cue_effect.md"
         if cue.is_file():
             lines += ["### How far the models lean on the watermark", "", *cue.read_text().splitlines(), ""]

@@ -101,3 +101,16 @@ def test_report_lists_jobs_not_run_and_only_must_match(quick_study):
     with pytest.raises(SystemExit) as err:
         main([*argv, "--only", "nothing-*"])
     assert err.value.code == 2
+
+
+def test_quick_site_studies_report_their_own_numbers(tmp_path):
+    assert main(["--out", str(tmp_path), "--profile", "quick", "--parts", "sites", "--no-progress"]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## GA, site-wise cross-validation" in text and "## GA, trained on the confounded site only" in text
+    assert "### How far the models lean on the watermark" in text
+    cv = tmp_path / "jobs" / "sites-confounded" / "cv"
+    pooled = json.loads((cv / "pooled_offdiag.json").read_text())["ppi_wbp"]
+    assert f"pooled off-diagonal AUC {pooled['auc']:.3f} against {pooled['auc_reference']:.3f}" in text
+    effects = pd.read_csv(cv / "cue_effect" / "cue_effect.csv")
+    base = effects[effects.method == "baseline"]
+    assert f"moves P(GA) by {(base.effect * base.n).sum() / base.n.sum():+.2f} for the baseline" in text
