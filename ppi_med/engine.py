@@ -21,8 +21,10 @@ class PPIIteration:
     """``iteration_update`` for :class:`monai.engines.SupervisedTrainer` that trains with PPI.
 
     It replaces the trainer's own forward/loss/backward with :class:`~ppi_med.ppi.PPIObjective` (which
-    falls back to plain cross-entropy when ``enabled`` is false), keeps AMP (``trainer.amp``) and the
-    trainer's iteration events, and returns a dict output with the image, label, prediction, the total
+    falls back to the trainer's ``loss_function`` alone when ``enabled`` is false, and uses it as ``L_cls``
+    otherwise), keeps the trainer's ``prepare_batch``, AMP (``amp``, ``amp_kwargs``) and iteration events in
+    MONAI's order (``state.output`` holds the batch, then the prediction, then the loss, as each event
+    fires), and returns a dict output with the image, label, prediction, the total
     ``loss`` and each named term (``loss_cls``, ``loss_con``, ``loss_reg``, ``loss_ad``) as detached
     tensors: nothing in the step waits for the device (:class:`EpochLossAverages` reads them once an epoch).
 
@@ -57,15 +59,24 @@ class PPIIteration:
         if batchdata is None:
             raise ValueError("the training data loader returned no data")
         # (inputs, targets) or (inputs, targets, args, kwargs), depending on the prepare_batch
-        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[:2]
+        # MONAI's order: the output holds the batch before any event fires, then the prediction, then the loss
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        dtype = self.autocast_dtype(inputs.device)
-        with torch.autocast(device_type=inputs.device.type, dtype=dtype, enabled=bool(engine.amp)):
-            out = self.objective(engine.network, inputs, targets, epoch=engine.state.epoch)
+        autocast = {"dtype": self.autocast_dtype(inputs.device), **(engine.amp_kwargs or {})}
+        with torch.autocast(device_type=inputs.device.type, enabled=bool(engine.amp), **autocast):
+            out = self.objective(
+                engine.network, inputs, targets, epoch=engine.state.epoch, loss_function=engine.loss_function
+            )
+        # the PPI loss needs the saliency of the same forward, so prediction and loss are known together
+        engine.state.output[Keys.PRED] = out.logits.detach()
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output.update(out.terms)
+        engine.state.output[Keys.LOSS] = out.terms["loss"]
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.amp and engine.scaler is not None and dtype == torch.float16:
+        if engine.amp and engine.scaler is not None and autocast["dtype"] == torch.float16:
             engine.scaler.scale(out.loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
@@ -75,13 +86,7 @@ class PPIIteration:
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return {
-            Keys.IMAGE: inputs,
-            Keys.LABEL: targets,
-            Keys.PRED: out.logits.detach(),
-            Keys.LOSS: out.terms["loss"],
-            **out.terms,
-        }
+        return engine.state.output
 
 
 class EpochLossAverages:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from torch import nn
 
 from ppi_med.engine import EpochLossAverages, PPIIteration
@@ -69,3 +70,44 @@ def test_amp_dtype_can_be_forced_and_is_checked():
     assert PPIIteration(amp_dtype="float16").autocast_dtype(torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="amp_dtype"):
         PPIIteration(amp_dtype="fp8")
+
+
+def test_events_see_the_output_of_their_own_batch_in_monai_order():
+    seen: list[tuple[str, set, int]] = []
+    trainer, _ = _trainer(PPIIteration(PPIConfig(warmup_epochs=0)))
+    for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED):
+        trainer.add_event_handler(
+            event, lambda e, name=event.value: seen.append((name, set(e.state.output), e.state.iteration))
+        )
+    trainer.run()
+    assert [name for name, _, _ in seen] == ["forward_completed", "loss_completed"] * 3
+    for (name, keys, it), step in zip(seen, [1, 1, 2, 2, 3, 3]):
+        assert it == step  # fired during its own iteration, with that batch's output
+        assert {"image", "label", "pred"} <= keys
+        assert ("loss" in keys) == (name == "loss_completed")
+
+
+def test_the_trainers_loss_function_is_the_classification_term():
+    calls = []
+
+    def weighted_ce(logits, y):
+        calls.append(len(y))
+        return nn.functional.cross_entropy(logits, y, reduction="none") * 2.0
+
+    net = _net()
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": torch.randn(4, 1, 12, 12), "label": torch.tensor([0, 1, 0, 1])}],
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.01),
+        loss_function=weighted_ce,
+        iteration_update=PPIIteration(PPIConfig(enabled=False)),
+        decollate=False,
+    )
+    trainer.run()
+    out = trainer.state.output
+    assert calls == [4]
+    with torch.no_grad():
+        expected = 2.0 * nn.functional.cross_entropy(_net()(trainer.state.output["image"]), out["label"])
+    assert float(out["loss_cls"]) == pytest.approx(float(expected), rel=1e-5)

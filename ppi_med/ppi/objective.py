@@ -26,6 +26,7 @@ making every intervened input confidently wrong, swamping the other terms. It is
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -226,7 +227,14 @@ class PPIObjective:
         self.config = config if isinstance(config, PPIConfig) else PPIConfig(**(config or {}))
         self._warned_no_partner = False
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int | None = None) -> PPIOutput:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epoch: int | None = None,
+        loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> PPIOutput:
         """Loss for one batch.
 
         Args:
@@ -234,12 +242,15 @@ class PPIObjective:
             x: inputs ``(N, C, *spatial)``.
             y: integer labels ``(N,)`` (a ``(N, 1)`` tensor is flattened).
             epoch: the current epoch for the warm-up schedule.
+            loss_function: ``L_cls(logits, y)`` (a MONAI trainer's ``loss_function``); default cross-entropy.
+                The contrast and adversarial terms are the method's own and keep theirs.
         """
         cfg = self.config
         y = y.reshape(-1).long()
+        cls_loss = F.cross_entropy if loss_function is None else (lambda z, t: loss_function(z, t).mean())
         if not cfg.enabled:
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = cls_loss(logits, y)
             return PPIOutput(loss, {"loss": loss.detach(), "loss_cls": loss.detach()}, logits)
 
         w = cfg.weights(epoch)
@@ -252,7 +263,7 @@ class PPIObjective:
         xg = x.detach().requires_grad_(active)
         with tracer:
             logits = model(xg)
-        loss_cls = F.cross_entropy(logits, y)
+        loss_cls = cls_loss(logits, y)
         if not active:
             zero = loss_cls.new_zeros(())
             parts = {"loss": loss_cls.detach(), "loss_cls": loss_cls.detach(), "loss_con": zero, "loss_reg": zero}
