@@ -517,7 +517,46 @@ def _delong_p(base: pd.DataFrame | None, other: pd.DataFrame | None) -> float:
     return delong_test(merged["label"], merged["prob_b"], merged["prob_a"]).p_value
 
 
-def _ga_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
+def _goals_section(goals: dict) -> list[str]:
+    """The goals set for the models, each with the figure below that measures it and whether it is met."""
+    rows = []
+
+    def row(goal: str, figure: str, met: bool | None) -> None:
+        rows.append(f"| {goal} | {figure} | {'n/a' if met is None else 'met' if met else '**not met**'} |")
+
+    base, ref, ppi = goals.get("ga_baseline"), goals.get("ga_reference"), goals.get("ga_ppi_wbp")
+    if base is not None and ref is not None:
+        row("GA baseline test AUC >= 0.90 and >= the linear reference", f"{base:.3f} (reference {ref:.3f})",
+            base >= 0.90 and base >= ref)  # fmt: skip
+    if base is not None and ppi is not None:
+        row("GA PPI-WBP at or above the baseline", f"{ppi:.3f} against {base:.3f}", ppi >= base)
+    lidc = goals.get("lidc_baseline")
+    if lidc is not None:
+        auc, lo, hi, n, patients = lidc
+        row("LIDC held-out AUC >= 0.85", f"{auc:.3f} [{lo:.3f}, {hi:.3f}], {n} nodules of {patients} patients",
+            auc >= 0.85)  # fmt: skip
+    tp = goals.get("wbp_tp_ppi_wbp")
+    if tp is not None:
+        share, pointing, n = tp
+        row("WBP of the PPI model on true positives: share inside the lesion >= 0.3, pointing >= 0.8",
+            f"{share:.3f}, {pointing:.3f} ({n} eyes)", share >= 0.3 and pointing >= 0.8)  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "## Goals",
+        "",
+        "The goals set for the models, with the figure of this document that measures each (means over seeds "
+        "where there are seeds). Where one is not met, the sections below show the best figure reached; the "
+        'variants tried are in docs/DESIGN.md section 4.2 and the README\'s "Does PPI pay off?".',
+        "",
+        "| goal | measured | status |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
     ga = [j for j in jobs if j.part == "ga"]
     seeds = sorted({j.meta["seed"] for j in ga})
     methods = list(dict.fromkeys(j.meta["method"] for j in ga))
@@ -543,8 +582,10 @@ def _ga_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
             ps.append(np.nan if m == "baseline" else _delong_p(preds.get(("baseline", s)), p))
             vals.append(metrics[(m, s)].get("best_val_auc", np.nan))
         pcol = "" if m == "baseline" else ", ".join(_fmt(x) for x in ps)
+        goals[f"ga_{m}"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else np.nan
         lines.append(f"| {m} | {_mean_sd(aucs)} | {', '.join(_fmt(a) for a in aucs)} | {pcol} | {_mean_sd(vals)} |")
     ref = [metrics[("baseline", s)].get("ref_test_auc", np.nan) for s in seeds if ("baseline", s) in metrics]
+    goals["ga_reference"] = float(np.nanmean(ref)) if np.isfinite(ref).any() else np.nan
     n = [len(preds[("baseline", s)]) for s in seeds if preds.get(("baseline", s)) is not None]
     lines += [
         f"| linear reference | {_mean_sd(ref)} | {', '.join(_fmt(a) for a in ref)} | | |",
@@ -625,7 +666,7 @@ def _sites_section(out: Path, fig_dir: Path) -> list[str]:
     return lines
 
 
-def _lidc_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
+def _lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
     lidc = [j for j in jobs if j.part == "lidc"]
     variants = list(dict.fromkeys(j.meta["variant"] for j in lidc))
     pooled: dict[str, pd.DataFrame] = {}
@@ -672,6 +713,7 @@ def _lidc_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
         p = "" if v == "baseline" else _fmt(_delong_p(base, frame))
         folds = ", ".join(_fmt(a, 2) for a in per_fold[v])
         lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {p} | {folds} |")
+        goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
     lines += [
         f"| linear reference (mean over folds) | {_mean_sd(ref)} | | {', '.join(_fmt(a, 2) for a in ref)} |",
         "",
@@ -679,7 +721,7 @@ def _lidc_section(out: Path, jobs: Sequence[Job], client) -> list[str]:
     return lines
 
 
-def _saliency_section(out: Path, jobs: Sequence[Job], fig_dir: Path) -> list[str]:
+def _saliency_section(out: Path, jobs: Sequence[Job], fig_dir: Path, goals: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -718,6 +760,7 @@ def _saliency_section(out: Path, jobs: Sequence[Job], fig_dir: Path) -> list[str
         loc = pd.read_csv(folder / "localisation.csv")
         tp_ids = set(deletion.loc[(deletion["target_class"] == 1) & (deletion["prob_before"] > 0.5), "case_id"])
         wbp = loc[(loc["method"] == "wbp") & loc["case_id"].isin(tp_ids)]
+        goals[f"wbp_tp_{model}"] = (wbp["share_inside"].mean(), wbp["pointing_hit"].mean(), wbp["case_id"].nunique())
         lines += [
             "",
             f"WBP on the {wbp['case_id'].nunique()} true-positive eyes: share inside the lesion "
@@ -949,12 +992,15 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
             + ". Run `make results` again to add them (finished jobs are kept).",
             "",
         ]
-    lines += _ga_section(out, jobs, client) if any(j.part == "ga" for j in jobs) else []
+    goals: dict = {}
+    at_goals = len(lines)
+    lines += _ga_section(out, jobs, client, goals) if any(j.part == "ga" for j in jobs) else []
     lines += _sites_section(out, fig_dir)
-    lines += _lidc_section(out, jobs, client) if any(j.part == "lidc" for j in jobs) else []
-    lines += _saliency_section(out, jobs, fig_dir)
+    lines += _lidc_section(out, jobs, client, goals) if any(j.part == "lidc" for j in jobs) else []
+    lines += _saliency_section(out, jobs, fig_dir, goals)
     lines += _shortcut_section(out, fig_dir)
     lines += _cost_section(out, jobs)
+    lines[at_goals:at_goals] = _goals_section(goals)
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     if publish is not None:

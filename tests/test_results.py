@@ -32,6 +32,8 @@ def test_quick_study_writes_the_report_from_its_own_runs(quick_study):
     preds = pd.read_csv(next((out / "jobs" / "ga-baseline-s0" / "runs").glob("*/test_predictions.csv")))
     auc = auc_ci(preds["label"], preds["prob"]).auc
     assert f"| baseline | {auc:.3f} |" in text
+    # the goals table reads the same figure (one seed: its mean is that seed's AUC)
+    assert f"| GA baseline test AUC >= 0.90 and >= the linear reference | {auc:.3f} (reference" in text
     # LIDC: every labelled nodule scored once, by the fold that held it out
     datalist = json.loads((out / "data" / "lidc" / "patches" / "datalist.json").read_text())["training"]
     pooled = pd.concat(pd.read_csv(p) for p in (out / "jobs").glob("lidc-baseline-f*/runs/*/test_predictions.csv"))
