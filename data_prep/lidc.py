@@ -55,6 +55,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from data_prep.atomic import write_json_atomic
 from data_prep.ct_patches import LPS_TO_RAS, PatchGrid, VolumeGeometry, mask_centroid_lps, sample_volume
 from data_prep.dicom_series import DicomIndex, SeriesError, match_slice_positions, read_ct_series
 from data_prep.lidc_annotations import known_patient_ids, scan_nodules, scans_of_patient
@@ -512,17 +513,13 @@ def preprocess(
                 }
             )
             continue
-        tmp = done_dir / f"{key}.json.partial"
-        tmp.write_text(json.dumps(rec, indent=1))
-        os.replace(tmp, done_dir / f"{key}.json")  # written last: the scan is finished
+        write_json_atomic(done_dir / f"{key}.json", rec, indent=1)  # written last: the scan is finished
         records[key] = rec
 
     ordered = [records[k] for s in scans if (k := _scan_key(s.patient_id, s.series_instance_uid)) in records]
     datalist = _assemble(ordered, failures, unknown, settings, policy, int(folds), int(seed))
     path = out_dir / DATALIST_NAME
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(datalist, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, datalist, indent=1)
     if failures:
         raise LidcPreprocessError(failures, path)
     return path

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data_prep.atomic import write_json_atomic
 from ppi_med.ppi.masks import MASKS
 from ppi_med.saliency import METHODS as SALIENCY_METHODS
 
@@ -347,9 +348,7 @@ class CellRunner:
             "seconds": round(time.perf_counter() - t0, 2),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        tmp = attempt / "cell.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=2, default=str))
-        tmp.replace(attempt / "cell.json")  # written last: its presence marks a complete attempt
+        write_json_atomic(attempt / "cell.json", rec, default=str)  # written last: marks a complete attempt
         return rec
 
     def _epochs(self, parser: Any) -> tuple[int, int]:
