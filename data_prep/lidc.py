@@ -51,7 +51,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -60,6 +59,7 @@ from data_prep.ct_patches import LPS_TO_RAS, PatchGrid, VolumeGeometry, mask_cen
 from data_prep.dicom_series import DicomIndex, SeriesError, match_slice_positions, read_ct_series
 from data_prep.lidc_annotations import known_patient_ids, scan_nodules, scans_of_patient
 from data_prep.lidc_phantom import DEFAULT_PATIENTS, DEFAULT_SLICE_STEP, write_phantom
+from ppi_med.image_grid import write_nifti
 
 __all__ = [
     "LabelingPolicy",
@@ -178,14 +178,8 @@ def _rel_dicom(folder: Path, out_dir: Path) -> str:
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write NIfTI with scanner-frame q/sform, via a temporary name (no half-written files)."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    tmp = path.with_name(path.name.replace(".nii.gz", ".partial.nii.gz"))
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    """NIfTI with scanner-frame q/sform in mm, replaced in one rename (no half-written files)."""
+    write_nifti(path, array, affine, dtype=array.dtype, replace=True)
 
 
 def _scan_key(patient_id: str, series_uid: str) -> str:

@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+
+from ppi_med.image_grid import write_nifti
 
 __all__ = ["OCT_AXCODES", "oct_affine", "save_oct_nifti"]
 
@@ -71,14 +72,4 @@ def save_oct_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype: typ
     """
     if array.ndim != 3:
         raise ValueError(f"expected a 3D (V, H, W) array for {path}, got shape {array.shape}")
-    data = np.ascontiguousarray(array, dtype=dtype)
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units(xyz="mm")
-    image.header.set_data_dtype(dtype)
-    # Plain stored values: no intensity scaling that a reader might or might not apply.
-    image.header.set_slope_inter(1.0, 0.0)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-    return path
+    return write_nifti(path, array, affine, dtype=dtype, replace=True)

@@ -141,8 +141,9 @@ def write_nifti(
     like: nib.Nifti1Header | None = None,
     dtype: type | np.dtype = np.float32,
     description: str | None = None,
+    replace: bool = False,
 ) -> Path:
-    """Write a 3D array as NIfTI on a given grid, never replacing an existing file.
+    """Write a 3D array as NIfTI on a given grid, never replacing an existing file unless asked to.
 
     With ``like`` (the source's header) the qform and sform, their codes and the units are copied from it, so
     a viewer places the result exactly where it places the source; otherwise both forms are set to ``affine``
@@ -155,15 +156,19 @@ def write_nifti(
         like: a header to copy the geometry from.
         dtype: the on-disk type.
         description: the header's ``descrip`` (truncated to 79 characters).
+        replace: replace an existing file (in one rename: a reader sees the old file or the new one, never
+            half of one), as data preparation does when it rebuilds its own outputs.
 
     Returns:
         The path written.
 
     Raises:
-        FileExistsError: the file exists.
-        ValueError: ``like``'s affine differs from ``affine``.
+        FileExistsError: the file exists and ``replace`` is false.
+        ValueError: ``like``'s affine differs from ``affine``, or the array is not 3D.
     """
-    path = ensure_new(path)
+    if np.ndim(array) != 3:
+        raise ValueError(f"expected a 3D array for {path}, got shape {np.shape(array)}")
+    path = Path(path) if replace else ensure_new(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(array).astype(dtype, copy=False)
     if like is not None:
@@ -186,18 +191,22 @@ def write_nifti(
         img.header["descrip"] = description[:79].encode("ascii", "replace")
     # write under a temporary name, then link it into place: link fails instead of replacing a file that
     # appeared in the meantime
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", prefix=".tmp-", dir=path.parent)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # nibabel compresses by the name
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".tmp-", dir=path.parent)
     os.close(fd)
     try:
         nib.save(img, tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise stick to the output
-        os.link(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
     except FileExistsError as err:
         raise FileExistsError(f"refusing to overwrite existing output {path}") from err
     finally:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
