@@ -27,6 +27,7 @@ from ppi_med.saliency import (
     WBPTracer,
     compute,
     lrp,
+    make_tracer,
     register_rule,
     wbp,
 )
@@ -824,3 +825,24 @@ def test_eval_batch_norm_called_functionally_passes() -> None:
     modular.head.load_state_dict(functional.head.state_dict())
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(wbp(functional, x, 0), wbp(modular.eval(), x, 0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_has_the_same_entry_and_compute_is_it(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    ).train()  # fmt: skip
+    x, target = torch.rand(2, 1, 8, 8), torch.tensor([0, 2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tracer = make_tracer(method, model)
+    direct = tracer.attribute(x, target)
+    assert direct.shape == x.shape and not direct.requires_grad
+    torch.testing.assert_close(direct, compute(method, model, x, target))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # buffers untouched
+    if tracer.differentiable:
+        assert tracer.attribute(x, target, create_graph=True).requires_grad
+    else:
+        with pytest.raises(ValueError, match="post-hoc"):
+            tracer.attribute(x, target, create_graph=True)

@@ -5,15 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import Tracer, frozen_buffers, input_requiring_grad
+from .core import Tracer
 from .gradcam import GradCAMTracer
 from .gradient import GradientTracer
 from .lrp import LRPTracer
 from .wbp import WBPTracer
 
-__all__ = ["METHODS", "make_tracer", "compute"]
+__all__ = ["METHODS", "TRACERS", "compute", "make_tracer"]
 
-METHODS = ("wbp", "gradient", "input_x_gradient", "gradcam", "lrp")
+#: every method by name: the one registry the method list, PPI, export, evaluation and site CV read
+TRACERS = {
+    "wbp": WBPTracer,
+    "gradient": GradientTracer,
+    "input_x_gradient": lambda model, **kw: GradientTracer(model, times_input=True, **kw),
+    "gradcam": GradCAMTracer,
+    "lrp": LRPTracer,
+}
+METHODS = tuple(TRACERS)
 
 
 def make_tracer(method: str, model: nn.Module, **kwargs) -> Tracer:
@@ -27,17 +35,10 @@ def make_tracer(method: str, model: nn.Module, **kwargs) -> Tracer:
     Raises:
         ValueError: an unknown method or an option the method does not take.
     """
-    factories = {
-        "wbp": lambda: WBPTracer(model, **kwargs),
-        "gradient": lambda: GradientTracer(model, **kwargs),
-        "input_x_gradient": lambda: GradientTracer(model, times_input=True, **kwargs),
-        "gradcam": lambda: GradCAMTracer(model, **kwargs),
-        "lrp": lambda: LRPTracer(model, **kwargs),
-    }
-    if method not in factories:
+    if method not in TRACERS:
         raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
     try:
-        return factories[method]()
+        return TRACERS[method](model, **kwargs)
     except TypeError as err:
         if "unexpected keyword" in str(err):
             raise ValueError(f"saliency method '{method}' does not take option(s) {sorted(kwargs)}") from err
@@ -75,10 +76,4 @@ def compute(
     tracer = make_tracer(method, model, **kwargs)
     if create_graph and not tracer.differentiable:
         raise ValueError(f"saliency method '{method}' is post-hoc only: create_graph=True is not supported")
-    xg = input_requiring_grad(x)
-    with torch.enable_grad():
-        if isinstance(tracer, LRPTracer):
-            return tracer.explain(xg, target)
-        with frozen_buffers(model), tracer:
-            logits = model(xg)
-        return tracer.saliency(logits, xg, target, create_graph=create_graph)
+    return tracer.attribute(x, target, create_graph=create_graph)

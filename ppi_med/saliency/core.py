@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Tracer", "as_target", "class_score", "frozen_buffers", "input_requiring_grad", "plain"]
+__all__ = ["Tracer", "as_target", "class_score", "frozen_buffers", "input_requiring_grad", "plain", "score_gradient"]
 
 
 def as_target(target: int | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -74,6 +74,27 @@ def frozen_buffers(model: nn.Module) -> Iterator[None]:
                 b.data.copy_(copy)
 
 
+def score_gradient(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    wrt: torch.Tensor,
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> torch.Tensor:
+    """Gradient of the targets' logits (summed over the batch) with respect to ``wrt``, leaving ``.grad`` alone.
+
+    ``retain_graph`` defaults to ``create_graph``: a differentiable map needs the forward graph kept.
+    """
+    (grad,) = torch.autograd.grad(
+        class_score(logits, target),
+        wrt,
+        create_graph=create_graph,
+        retain_graph=create_graph if retain_graph is None else retain_graph,
+    )
+    return grad
+
+
 class Tracer:
     """A saliency method split around the model's forward pass.
 
@@ -96,6 +117,32 @@ class Tracer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def attribute(
+        self, inputs: torch.Tensor, target: int | torch.Tensor, *, create_graph: bool = False
+    ) -> torch.Tensor:
+        """The whole map in one call, as every method offers it: the traced forward, then :meth:`saliency`.
+
+        The model's parameters, gradients and buffers are left as they were.
+
+        Args:
+            inputs: the input batch (2D or 3D images, channels first).
+            target: an int or a LongTensor of one class per sample.
+            create_graph: keep the map differentiable (methods with ``differentiable`` only).
+
+        Returns:
+            A tensor of the shape of ``inputs``.
+
+        Raises:
+            ValueError: ``create_graph`` for a post-hoc method, or a bad target.
+        """
+        if create_graph and not self.differentiable:
+            raise ValueError(f"{type(self).__name__} is post-hoc only: create_graph=True is not supported")
+        xg = input_requiring_grad(inputs)
+        with torch.enable_grad():
+            with frozen_buffers(self.model), self:
+                logits = self.model(xg)
+            return self.saliency(logits, xg, target, create_graph=create_graph)
 
     def saliency(
         self,

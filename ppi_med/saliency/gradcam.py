@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Tracer, as_target, class_score
+from .core import Tracer, as_target, score_gradient
 from .rules import is_leaf
 
 __all__ = ["GradCAMTracer", "upsample_cam"]
@@ -81,12 +81,7 @@ class GradCAMTracer(Tracer):
         a = self.features
         if a is None or not a.requires_grad:
             raise ValueError("Grad-CAM found no spatial feature map in the traced forward (is grad enabled?)")
-        (grad,) = torch.autograd.grad(
-            class_score(logits, target),
-            a,
-            create_graph=create_graph,
-            retain_graph=create_graph if retain_graph is None else retain_graph,
-        )
+        grad = score_gradient(logits, target, a, create_graph=create_graph, retain_graph=retain_graph)
         dims = tuple(range(2, a.ndim))
         weights = grad.mean(dim=dims, keepdim=True)
         cam = F.relu((weights * a).sum(dim=1, keepdim=True))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from .core import Tracer, as_target, class_score
+from .core import Tracer, as_target, score_gradient
 
 __all__ = ["GradientTracer"]
 
@@ -23,11 +21,6 @@ class GradientTracer(Tracer):
 
     def saliency(self, logits, x, target, *, create_graph=False, retain_graph=None):
         target = as_target(target, logits)
-        (grad,) = torch.autograd.grad(
-            class_score(logits, target),
-            x,
-            create_graph=create_graph,
-            retain_graph=create_graph if retain_graph is None else retain_graph,
-        )
+        grad = score_gradient(logits, target, x, create_graph=create_graph, retain_graph=retain_graph)
         s = grad * x if self.times_input else grad
         return s if create_graph else s.detach()

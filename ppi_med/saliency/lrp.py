@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import Tracer, as_target, class_score, frozen_buffers
+from .core import Tracer, as_target, frozen_buffers, score_gradient
 from .rules import RULES, Linear, UnsupportedLayerError, is_leaf, rule_for
 
 __all__ = ["LRPTracer", "lrp"]
@@ -119,6 +119,14 @@ class LRPTracer(Tracer):
             raise ValueError("LRP saliency is post-hoc only: create_graph=True is not supported")
         return self.explain(x, target)
 
+    def attribute(
+        self, inputs: torch.Tensor, target: int | torch.Tensor, *, create_graph: bool = False
+    ) -> torch.Tensor:
+        """LRP runs its own forward, in eval mode with its rules attached; the map is detached (post-hoc)."""
+        if create_graph:
+            raise ValueError("LRPTracer is post-hoc only: create_graph=True is not supported")
+        return self.explain(inputs, target)
+
     def explain(self, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         """Run the eval-mode LRP forward and backward; returns the detached relevance map."""
         modes = {m: m.training for m in self.model.modules()}
@@ -133,7 +141,7 @@ class LRPTracer(Tracer):
                     for h in self._handles:
                         h.remove()
                     self._handles.clear()
-                (grad,) = torch.autograd.grad(class_score(out, as_target(target, out)), x_leaf)
+                grad = score_gradient(out, as_target(target, out), x_leaf)
         finally:
             for m, mode in modes.items():
                 m.train(mode)

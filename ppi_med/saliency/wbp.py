@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
-from .core import Tracer, as_target, class_score, frozen_buffers, input_requiring_grad
+from .core import Tracer, as_target, frozen_buffers, input_requiring_grad, score_gradient
 from .rules import RULES, Linear, Rule, UnsupportedLayerError, is_leaf, rule_for
 
 __all__ = ["WBPTracer", "wbp", "check_supported", "functional_call_problem", "UnsupportedLayerError"]
@@ -270,12 +270,7 @@ class WBPTracer(Tracer):
             raise ValueError("the traced forward's input must require grad (see input_requiring_grad)")
         self.switch.wbp = True
         try:
-            (weights,) = torch.autograd.grad(
-                class_score(logits, target),
-                x,
-                create_graph=create_graph,
-                retain_graph=create_graph if retain_graph is None else retain_graph,
-            )
+            weights = score_gradient(logits, target, x, create_graph=create_graph, retain_graph=retain_graph)
         finally:
             self.switch.wbp = False
         s = weights * x
