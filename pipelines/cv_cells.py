@@ -39,12 +39,15 @@ from ppi_med.saliency import METHODS as SALIENCY_METHODS
 from .cv_tables import cell_auc
 
 __all__ = [
+    "BUNDLE_READS",
+    "BUNDLE_SETS",
     "CELL_FORMAT",
     "Cell",
     "CellRunner",
     "SiteCVError",
     "TensorCache",
     "cell_key",
+    "check_bundle",
     "method_overrides",
     "predict_probabilities",
     "sha256_file",
@@ -55,6 +58,32 @@ CELL_FORMAT = 1
 
 class SiteCVError(ValueError):
     """A bad request: unknown site or method, conflicting override, malformed option."""
+
+
+#: The contract between site CV and a bundle (docs/DESIGN.md section 5). Ids site CV reads from the bundle ...
+BUNDLE_READS = (
+    "datalist", "seed", "val_fraction", "tracking_uri", "max_epochs", "batch_size", "device", "network",
+    "preprocessing", "ckpt_dir", "train#datalist", "validate#datalist", "ppi",
+)  # fmt: skip
+#: ... and ids it sets for every cell (``test#datalist`` is read when the bundle has a test part).
+BUNDLE_SETS = (
+    "train_sites", "val_sites", "seed", "experiment_name", "tracking_uri", "run_name", "runs_dir", "output_dir",
+    "run_tags", "max_epochs", "test_fraction", "ppi#enabled", "ppi#saliency", "ppi#mask",
+)  # fmt: skip
+
+
+def check_bundle(parser: Any, config_file: Path) -> None:
+    """Stop with every id of :data:`BUNDLE_READS` and :data:`BUNDLE_SETS` that ``config_file`` lacks.
+
+    Raises:
+        SiteCVError: the bundle lacks ids site CV reads or sets.
+    """
+    missing = [i for i in dict.fromkeys((*BUNDLE_READS, *BUNDLE_SETS)) if i not in parser]
+    if missing:
+        raise SiteCVError(
+            f"{config_file} lacks the bundle ids site CV reads or sets: {', '.join(missing)} "
+            "(the contract is in docs/DESIGN.md section 5)"
+        )
 
 
 def method_overrides(method: str) -> dict[str, Any]:

@@ -58,7 +58,16 @@ from tqdm import tqdm
 from ppi_med.data import load_datalist
 from ppi_med.tracking import TrackingServerError, check_tracking_uri, ensure_experiment, git_commit
 
-from .cv_cells import CELL_FORMAT, Cell, CellRunner, SiteCVError, cell_key, method_overrides, sha256_file
+from .cv_cells import (
+    CELL_FORMAT,
+    Cell,
+    CellRunner,
+    SiteCVError,
+    cell_key,
+    check_bundle,
+    method_overrides,
+    sha256_file,
+)
 from .cv_tables import SiteCVTables, site_cv_tables
 
 __all__ = [
@@ -294,6 +303,7 @@ class _Study:
         parser = ConfigParser()
         parser.read_config(str(self.config_file))
         parser.update(pairs=dict(self.overrides))
+        check_bundle(parser, self.config_file)
         self.datalist = Path(parser.get_parsed_content("datalist"))
         items = load_datalist(self.datalist)
         self.items = items

@@ -682,3 +682,12 @@ def test_a_method_name_makes_a_config_that_names_it_back(method):
     overrides = method_overrides(method)
     config = PPIConfig(**{k.removeprefix("ppi#"): v for k, v in overrides.items()})
     assert config.method == method  # the cell's tag and the bundle's run tag agree
+
+
+def test_a_bundle_without_the_ids_site_cv_uses_is_refused_naming_them(tmp_path, capsys):
+    lidc = ROOT / "bundles" / "lidc_ppi.json"  # no sites: the nodule bundle is not a site-CV bundle
+    argv = ["--config_file", str(lidc), "--out", str(tmp_path / "cv"), "--no-progress"]
+    assert main([*argv, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{lidc} lacks the bundle ids site CV reads or sets: val_fraction, train_sites, val_sites" in err
+    assert not (tmp_path / "cv").exists()  # refused before anything is written
