@@ -99,6 +99,12 @@ __all__ = [
 
 #: Small CPU-friendly size of the embedded default: 16 B-scans of 64 x 128.
 DEFAULT = VolumeSize(n_bscans=16, height=64, width=128)
+#: The default data set's design, the one place it is written (``generate``'s defaults, the CLI's and, through
+#: them, the GA bundle's ``synthetic``, which lists only what a user overrides).
+DEFAULT_SITES = ("A", "B", "C", "D")
+DEFAULT_SUBJECTS_PER_SITE = 40
+DEFAULT_CUE_SITE = "D"
+DEFAULT_CUE_RATES = (0.9, 0.1, 0.0)  # watermark probability: GA and other eyes at the cue site, eyes elsewhere
 #: Size of the paper's volumes: 100 B-scans of 512 x 1000 (for GPU machines).
 REAL_SIZE = VolumeSize(n_bscans=100, height=512, width=1000)
 SIZES = {"default": DEFAULT, "real": REAL_SIZE}
@@ -261,15 +267,15 @@ def _render_and_write(out_dir: Path, config: dict, entry: dict) -> None:
 def generate(
     out_dir: str | Path,
     *,
-    sites: Sequence[str] = ("A", "B", "C", "D"),
-    subjects_per_site: int = 40,
+    sites: Sequence[str] = DEFAULT_SITES,
+    subjects_per_site: int = DEFAULT_SUBJECTS_PER_SITE,
     n_bscans: int = DEFAULT.n_bscans,
     height: int = DEFAULT.height,
     width: int = DEFAULT.width,
-    cue_site: str | None = "D",
-    cue_rate_pos: float = 0.9,
-    cue_rate_neg: float = 0.1,
-    cue_rate_other: float = 0.0,
+    cue_site: str | None = DEFAULT_CUE_SITE,
+    cue_rate_pos: float = DEFAULT_CUE_RATES[0],
+    cue_rate_neg: float = DEFAULT_CUE_RATES[1],
+    cue_rate_other: float = DEFAULT_CUE_RATES[2],
     reversed_cue_site: str | None = None,
     seed: int = 0,
     workers: int = 1,
@@ -511,17 +517,33 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--sites", default="A,B,C,D", help="comma-separated site names")
-    p.add_argument("--subjects-per-site", type=int, default=40, help="eyes per site, half with GA")
+    p.add_argument("--sites", default=",".join(DEFAULT_SITES), help="comma-separated site names")
+    p.add_argument(
+        "--subjects-per-site", type=int, default=DEFAULT_SUBJECTS_PER_SITE, help="eyes per site, half with GA"
+    )
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="default: 16x64x128; real: 100x512x1000")
     p.add_argument("--n-bscans", type=int, help="override the preset's B-scan count")
     p.add_argument("--height", type=int, help="override the preset's axial size")
     p.add_argument("--width", type=int, help="override the preset's lateral size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cue-site", default="D", help="site with the label-correlated watermark; 'none' for none")
-    p.add_argument("--cue-rate-pos", type=float, default=0.9, help="watermark probability, GA eyes at the cue site")
-    p.add_argument("--cue-rate-neg", type=float, default=0.1, help="watermark probability, other eyes at the cue site")
-    p.add_argument("--cue-rate-other", type=float, default=0.0, help="watermark probability at the other sites")
+    p.add_argument(
+        "--cue-site", default=DEFAULT_CUE_SITE, help="site with the label-correlated watermark; 'none' for none"
+    )
+    p.add_argument(
+        "--cue-rate-pos",
+        type=float,
+        default=DEFAULT_CUE_RATES[0],
+        help="watermark probability, GA eyes at the cue site",
+    )
+    p.add_argument(
+        "--cue-rate-neg",
+        type=float,
+        default=DEFAULT_CUE_RATES[1],
+        help="watermark probability, other eyes at the cue site",
+    )
+    p.add_argument(
+        "--cue-rate-other", type=float, default=DEFAULT_CUE_RATES[2], help="watermark probability at the other sites"
+    )
     p.add_argument(
         "--reversed-cue-site", default=None, help="a site where the watermark's correlation with GA is reversed"
     )
