@@ -528,22 +528,22 @@ def predict_probabilities(
         name -> probabilities, in the order of ``images``.
 
     Raises:
-        ppi_med.export.CheckpointMismatchError: a checkpoint of another network (keys and shapes named).
+        ppi_med.weights.CheckpointMismatchError: a checkpoint of another network (keys and shapes named).
     """
+    from ppi_med.cases import class1_probabilities, preprocess_case
+    from ppi_med.weights import load_state, read_checkpoint
+
     cache = TensorCache() if cache is None else cache
     tensors = []
     for image in images:
         x = cache.get(image)
         if x is None:
-            x = preprocessing({"image": image})["image"]
-            x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+            x = preprocess_case({"image": image}, preprocessing, invertible=False)
+            x = x.as_tensor() if hasattr(x, "as_tensor") else x
             cache.put(image, x)
         tensors.append(x)
     out: dict[str, np.ndarray] = {}
     seen: list[tuple[dict[str, Any], np.ndarray]] = []
-    network.eval()
-    from ppi_med.export import load_state, read_checkpoint
-
     for name, path in checkpoints.items():
         # weights only; {"model": ..., "optimizer": ...} as CheckpointSaver writes it is unwrapped
         state = read_checkpoint(path, map_location=device)
@@ -552,11 +552,6 @@ def predict_probabilities(
             out[name] = earlier
             continue
         load_state(network, state, path)  # names the checkpoint and every mismatching key or shape
-        probs = []
-        with torch.no_grad():
-            for i in range(0, len(tensors), batch_size):
-                batch = torch.stack(tensors[i : i + batch_size]).to(device)
-                probs.append(torch.softmax(network(batch).float(), dim=1)[:, 1].cpu().numpy())
-        out[name] = np.concatenate(probs) if probs else np.zeros(0)
+        out[name] = class1_probabilities(network, tensors, device, batch_size)
         seen.append((state, out[name]))
     return out

@@ -9,7 +9,7 @@ fraction of the voxels (for small inputs). A good map gives a steep early drop. 
 reference curve.
 
 Localisation (on cases whose mask is not empty, in the original image's grid: the map is mapped back with
-:func:`ppi_med.export.to_original_grid` and compared with the expert mask as drawn):
+:func:`ppi_med.cases.to_original_grid` and compared with the expert mask as drawn):
 
 - ``share_inside``: positive saliency inside the mask / all positive saliency (``nan`` if the map has no
   positive part); its chance level is the mask's volume fraction (``mask_fraction``);
@@ -44,20 +44,11 @@ import torch
 from monai.transforms import Compose
 from scipy import ndimage as ndi
 from torch import nn
-from tqdm import tqdm
 
-from .export import (
-    case_ids,
-    find_loader,
-    load_checkpoint,
-    parse_targets,
-    preprocess_case,
-    resolve_cases,
-    resolve_target,
-    to_original_grid,
-)
+from .cases import CasePipeline, case_ids, check_methods, find_loader, parse_targets, resolve_cases
 from .image_grid import ensure_new, read_source, resample_to_grid, same_grid
-from .saliency import METHODS, compute
+from .saliency import METHODS
+from .weights import load_checkpoint
 
 __all__ = [
     "DEFAULT_KS",
@@ -471,13 +462,9 @@ def evaluate_saliency(
         FileExistsError: an output exists.
         ValueError: bad options or cases (named).
     """
-    from .export import _device_of
-
     if require_checkpoint and not checkpoint:
         raise ValueError("no checkpoint given: pass --checkpoint PATH (e.g. runs/<run>/models/model_best.pt)")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown saliency method(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods = check_methods(methods)
     if isinstance(target, (list, tuple)):
         raise ValueError(f"one target choice, please (got {target!r})")
     spec = parse_targets(target)[0]
@@ -498,61 +485,43 @@ def evaluate_saliency(
     ids = case_ids(records, image_key)
     if checkpoint:
         load_checkpoint(network, checkpoint)
-    device = torch.device(device) if device is not None else _device_of(network)
+    pipeline = CasePipeline(network, preprocessing, device=device, image_key=image_key, method_kwargs=method_kwargs)
     loader = find_loader(preprocessing, image_key)
-    method_kwargs = dict(method_kwargs or {})
     gen = torch.Generator().manual_seed(seed)
 
     deletion_rows: list[dict] = []
     loc_rows: list[dict] = []
-    was_training = network.training
-    network.eval()
-    try:
-        for cid, rec in tqdm(list(zip(ids, records)), desc="saliency evaluation", disable=not progress):
-            x_pre = preprocess_case(rec, preprocessing, image_key)
-            x = x_pre.as_tensor().unsqueeze(0).to(device)
-            with torch.no_grad():
-                logits = network(x)
-            pred = int(logits.argmax(1))
-            cls = resolve_target(spec, pred, rec, logits.shape[1], cid)
-            n_vox = math.prod(x.shape[2:])
-            counts = [resolve_k(k, n_vox) for k in ks]
-            maps = {
-                m: compute(m, network, x, torch.tensor([cls], device=device), **method_kwargs.get(m, {}))
-                for m in methods
-            }
-            if random_reference:
-                maps[RANDOM] = torch.rand(x.shape, generator=gen).to(device)
-            for m, s in maps.items():
-                probs = deletion_probabilities(network, x, s.detach(), cls, counts, fill)[0]
-                for k, c, p in zip(ks, counts, probs[1:].tolist()):
-                    deletion_rows.append(
-                        {
-                            "case_id": cid,
-                            "method": m,
-                            "target_class": cls,
-                            "k": k,
-                            "n_deleted": c,
-                            "prob_before": float(probs[0]),
-                            "prob_after": p,
-                            "drop": float(probs[0]) - p,
-                        }
-                    )
-            mask = _case_mask(rec, mask_key, loader, cid)
-            if mask is None:
-                continue
-            src_shape, src_affine, mask_arr = mask
-            spacing = np.linalg.norm(src_affine[:3, :3], axis=0)
-            for m in methods:
-                s = maps[m][0].detach().cpu().float().sum(0, keepdim=True)
-                orig = to_original_grid(s, x_pre, preprocessing, image_key=image_key)
-                arr = orig[0].as_tensor().numpy()
-                if arr.shape != src_shape:
-                    raise ValueError(f"case {cid}: inverted map {arr.shape} is not on the image grid {src_shape}")
-                scores = localisation(arr, mask_arr, threshold=threshold, tolerance=tolerance, spacing=spacing)
-                loc_rows.append({"case_id": cid, "method": m, "target_class": cls, **scores})
-    finally:
-        network.train(was_training)
+    for case in pipeline.cases(records, ids, desc="saliency evaluation", progress=progress):
+        cls = case.target(spec)
+        n_vox = math.prod(case.x.shape[2:])
+        counts = [resolve_k(k, n_vox) for k in ks]
+        maps = {m: pipeline.saliency(case, m, cls) for m in methods}
+        if random_reference:
+            maps[RANDOM] = torch.rand(case.x.shape, generator=gen).to(case.x.device)
+        for m, s in maps.items():
+            probs = deletion_probabilities(network, case.x, s.detach(), cls, counts, fill)[0]
+            for k, c, p in zip(ks, counts, probs[1:].tolist()):
+                deletion_rows.append(
+                    {
+                        "case_id": case.id,
+                        "method": m,
+                        "target_class": cls,
+                        "k": k,
+                        "n_deleted": c,
+                        "prob_before": float(probs[0]),
+                        "prob_after": p,
+                        "drop": float(probs[0]) - p,
+                    }
+                )
+        mask = _case_mask(case.record, mask_key, loader, case.id)
+        if mask is None:
+            continue
+        src_shape, src_affine, mask_arr = mask
+        spacing = np.linalg.norm(src_affine[:3, :3], axis=0)
+        for m in methods:
+            arr = pipeline.on_source_grid(case, maps[m], src_shape, src_affine)
+            scores = localisation(arr, mask_arr, threshold=threshold, tolerance=tolerance, spacing=spacing)
+            loc_rows.append({"case_id": case.id, "method": m, "target_class": cls, **scores})
 
     deletion = pd.DataFrame(deletion_rows)
     loc = pd.DataFrame(

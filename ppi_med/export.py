@@ -1,7 +1,7 @@
 """Saliency overlays for radiologist review, written as NIfTI on the grid of the original scan.
 
 A saliency map is computed on the preprocessed tensor (reoriented, resampled, cropped, resized...), which is
-not where the scan lives. :func:`to_original_grid` maps it back with MONAI's inverse transforms: the
+not where the scan lives. :func:`ppi_med.cases.to_original_grid` maps it back with MONAI's inverse transforms: the
 preprocessed image is a ``MetaTensor`` that records every operation applied to it, and ``Invertd`` (with
 ``transform=preprocessing``, ``orig_keys=image``, the model-zoo inference pattern) undoes them on the map. The
 result is then checked against the source image read directly: same shape, same affine, or an error.
@@ -57,23 +57,28 @@ several methods as ``wbp,gradcam``), ``export_datalist``
 from __future__ import annotations
 
 import csv
-import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from copy import deepcopy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd, LoadImage, LoadImaged
-from monai.utils import TraceKeys
+from monai.transforms import Compose
 from torch import nn
-from tqdm import tqdm
 
-from .data import check_volume_shape
+from .cases import (
+    Case,
+    CasePipeline,
+    SaliencyFn,
+    case_ids,
+    check_methods,
+    file_stem,
+    find_loader,
+    parse_targets,
+    resolve_cases,
+)
 from .dicom_overlay import DicomSeriesError, read_source_series, write_parametric_map
 from .image_grid import (
     SourceImage,
@@ -86,28 +91,9 @@ from .image_grid import (
     write_nifti,
 )
 from .montage import peak_index, save_montage
-from .saliency import compute
+from .weights import load_checkpoint
 
-__all__ = [
-    "INDEX_COLUMNS",
-    "SaliencyFn",
-    "SaliencyExporter",
-    "export_saliency",
-    "load_checkpoint",
-    "load_state",
-    "read_checkpoint",
-    "CheckpointMismatchError",
-    "to_original_grid",
-    "find_loader",
-    "preprocess_case",
-    "resolve_cases",
-    "case_ids",
-    "parse_targets",
-    "resolve_target",
-]
-
-#: A saliency method given as a function ``(model, x, target) -> map shaped like x``.
-SaliencyFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["INDEX_COLUMNS", "SaliencyExporter", "export_saliency"]
 
 INDEX_COLUMNS = (
     "case_id",
@@ -131,322 +117,9 @@ INDEX_COLUMNS = (
     "dicom_overlay",
 )
 
-# torch.nn.functional.interpolate-based transforms (the rest resample with grid_sample or scipy)
-_INTERPOLATE_CLASSES = {"Resize", "Resized", "Zoom", "Zoomd", "RandZoom", "RandZoomd"}
-_INTERP_STRINGS = {"nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area"}
-_LINEAR_BY_NDIM = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose parameter names or shapes do not fit the network (another architecture or size)."""
-
-
-def read_checkpoint(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The state dict stored in a checkpoint file, read with ``weights_only=True`` (no code is unpickled).
-
-    Accepts a plain ``state_dict`` (the bundle's ``model_best.pt``) or a dict holding it under ``model`` (the
-    bundle's ``model_final.pt``, with the optimizer beside it); a ``module.`` prefix (DDP) is stripped.
-
-    Args:
-        checkpoint: the file.
-        map_location: where the tensors are loaded.
-
-    Raises:
-        FileNotFoundError: no file at ``checkpoint``.
-        ValueError: the file is not a torch checkpoint of tensors, or holds no state dict.
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by the kind of damage
-        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({err})") from err
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict of tensors (or a dict with one under 'model')")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _listed(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
-
-
-def load_state(network: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> nn.Module:
-    """Load ``state`` into ``network`` (in place) after checking that every name and shape fits.
-
-    Args:
-        network: the model.
-        state: a state dict (e.g. from :func:`read_checkpoint`).
-        source: the checkpoint it came from, for the message.
-
-    Raises:
-        CheckpointMismatchError: keys missing from the checkpoint, keys the network lacks, or shapes that
-            differ, each listed (the first few) with the checkpoint and the network named.
-    """
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {_listed(missing)}")
-        if unexpected:
-            parts.append(f"not in the network: {_listed(unexpected)}")
-        if shapes:
-            parts.append(f"shape in checkpoint vs network: {_listed(shapes)}")
-        raise CheckpointMismatchError(
-            f"{source}: checkpoint does not fit {type(network).__name__} (trained with another network or "
-            f"settings?); " + "; ".join(parts)
-        )
-    network.load_state_dict(state)
-    return network
-
-
-def load_checkpoint(network: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """Load a checkpoint's weights into ``network`` (in place) and return it.
-
-    See :func:`read_checkpoint` for the accepted layouts.
-
-    Raises:
-        FileNotFoundError: no file at ``checkpoint``.
-        ValueError: the file holds no state dict.
-        CheckpointMismatchError: it does not fit ``network`` (a ``ValueError``).
-    """
-    return load_state(network, read_checkpoint(checkpoint), checkpoint)
-
-
-def find_loader(preprocessing: Compose, image_key: str = "image") -> LoadImage:
-    """The ``LoadImage`` inside the preprocessing's ``LoadImaged`` for ``image_key`` (same reader options).
-
-    Raises:
-        ValueError: the preprocessing has no ``LoadImaged`` for that key.
-    """
-    transforms = preprocessing.flatten().transforms if isinstance(preprocessing, Compose) else [preprocessing]
-    for t in transforms:
-        if isinstance(t, LoadImaged) and image_key in t.keys:
-            return t._loader
-    raise ValueError(f"the preprocessing has no LoadImaged for key '{image_key}'; cannot read the source image")
-
-
-def preprocess_case(record: Mapping[str, Any], preprocessing: Compose, image_key: str = "image") -> MetaTensor:
-    """Run the preprocessing on one record and return its image tensor ``(C, *spatial)`` with its trace.
-
-    Raises:
-        ValueError: the preprocessing failed on this case, or returned no ``MetaTensor`` (it must keep
-            MONAI's metadata tracking on, or nothing can be inverted).
-    """
-    try:
-        out = preprocessing(dict(record))
-    except Exception as err:
-        raise ValueError(f"preprocessing failed on {record.get(image_key)}: {err}") from err
-    image = out[image_key] if isinstance(out, Mapping) else None
-    if not isinstance(image, MetaTensor):
-        raise ValueError(
-            f"preprocessing of {record.get(image_key)} returned {type(image).__name__} for '{image_key}', not a "
-            "MetaTensor: keep metadata tracking on (EnsureTyped(track_meta=True)) so it can be inverted"
-        )
-    return image
-
-
-def _with_interp(ops: Any, interp: str, ndim: int) -> Any:
-    """A copy of an applied-operations trace with its interpolation modes changed for the inverse.
-
-    ``trace`` keeps each transform's own modes (e.g. ``area`` for a down-sizing ``Resize``, which up-sizes
-    blockily); ``linear`` uses (tri)linear interpolation in both the interpolate- and grid-sample-based
-    transforms; ``nearest`` uses nearest neighbour. Padding modes are left alone.
-    """
-    if interp == "trace":
-        return deepcopy(ops)
-    if isinstance(ops, (list, tuple)):
-        return [_with_interp(o, interp, ndim) for o in ops]
-    if not isinstance(ops, Mapping):
-        return ops
-    op = dict(ops)
-    extra = op.get(TraceKeys.EXTRA_INFO)
-    if isinstance(extra, Mapping):
-        extra = dict(extra)
-        mode = extra.get("mode")
-        is_interp = isinstance(mode, (int, np.integer)) or (isinstance(mode, str) and mode in _INTERP_STRINGS)
-        if is_interp:
-            if isinstance(mode, (int, np.integer)):  # a spline order (scipy backend)
-                extra["mode"] = 1 if interp == "linear" else 0
-            elif op.get(TraceKeys.CLASS_NAME) in _INTERPOLATE_CLASSES:
-                extra["mode"] = _LINEAR_BY_NDIM[ndim] if interp == "linear" else "nearest"
-                if "align_corners" in extra:
-                    extra["align_corners"] = False if interp == "linear" else TraceKeys.NONE
-            else:
-                extra["mode"] = "bilinear" if interp == "linear" else "nearest"
-        op[TraceKeys.EXTRA_INFO] = {k: _with_interp(v, interp, ndim) for k, v in extra.items()}
-    return op
-
-
-def to_original_grid(
-    saliency: torch.Tensor,
-    image: MetaTensor,
-    preprocessing: Compose,
-    *,
-    interp: str = "linear",
-    image_key: str = "image",
-) -> MetaTensor:
-    """Map a map on the preprocessed grid back onto the original image's grid with MONAI's inverse transforms.
-
-    Uses ``Invertd(keys=<map>, transform=preprocessing, orig_keys=image_key)``, i.e. the trace of operations
-    recorded on ``image`` by the preprocessing, undone in reverse order (intensity transforms are skipped,
-    they have no inverse and need none).
-
-    Args:
-        saliency: the map, ``(C, *spatial)`` on the grid of ``image`` (C may differ from the image's).
-        image: the preprocessed image (a ``MetaTensor`` carrying its applied operations).
-        preprocessing: the ``Compose`` that produced ``image``.
-        interp: interpolation of the inverse resampling: ``linear`` (default), ``nearest``, or ``trace``
-            (whatever each transform used forward).
-        image_key: the key the preprocessing works on.
-
-    Returns:
-        The map on the original grid, ``(C, *original_spatial)``, with the original affine.
-
-    Raises:
-        ValueError: shapes disagree, a bad ``interp``, or the preprocessing could not be fully inverted.
-    """
-    if interp not in ("linear", "nearest", "trace"):
-        raise ValueError(f"interp must be 'linear', 'nearest' or 'trace', got '{interp}'")
-    if not isinstance(image, MetaTensor):
-        raise ValueError("the preprocessed image must be a MetaTensor carrying its applied operations")
-    sal = torch.as_tensor(saliency).detach().cpu().float()
-    if sal.ndim != image.ndim or tuple(sal.shape[1:]) != tuple(image.shape[1:]):
-        raise ValueError(f"saliency {tuple(sal.shape)} is not on the preprocessed grid {tuple(image.shape)}")
-    sal = sal.as_subclass(torch.Tensor) if type(sal) is not torch.Tensor else sal
-    ref = MetaTensor(torch.zeros(1), meta=deepcopy(image.meta))
-    ref.applied_operations = _with_interp(image.applied_operations, interp, image.ndim - 1)
-    key = "__saliency__"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # MONAI warns about every non-invertible (intensity) step
-        inverted = Invertd(keys=key, transform=preprocessing, orig_keys=image_key, nearest_interp=False)(
-            {image_key: ref, key: MetaTensor(sal)}
-        )[key]
-    if not isinstance(inverted, MetaTensor):
-        raise ValueError("inverting the preprocessing did not return a MetaTensor")
-    if inverted.applied_operations:
-        names = [op.get(TraceKeys.CLASS_NAME) for op in inverted.applied_operations]
-        raise ValueError(f"the preprocessing could not be fully inverted; left: {names}")
-    return inverted
-
-
-def resolve_cases(
-    data: str | Path | Mapping | Sequence, image_key: str = "image", datalist_key: str = "training"
-) -> list[dict]:
-    """Records to export from a datalist JSON, a list of records or image paths, one record, or one image path.
-
-    Raises:
-        FileNotFoundError: an image (or datalist) that does not exist, named with its record.
-        ValueError: a record without ``image_key``, or no records at all.
-    """
-    if isinstance(data, (str, Path)):
-        if str(data).lower().endswith(".json"):
-            from .data import load_datalist
-
-            records = load_datalist(data, key=datalist_key, required=(image_key,))
-        else:
-            records = [{image_key: str(data)}]
-    elif isinstance(data, Mapping):
-        records = [dict(data)]
-    else:
-        records = [dict(r) if isinstance(r, Mapping) else {image_key: str(r)} for r in data]
-    if not records:
-        raise ValueError("no cases to export: the datalist is empty")
-    for i, rec in enumerate(records):
-        if image_key not in rec:
-            raise ValueError(f"case {i} has no '{image_key}' entry: {rec}")
-        if not Path(rec[image_key]).exists():
-            raise FileNotFoundError(f"case {i}: image not found: {rec[image_key]}")
-        try:  # a 2D or 4D NIfTI would be resized into a volume silently (or become channels)
-            check_volume_shape(rec[image_key])
-        except ValueError as err:
-            raise ValueError(f"case {i}: {err}") from err
-    return records
-
-
-def _stem(path: str | Path) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".npy", ".mat"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem or name
-
-
-def case_ids(records: Sequence[Mapping[str, Any]], image_key: str = "image") -> list[str]:
-    """A unique, file-name-safe id per record: its ``case_id``, else ``<patient_id>_nodule<k>``, else the image
-    file's name (the folder's name for a DICOM series); repeats get ``-2``, ``-3`` ..."""
-    ids, seen = [], {}
-    for rec in records:
-        if rec.get("case_id"):
-            base = str(rec["case_id"])
-        elif rec.get("patient_id") is not None and rec.get("nodule_index") is not None:
-            base = f"{rec['patient_id']}_nodule{rec['nodule_index']}"
-        else:
-            base = _stem(rec[image_key])
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "case"
-        n = seen.get(base, 0) + 1
-        seen[base] = n
-        ids.append(base if n == 1 else f"{base}-{n}")
-    return ids
-
-
-def parse_targets(targets: str | int | Iterable[str | int]) -> list[str | int]:
-    """Normalise the target choice to a list of ``"predicted"``, ``"label"`` and class indices.
-
-    Raises:
-        ValueError: an unknown choice, a negative class, or none at all.
-    """
-    items = [targets] if isinstance(targets, (str, int)) else list(targets)
-    out: list[str | int] = []
-    for t in items:
-        if isinstance(t, str) and t.strip().lstrip("-").isdigit():
-            t = int(t)
-        if isinstance(t, bool) or not isinstance(t, (str, int)):
-            raise ValueError(f"unknown target {t!r}: use 'predicted', 'label' or a class index")
-        if isinstance(t, str) and t not in ("predicted", "label"):
-            raise ValueError(f"unknown target '{t}': use 'predicted', 'label' or a class index")
-        if isinstance(t, int) and t < 0:
-            raise ValueError(f"target class must be >= 0, got {t}")
-        if t not in out:
-            out.append(t)
-    if not out:
-        raise ValueError("no target given")
-    return out
-
 
 def _target_tag(t: str | int) -> str:
     return {"predicted": "pred", "label": "label"}.get(t, f"class{t}") if isinstance(t, str) else f"class{t}"
-
-
-def resolve_target(spec: str | int, predicted: int, record: Mapping[str, Any], num_classes: int, case: str) -> int:
-    """The class index a target choice means for one case.
-
-    Raises:
-        ValueError: ``label`` for a record without one, or a class out of range.
-    """
-    if spec == "predicted":
-        return predicted
-    if spec == "label":
-        if record.get("label") is None:
-            raise ValueError(f"case {case}: target 'label' asked for, but the record has no label")
-        cls = int(record["label"])
-    else:
-        cls = int(spec)
-    if not 0 <= cls < num_classes:
-        raise ValueError(f"case {case}: target class {cls} is out of range for a model with {num_classes} outputs")
-    return cls
 
 
 class SaliencyExporter:
@@ -461,7 +134,7 @@ class SaliencyExporter:
         targets: ``"predicted"``, ``"label"``, a class index, or a list of these.
         checkpoint: weights to load into ``network`` first (``None``: use it as it is).
         device: where to run (default: the network's device).
-        interp: interpolation of the inverse resampling, see :func:`to_original_grid`.
+        interp: interpolation of the inverse resampling, see :func:`ppi_med.cases.to_original_grid`.
         normalise: divide each overlay by its maximum absolute value.
         montage: write the PNG montages.
         signed_montage: diverging colours for the signed map; default: only for methods whose maps are
@@ -515,7 +188,6 @@ class SaliencyExporter:
         self.methods = list(zip(names, methods))
         self.method, self.method_name = methods[0], names[0]  # the first method (the only one, usually)
         self.targets = parse_targets(targets)
-        self.device = torch.device(device) if device is not None else _device_of(network)
         self.interp = interp
         self.normalise = normalise
         self.montage = montage
@@ -523,6 +195,9 @@ class SaliencyExporter:
         self.image_key, self.mask_key, self.scan_key, self.label_key = image_key, mask_key, scan_key, label_key
         self.scan_dicom_key = scan_dicom_key
         self.method_kwargs = _kwargs_per_method(method_kwargs, names)
+        self.pipeline = CasePipeline(
+            network, preprocessing, device=device, image_key=image_key, method_kwargs=self.method_kwargs, interp=interp
+        )
         self.copy_sources = copy_sources
         self.dicom = dicom
         self.checkpoint = None if checkpoint is None else str(checkpoint)
@@ -558,7 +233,7 @@ class SaliencyExporter:
     def _scan_copy_path(self, out_dir: Path, scan: str | Path) -> Path | None:
         if is_nifti(scan) and not self.copy_sources:
             return None
-        return out_dir / "scans" / f"{_stem(scan)}.nii.gz"
+        return out_dir / "scans" / f"{file_stem(scan)}.nii.gz"
 
     # -- running ---------------------------------------------------------------------------------------------
     def run(self, data: str | Path | Mapping | Sequence, out_dir: str | Path) -> Path:
@@ -595,21 +270,16 @@ class SaliencyExporter:
         out_dir.mkdir(parents=True, exist_ok=True)
         self._write_meta(meta, len(records))
 
-        was_training = self.network.training
-        self.network.eval()
         # the index grows case by case, so an interrupted export still lists what it wrote
         with open(index, "x", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS)
             writer.writeheader()
+            desc = f"export {','.join(n for n, _ in self.methods)}"
             try:
-                desc = f"export {','.join(n for n, _ in self.methods)}"
-                bar = tqdm(list(zip(ids, records, plans)), desc=desc, disable=not self.progress)
-                for cid, rec, plan in bar:
-                    bar.set_postfix_str(cid)
-                    writer.writerows(self.export_case(rec, cid, plan, out_dir))
+                for case, plan in zip(self.pipeline.cases(records, ids, desc=desc, progress=self.progress), plans):
+                    writer.writerows(self.export_case(case, plan, out_dir))
                     fh.flush()
             finally:
-                self.network.train(was_training)
                 self._scan_cache = None
                 self._series_cache.clear()
         return index
@@ -632,16 +302,6 @@ class SaliencyExporter:
         with open(path, "x") as fh:
             json.dump(meta, fh, indent=1)
 
-    def _saliency(self, x: torch.Tensor, target: int, method: str | SaliencyFn | None = None) -> torch.Tensor:
-        t = torch.tensor([target], device=x.device)
-        method = self.method if method is None else method
-        if isinstance(method, str):
-            return compute(method, self.network, x, t, **self.method_kwargs.get(method, {}))
-        sal = method(self.network, x, t)
-        if tuple(sal.shape) != tuple(x.shape):
-            raise ValueError(f"saliency function returned shape {tuple(sal.shape)} for input {tuple(x.shape)}")
-        return sal
-
     def _scan(self, scan_path: str | Path, out_dir: Path) -> tuple[SourceImage, Path]:
         key = str(scan_path)
         if self._scan_cache is None or self._scan_cache[0] != key:
@@ -661,18 +321,10 @@ class SaliencyExporter:
         warnings.warn(f"case {case}: mask is on another grid than the image; resampled (nearest)", stacklevel=2)
         return resample_to_grid(m.array, m.affine, src.shape, src.affine, order=0)
 
-    def export_case(
-        self, record: Mapping[str, Any], cid: str, plan: Mapping[str, Any], out_dir: Path
-    ) -> list[dict[str, Any]]:
-        """Export one case (all targets); returns its index rows. See :meth:`run` for the layout."""
-        x_pre = preprocess_case(record, self.preprocessing, self.image_key)
+    def export_case(self, case: Case, plan: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+        """Export one case (all methods and targets); returns its index rows. See :meth:`run` for the layout."""
+        record, cid, probs, pred = case.record, case.id, case.probs, case.predicted
         src = read_source(record[self.image_key], self.loader)
-        x = x_pre.as_tensor().unsqueeze(0).to(self.device)
-        with torch.no_grad():
-            logits = self.network(x)
-        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
-        pred = int(probs.argmax())
-        num_classes = probs.numel()
         label = record.get(self.label_key)
         image_path = Path(record[self.image_key])
         if "image" in plan:
@@ -685,16 +337,9 @@ class SaliencyExporter:
 
         rows = []
         for (method_name, spec), paths in plan["targets"].items():
-            method = dict(self.methods)[method_name]
-            cls = resolve_target(spec, pred, record, num_classes, cid)
-            sal = self._saliency(x, cls, method)[0].detach().cpu().float().sum(0, keepdim=True)
-            orig = to_original_grid(sal, x_pre, self.preprocessing, interp=self.interp, image_key=self.image_key)
-            arr = orig[0].as_tensor().numpy().astype(np.float32)
-            if not same_grid(arr.shape, orig.affine.numpy(), src.shape, src.affine):
-                raise ValueError(
-                    f"case {cid}: the inverted map ({arr.shape}) does not land on the source grid {src.shape}; "
-                    f"affines\n{orig.affine.numpy()}\n{src.affine}"
-                )
+            cls = case.target(spec)
+            sal = self.pipeline.saliency(case, dict(self.methods)[method_name], cls)
+            arr = self.pipeline.on_source_grid(case, sal, src.shape, src.affine)
             scale = float(np.abs(arr).max())
             if self.normalise and scale > 0:
                 arr = arr / scale
@@ -761,8 +406,6 @@ def _parse_methods(method: str | SaliencyFn | Sequence[str | SaliencyFn]) -> lis
     Raises:
         ValueError: an unknown name, something that is neither a name nor a callable, or none at all.
     """
-    from .saliency import METHODS
-
     if isinstance(method, str):
         items: list = [m.strip() for m in method.split(",") if m.strip()]
     elif callable(method):
@@ -771,9 +414,10 @@ def _parse_methods(method: str | SaliencyFn | Sequence[str | SaliencyFn]) -> lis
         items = list(method)
     if not items:
         raise ValueError("no saliency method given")
+    names = [m for m in items if isinstance(m, str)]
+    if names:
+        check_methods(names)
     for m in items:
-        if isinstance(m, str) and m not in METHODS:
-            raise ValueError(f"unknown saliency method '{m}'; choose one of {', '.join(METHODS)}")
         if not isinstance(m, str) and not callable(m):
             raise ValueError(f"method must be a name or a callable, got {type(m).__name__}")
     return items
@@ -830,11 +474,6 @@ def _dicom_map(
         write_parametric_map(path, overlay, affine, cache[key], description=desc)
     except DicomSeriesError as err:
         raise ValueError(f"case {cid}: no DICOM overlay over {series}: {err}") from err
-
-
-def _device_of(network: nn.Module) -> torch.device:
-    p = next(iter(network.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def export_saliency(

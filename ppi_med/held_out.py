@@ -28,8 +28,10 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from .cases import class1_probabilities, preprocess_case
 from .stats import auc_ci
 from .tracking import log_batch
+from .weights import load_checkpoint
 
 __all__ = ["HeldOutTestHandler", "predict_records"]
 
@@ -37,7 +39,6 @@ __all__ = ["HeldOutTestHandler", "predict_records"]
 CARRIED = ("site", "subject", "patient_id", "fold", "nodule_id")
 
 
-@torch.no_grad()
 def predict_records(
     network: nn.Module,
     records: Sequence[dict[str, Any]],
@@ -52,19 +53,8 @@ def predict_records(
     Raises:
         ValueError: a record whose preprocessing fails (named).
     """
-    network.eval()
-    probs: list[float] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        images = []
-        for rec in chunk:
-            try:
-                images.append(torch.as_tensor(preprocessing(dict(rec))[image_key]))
-            except Exception as err:
-                raise ValueError(f"held-out test: preprocessing failed on {rec.get(image_key)}: {err}") from err
-        logits = network(torch.stack(images).float().to(device))
-        probs.extend(torch.softmax(logits.float(), dim=1)[:, 1].tolist())
-    return np.asarray(probs)
+    tensors = [preprocess_case(rec, preprocessing, image_key, invertible=False) for rec in records]
+    return class1_probabilities(network, tensors, device, batch_size)
 
 
 class HeldOutTestHandler:
@@ -110,8 +100,6 @@ class HeldOutTestHandler:
             engine.add_event_handler(Events.COMPLETED, self._run)
 
     def _run(self, engine: Engine) -> None:
-        from .export import load_checkpoint
-
         net = deepcopy(self.network)
         if self.checkpoint.is_file():
             load_checkpoint(net, self.checkpoint)

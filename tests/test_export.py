@@ -33,10 +33,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from torch import nn
 
+from ppi_med.cases import case_ids, parse_targets
 from ppi_med.data import ga_split
-from ppi_med.export import SaliencyExporter, case_ids, export_saliency, load_checkpoint, parse_targets
+from ppi_med.export import SaliencyExporter, export_saliency
 from ppi_med.image_grid import resample_to_grid, voxel_to_world, world_centroid
 from ppi_med.montage import montage_slices
+from ppi_med.weights import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
@@ -449,8 +451,8 @@ def test_ga_bundle_export_run(tmp_path):
 
 
 def test_a_checkpoint_of_another_network_names_the_file_and_the_keys(tmp_path):
-    from ppi_med.export import CheckpointMismatchError
     from ppi_med.networks import MVCNN
+    from ppi_med.weights import CheckpointMismatchError
 
     wide = tmp_path / "wide.pt"
     torch.save({"model": MVCNN(width=8).state_dict(), "optimizer": {}}, wide)

@@ -533,7 +533,7 @@ def test_predict_probabilities_names_a_checkpoint_of_another_network(tmp_path):
     import torch
 
     from pipelines.cv_cells import predict_probabilities
-    from ppi_med.export import CheckpointMismatchError
+    from ppi_med.weights import CheckpointMismatchError
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
     wider = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 2))
