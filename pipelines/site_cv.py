@@ -252,6 +252,74 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def _bundle_files(cfg: SiteCVConfig) -> tuple[Path, Path | None]:
+    """The bundle config and its metadata file (``None`` when there is none beside it and none was given)."""
+    config_file = Path(cfg.config_file)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"bundle config file not found: {config_file}")
+    meta = Path(cfg.meta_file) if cfg.meta_file else config_file.parent / "metadata.json"
+    if cfg.meta_file and not meta.is_file():
+        raise FileNotFoundError(f"bundle metadata file not found: {meta}")
+    return config_file, (meta if meta.is_file() else None)
+
+
+def _check_options(cfg: SiteCVConfig) -> None:
+    """The study's own options, checked before the bundle is read."""
+    if cfg.checkpoint not in ("best", "final"):
+        raise SiteCVError(f"checkpoint must be 'best' or 'final', got '{cfg.checkpoint}'")
+    if cfg.num_threads is not None and int(cfg.num_threads) < 1:
+        raise SiteCVError(f"--num-threads must be at least 1, got {cfg.num_threads}")
+    if int(cfg.seeds) < 1:
+        raise SiteCVError(f"--seeds must be at least 1, got {cfg.seeds}")
+    if not cfg.methods:
+        raise SiteCVError("no method given")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise SiteCVError(f"a method is listed twice in {list(cfg.methods)}")
+    if not 0.0 <= cfg.test_fraction < 1.0:
+        raise SiteCVError(f"--test-fraction must lie in [0, 1), got {cfg.test_fraction}")
+    if int(cfg.min_steps) < 0:
+        raise SiteCVError(f"--min-steps must be >= 0, got {cfg.min_steps}")
+
+
+def _overrides(cfg: SiteCVConfig, config_file: Path, methods: Sequence[str]) -> tuple[dict, dict]:
+    """The bundle overrides of every cell, and those that enter the cell key.
+
+    Raises:
+        SiteCVError: an override site CV sets itself, or one that clashes with a method's own.
+    """
+    overrides = dict(cfg.overrides)
+    for key in overrides:
+        if key in RESERVED_OVERRIDES:
+            raise SiteCVError(f"'{key}' is set by the site CV for every cell; use {RESERVED_OVERRIDES[key]}")
+    for m in methods:
+        mov = method_overrides(m)
+        clash = sorted(set(mov) & set(overrides))
+        if clash:
+            raise SiteCVError(f"override(s) {clash} conflict with method '{m}', which sets {mov}")
+    overrides.setdefault("bundle_root", str(config_file.parent.resolve()))
+    # part of every cell's bundle overrides (and of its key when set, so cells of the two-way protocol,
+    # whose diagonal was also the selection set, are never reused for the three-way one)
+    key_overrides = dict(cfg.overrides)
+    if cfg.test_fraction > 0:
+        overrides["test_fraction"] = key_overrides["test_fraction"] = float(cfg.test_fraction)
+    if cfg.min_steps:  # in the key only: the bundle knows no such id
+        key_overrides["min_steps (site_cv)"] = int(cfg.min_steps)
+    return overrides, key_overrides
+
+
+def _tracking_uri(cfg: SiteCVConfig, parser: Any) -> str:
+    """The MLflow store of the study, checked to answer before any cell trains."""
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if cfg.tracking_uri and env_uri and cfg.tracking_uri != env_uri:
+        raise SiteCVError(
+            f"--tracking-uri {cfg.tracking_uri} differs from MLFLOW_TRACKING_URI={env_uri}, which MONAI's "
+            "MLflow handler would use for the cells' runs; unset one of them"
+        )
+    uri = cfg.tracking_uri or env_uri or str(parser.get_parsed_content("tracking_uri"))
+    check_tracking_uri(uri)  # a server that does not answer stops the study before any cell
+    return uri
+
+
 class _Study:
     """One invocation: resolved settings, the MLflow parent run, and the cells."""
 
@@ -259,45 +327,10 @@ class _Study:
         from monai.bundle import ConfigParser
 
         self.cfg = cfg
-        self.config_file = Path(cfg.config_file)
-        if not self.config_file.is_file():
-            raise FileNotFoundError(f"bundle config file not found: {self.config_file}")
-        meta = Path(cfg.meta_file) if cfg.meta_file else self.config_file.parent / "metadata.json"
-        if cfg.meta_file and not meta.is_file():
-            raise FileNotFoundError(f"bundle metadata file not found: {meta}")
-        self.meta_file = meta if meta.is_file() else None
-        if cfg.checkpoint not in ("best", "final"):
-            raise SiteCVError(f"checkpoint must be 'best' or 'final', got '{cfg.checkpoint}'")
-        if cfg.num_threads is not None and int(cfg.num_threads) < 1:
-            raise SiteCVError(f"--num-threads must be at least 1, got {cfg.num_threads}")
-        if int(cfg.seeds) < 1:
-            raise SiteCVError(f"--seeds must be at least 1, got {cfg.seeds}")
-        self.methods = list(dict.fromkeys(cfg.methods))
-        if not self.methods:
-            raise SiteCVError("no method given")
-        if len(self.methods) != len(cfg.methods):
-            raise SiteCVError(f"a method is listed twice in {list(cfg.methods)}")
-        self.method_ov = {m: method_overrides(m) for m in self.methods}
-        self.overrides = dict(cfg.overrides)
-        for key in self.overrides:
-            if key in RESERVED_OVERRIDES:
-                raise SiteCVError(f"'{key}' is set by the site CV for every cell; use {RESERVED_OVERRIDES[key]}")
-        for m, mov in self.method_ov.items():
-            clash = sorted(set(mov) & set(self.overrides))
-            if clash:
-                raise SiteCVError(f"override(s) {clash} conflict with method '{m}', which sets {mov}")
-        self.overrides.setdefault("bundle_root", str(self.config_file.parent.resolve()))
-        if not 0.0 <= cfg.test_fraction < 1.0:
-            raise SiteCVError(f"--test-fraction must lie in [0, 1), got {cfg.test_fraction}")
-        # part of every cell's bundle overrides (and of its key when set, so cells of the two-way protocol,
-        # whose diagonal was also the selection set, are never reused for the three-way one)
-        self.key_overrides = dict(cfg.overrides)
-        if cfg.test_fraction > 0:
-            self.overrides["test_fraction"] = self.key_overrides["test_fraction"] = float(cfg.test_fraction)
-        if int(cfg.min_steps) < 0:
-            raise SiteCVError(f"--min-steps must be >= 0, got {cfg.min_steps}")
-        if cfg.min_steps:  # in the key only: the bundle knows no such id
-            self.key_overrides["min_steps (site_cv)"] = int(cfg.min_steps)
+        self.config_file, self.meta_file = _bundle_files(cfg)
+        _check_options(cfg)
+        self.methods = list(cfg.methods)
+        self.overrides, self.key_overrides = _overrides(cfg, self.config_file, self.methods)
 
         # resolve the datalist once (it may generate the synthetic default) to know the sites and hash it
         parser = ConfigParser()
@@ -305,8 +338,26 @@ class _Study:
         parser.update(pairs=dict(self.overrides))
         check_bundle(parser, self.config_file)
         self.datalist = Path(parser.get_parsed_content("datalist"))
-        items = load_datalist(self.datalist)
-        self.items = items
+        self.items = load_datalist(self.datalist)
+        self._resolve_sites(cfg)
+        self.val_fraction = parser.get_parsed_content("val_fraction")
+        first = int(parser.get_parsed_content("seed")) if cfg.first_seed is None else int(cfg.first_seed)
+        self.seeds = [first + i for i in range(int(cfg.seeds))]
+        self.tracking_uri = _tracking_uri(cfg, parser)
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "site_cv" / self.stamp
+        self.bundle_sha = sha256_file(self.config_file)
+        self.datalist_sha = sha256_file(self.datalist)
+        self.cells = [
+            Cell(m, site, seed, *cell_key(self.bundle_sha, self.datalist_sha, self.key_overrides, m, site, seed))
+            for seed in self.seeds
+            for site in self.train_sites
+            for m in self.methods
+        ]
+
+    def _resolve_sites(self, cfg: SiteCVConfig) -> None:
+        """The sites to score and to train on, from the datalist; one-class sites noted and not trained on."""
+        items = self.items
         known = sorted({str(it.get("site")) for it in items if it.get("site") is not None})
         if not known:
             raise SiteCVError(f"{self.datalist}: no record has a 'site'; site-wise CV needs one per record")
@@ -342,28 +393,6 @@ class _Study:
             if s in self.one_class
         ]
         self.train_sites = [s for s in self.train_sites if s not in untrainable]
-        self.val_fraction = parser.get_parsed_content("val_fraction")
-        first = int(parser.get_parsed_content("seed")) if cfg.first_seed is None else int(cfg.first_seed)
-        self.seeds = [first + i for i in range(int(cfg.seeds))]
-
-        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if cfg.tracking_uri and env_uri and cfg.tracking_uri != env_uri:
-            raise SiteCVError(
-                f"--tracking-uri {cfg.tracking_uri} differs from MLFLOW_TRACKING_URI={env_uri}, which MONAI's "
-                "MLflow handler would use for the cells' runs; unset one of them"
-            )
-        self.tracking_uri = cfg.tracking_uri or env_uri or str(parser.get_parsed_content("tracking_uri"))
-        check_tracking_uri(self.tracking_uri)  # a server that does not answer stops the study before any cell
-        self.stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "site_cv" / self.stamp
-        self.bundle_sha = sha256_file(self.config_file)
-        self.datalist_sha = sha256_file(self.datalist)
-        self.cells = [
-            Cell(m, site, seed, *cell_key(self.bundle_sha, self.datalist_sha, self.key_overrides, m, site, seed))
-            for seed in self.seeds
-            for site in self.train_sites
-            for m in self.methods
-        ]
 
     # ----- MLflow -----------------------------------------------------------------------------------------
 
