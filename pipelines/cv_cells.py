@@ -44,6 +44,7 @@ __all__ = [
     "CELL_FORMAT",
     "Cell",
     "CellRunner",
+    "StudySettings",
     "SiteCVError",
     "TensorCache",
     "cell_key",
@@ -184,18 +185,18 @@ class Cell:
         return f"{self.method} trained on {self.site}, seed {self.seed}"
 
 
-class CellRunner:
-    """Trains, scores and reuses cells for one invocation.
+@dataclass(frozen=True)
+class StudySettings:
+    """What every cell of one site-CV invocation shares.
 
-    Args:
+    Attributes:
         config_file: the bundle config.
         meta_file: the bundle metadata (or ``None``).
         overrides: bundle overrides for every cell (the user's, plus ``bundle_root``).
         out_dir: the study's output folder (cells go to ``out_dir/cells``).
         datalist: the resolved datalist file.
         items: its records (from :func:`ppi_med.data.load_datalist`).
-        client: MLflow client of the tracking store.
-        tracking_uri: that store's URI (passed to the bundle).
+        tracking_uri: the MLflow store's URI (passed to the bundle).
         experiment: the MLflow experiment name.
         experiment_id: its id.
         parent_run_id: the invocation's parent run.
@@ -203,36 +204,31 @@ class CellRunner:
         min_steps: optimiser steps a cell gets at least (its epochs are raised to reach them; 0: the bundle's).
     """
 
-    def __init__(
-        self,
-        *,
-        config_file: Path,
-        meta_file: Path | None,
-        overrides: Mapping[str, Any],
-        out_dir: Path,
-        datalist: Path,
-        items: list[dict],
-        client: Any,
-        tracking_uri: str,
-        experiment: str,
-        experiment_id: str,
-        parent_run_id: str,
-        bundle_logging: bool = False,
-        min_steps: int = 0,
-    ) -> None:
-        self.config_file = config_file
-        self.meta_file = meta_file
-        self.overrides = dict(overrides)
-        self.out_dir = out_dir
-        self.datalist = datalist
-        self.items = items
+    config_file: Path
+    meta_file: Path | None
+    overrides: Mapping[str, Any]
+    out_dir: Path
+    datalist: Path
+    items: list[dict]
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    bundle_logging: bool = False
+    min_steps: int = 0
+
+
+class CellRunner:
+    """Trains, scores and reuses cells for one invocation.
+
+    Args:
+        study: what the invocation's cells share.
+        client: MLflow client of the study's tracking store.
+    """
+
+    def __init__(self, study: StudySettings, client: Any) -> None:
+        self.study = study
         self.client = client
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.bundle_logging = bundle_logging
-        self.min_steps = int(min_steps)
         # preprocessed test images, shared by the cells: every cell has the same overrides but for the
         # method, site and seed, which the evaluation preprocessing does not depend on
         self._tensors = TensorCache()
@@ -246,7 +242,7 @@ class CellRunner:
             return False
 
     def _attempts(self, cell: Cell) -> list[Path]:
-        folder = self.out_dir / "cells" / cell.key
+        folder = self.study.out_dir / "cells" / cell.key
         found = [p for p in folder.glob("attempt-*") if p.is_dir() and p.name[len("attempt-") :].isdigit()]
         return sorted(found, key=lambda p: int(p.name[len("attempt-") :]))
 
@@ -272,24 +268,24 @@ class CellRunner:
 
         attempts = self._attempts(cell)
         n = int(attempts[-1].name[len("attempt-") :]) + 1 if attempts else 1
-        cell_dir = self.out_dir / "cells" / cell.key
+        cell_dir = self.study.out_dir / "cells" / cell.key
         attempt = cell_dir / f"attempt-{n}"
         attempt.mkdir(parents=True, exist_ok=False)
         (cell_dir / "key.json").write_text(json.dumps(cell.material, indent=2, default=str))
         run_name = f"cv-{cell.method}-{cell.site}-s{cell.seed}-{cell.key[:8]}" + (f"-a{n}" if n > 1 else "")
         overrides = {
-            **self.overrides,
+            **self.study.overrides,
             **method_overrides(cell.method),
             "train_sites": [cell.site],
             "val_sites": None,
             "seed": cell.seed,
-            "experiment_name": self.experiment,
-            "tracking_uri": self.tracking_uri,
+            "experiment_name": self.study.experiment,
+            "tracking_uri": self.study.tracking_uri,
             "run_name": run_name,
             "runs_dir": str(cell_dir.resolve()),
             "output_dir": str(attempt.resolve()),
             "run_tags": {
-                "mlflow.parentRunId": self.parent_run_id,
+                "mlflow.parentRunId": self.study.parent_run_id,
                 "train_site": cell.site,
                 "cv_method": cell.method,
                 "cv_seed": cell.seed,
@@ -298,12 +294,12 @@ class CellRunner:
             },
         }
         t0 = time.perf_counter()
-        logging_file = None if self.bundle_logging else False
+        logging_file = None if self.study.bundle_logging else False
         try:
-            with _quiet_monai(not self.bundle_logging):
+            with _quiet_monai(not self.study.bundle_logging):
                 wf = ConfigWorkflow(
-                    config_file=str(self.config_file),
-                    meta_file=str(self.meta_file) if self.meta_file else None,
+                    config_file=str(self.study.config_file),
+                    meta_file=str(self.study.meta_file) if self.study.meta_file else None,
                     logging_file=logging_file,
                     workflow_type="train",
                     **overrides,
@@ -359,8 +355,8 @@ class CellRunner:
             "attempt": n,
             "run_id": run.info.run_id,
             "run_name": run_name,
-            "experiment": self.experiment,
-            "tracking_uri": self.tracking_uri,
+            "experiment": self.study.experiment,
+            "tracking_uri": self.study.tracking_uri,
             # relative to the attempt folder, so that a moved output folder still resumes
             "checkpoint_best": _relative(ckpts["best"], attempt),
             "checkpoint_final": _relative(ckpts["final"], attempt),
@@ -385,15 +381,16 @@ class CellRunner:
         parse = parser.get_parsed_content
         steps = max(1, math.ceil(len(parse("train#datalist")) / int(parse("batch_size"))))
         epochs = int(parse("max_epochs"))
-        if self.min_steps:
-            epochs = max(epochs, math.ceil(self.min_steps / steps))
+        if self.study.min_steps:
+            epochs = max(epochs, math.ceil(self.study.min_steps / steps))
         return epochs, steps
 
     def _test_cases(self, site: str, heldout: list[dict]) -> list[dict[str, Any]]:
         """The training site's held-out records, then every record of every other site of the datalist."""
-        root = self.datalist.parent
+        root = self.study.datalist.parent
         cases = []
-        for role, records in (("heldout", heldout), ("site", [it for it in self.items if str(it.get("site")) != site])):
+        elsewhere = [it for it in self.study.items if str(it.get("site")) != site]
+        for role, records in (("heldout", heldout), ("site", elsewhere)):
             for it in records:
                 cases.append(
                     {
@@ -410,9 +407,9 @@ class CellRunner:
     def _child_runs(self, cell: Cell, attempt: int) -> list[Any]:
         # under this invocation's parent only: a study in another folder of the same store has the same keys
         return self.client.search_runs(
-            [self.experiment_id],
+            [self.study.experiment_id],
             filter_string=f"tags.cv_key = '{cell.key}' and tags.cv_attempt = '{attempt}' "
-            f"and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            f"and tags.`mlflow.parentRunId` = '{self.study.parent_run_id}'",
         )
 
     def _child_run(self, cell: Cell, attempt: int) -> Any:
@@ -420,7 +417,7 @@ class CellRunner:
         if len(runs) != 1:
             raise RuntimeError(
                 f"{cell.label}: expected one MLflow run tagged cv_key={cell.key}, cv_attempt={attempt} in "
-                f"experiment '{self.experiment}' of {self.tracking_uri}, found {len(runs)}"
+                f"experiment '{self.study.experiment}' of {self.study.tracking_uri}, found {len(runs)}"
             )
         return runs[0]
 

@@ -63,6 +63,7 @@ from .cv_cells import (
     Cell,
     CellRunner,
     SiteCVError,
+    StudySettings,
     cell_key,
     check_bundle,
     method_overrides,
@@ -434,19 +435,21 @@ class _Study:
             self.client.log_param(self.parent_id, k, v)
 
         self.runner = CellRunner(
-            config_file=self.config_file,
-            meta_file=self.meta_file,
-            overrides=self.overrides,
-            out_dir=self.out_dir,
-            datalist=self.datalist,
-            items=self.items,
-            client=self.client,
-            tracking_uri=self.tracking_uri,
-            experiment=self.cfg.experiment,
-            experiment_id=self.experiment_id,
-            parent_run_id=self.parent_id,
-            bundle_logging=self.cfg.bundle_logging,
-            min_steps=int(self.cfg.min_steps),
+            StudySettings(
+                config_file=self.config_file,
+                meta_file=self.meta_file,
+                overrides=self.overrides,
+                out_dir=self.out_dir,
+                datalist=self.datalist,
+                items=self.items,
+                tracking_uri=self.tracking_uri,
+                experiment=self.cfg.experiment,
+                experiment_id=self.experiment_id,
+                parent_run_id=self.parent_id,
+                bundle_logging=self.cfg.bundle_logging,
+                min_steps=int(self.cfg.min_steps),
+            ),
+            self.client,
         )
 
     def close_parent(self, status: str) -> None:
