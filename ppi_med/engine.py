@@ -14,7 +14,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from .ppi import PPIConfig, PPIObjective
 
-__all__ = ["PPIIteration", "EpochLossAverages", "SelectionWindow"]
+__all__ = ["PPIIteration", "EpochLossAverages", "SelectionWindow", "epoch_metrics"]
 
 
 class PPIIteration:
@@ -161,3 +161,15 @@ class SelectionWindow:
         self.saver.load_state_dict({"_saved": []})
         self.evaluator.state.best_metric = -1
         self.evaluator.state.best_metric_epoch = -1
+
+
+def epoch_metrics(trainer: Engine, evaluator: Engine | None = None) -> dict[str, Any]:
+    """The metrics of the trainer's current epoch: its own, and the evaluator's when it validated in this epoch.
+
+    An evaluator that did not run this epoch (``val_interval`` > 1) still holds the last validation's metrics;
+    they are not this epoch's. MONAI's evaluator takes the trainer's epoch as its own when it runs.
+    """
+    merged = dict(trainer.state.metrics)
+    if evaluator is not None and evaluator.state.epoch == trainer.state.epoch:
+        merged.update(evaluator.state.metrics)
+    return merged

@@ -28,6 +28,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from .engine import epoch_metrics
+
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "ResumeHandler", "TrainingProgress", "latest_epoch_checkpoint"]
 
 _EPOCH_FILE = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
@@ -132,8 +134,8 @@ class TrainingProgress:
         self.best_saver = best_saver
         self.best_filename = best_filename
         self.trainer: Engine | None = None
-        #: the metrics of the epoch a resumed run starts after
-        self.epoch_metrics: dict[str, float] = {}
+        #: ``(epoch, its metrics)`` of the checkpoint a resumed run started from; ``None`` when it did not resume
+        self.resumed_from: tuple[int, dict[str, float]] | None = None
 
     def attach(self, engine: Engine) -> None:
         self.trainer = engine
@@ -142,7 +144,7 @@ class TrainingProgress:
         if self.trainer is None:
             raise RuntimeError("TrainingProgress is not attached to a trainer")
         state = self.evaluator.state
-        metrics = {**self.trainer.state.metrics, **state.metrics}
+        metrics = epoch_metrics(self.trainer, self.evaluator)
         return {
             "epoch": int(self.trainer.state.epoch),
             # the epoch's metrics: logged after this is written, so a kill in between can log them on resume
@@ -159,7 +161,7 @@ class TrainingProgress:
         if self.trainer is None:
             raise RuntimeError("TrainingProgress is not attached to a trainer")
         self.trainer.state.epoch = state["epoch"]
-        self.epoch_metrics = dict(state.get("metrics", {}))
+        self.resumed_from = (int(state["epoch"]), dict(state["metrics"]))
         self.trainer.state.iteration = state["iteration"]
         self.evaluator.state.best_metric = state["best_metric"]
         self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
@@ -214,8 +216,9 @@ class ResumeHandler:
             return
         self._relogged = True
         progress = next((v for v in self.load_dict.values() if isinstance(v, TrainingProgress)), None)
-        if progress is not None and progress.epoch_metrics:
-            self.tracker.log_missing(progress.epoch_metrics, step=engine.state.epoch_at_resume)
+        if progress is not None and progress.resumed_from is not None:
+            epoch, metrics = progress.resumed_from
+            self.tracker.log_missing(metrics, step=epoch)
 
     def __call__(self, engine: Engine) -> None:
         for stale in self.ckpt_dir.glob("tmp*"):  # temporary files of writes a kill cut short
@@ -228,5 +231,4 @@ class ResumeHandler:
                 "first epoch ended; start it afresh without resume_from)"
             )
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
-        engine.state.epoch_at_resume = engine.state.epoch
         engine.logger.info(f"resumed from {path}: epoch {engine.state.epoch} of {engine.state.max_epochs} done")

@@ -231,10 +231,11 @@ class RunTracker(MLFlowHandler):
 
     A tracking server is checked when the tracker is built, before any training (:func:`check_tracking_uri`).
     Every metric and param sent to MLflow is also appended to ``<output_dir>/metrics.jsonl``. If the server
-    stops answering during the run, the tracker warns once, stops sending, and training goes on; MONAI's
-    plain ``MLFlowHandler`` on ``evaluator`` logging into the same run is made to do the same (its events are
-    re-registered behind the same guard), so a lost server cannot stop training from the validation side
-    either.
+    stops answering during the run, the tracker warns once, stops sending, and training goes on. The tracker
+    logs the evaluator's metrics of each epoch itself (after the epoch's checkpoint is written, see
+    :mod:`ppi_med.resume`); a plain ``MLFlowHandler`` that MONAI's ``--tracking mlflow`` or a user puts on
+    ``evaluator``, logging into the same run, is made to keep going as well (its events are re-registered
+    behind the same guard), so a lost server cannot stop training from the validation side either.
 
     Args:
         params: the hyper-parameters, possibly nested.
@@ -335,8 +336,8 @@ class RunTracker(MLFlowHandler):
     def _adopt_evaluator_handlers(self) -> None:
         """Put MONAI ``MLFlowHandler``s on the evaluator that log into this run behind this tracker's guard.
 
-        The bundle's evaluator has its own ``MLFlowHandler`` (same store, same run name); without this, a lost
-        server would raise from inside validation and stop training.
+        Such a handler (MONAI's ``--tracking mlflow`` adds one; same store, same run name) would otherwise raise
+        from inside validation when the server is lost, and stop training.
         """
         engine = self.evaluator
         if engine is None or self._adopted:
@@ -380,9 +381,14 @@ class RunTracker(MLFlowHandler):
 
     def _default_epoch_log(self, engine: Engine) -> None:
         # the evaluator's metrics of this epoch too: one handler logs an epoch, after its checkpoint is written
-        merged = {**engine.state.metrics, **(self.evaluator.state.metrics if self.evaluator is not None else {})}
+        from .engine import epoch_metrics
+
+        step = self.global_epoch_transform(engine.state.epoch)
+        merged = epoch_metrics(engine, self.evaluator)
         if merged:
-            self._log_metrics(merged, step=self.global_epoch_transform(engine.state.epoch))
+            self._log_metrics(merged, step=step)
+        if self.state_attributes is not None:  # as MONAI's handler does
+            self._log_metrics({a: getattr(engine.state, a, None) for a in self.state_attributes}, step=step)
 
     def log_missing(self, metrics: Mapping[str, float], step: int) -> None:
         """Log those of ``metrics`` that the run has no value of at ``step`` (a resumed run's last epoch)."""

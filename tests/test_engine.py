@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from ppi_med.engine import EpochLossAverages, PPIIteration
+from ppi_med.engine import EpochLossAverages, PPIIteration, epoch_metrics
 from ppi_med.ppi import PPIConfig
 
 
@@ -111,3 +111,12 @@ def test_the_trainers_loss_function_is_the_classification_term():
     with torch.no_grad():
         expected = 2.0 * nn.functional.cross_entropy(_net()(trainer.state.output["image"]), out["label"])
     assert float(out["loss_cls"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_epoch_metrics_take_the_evaluators_only_when_it_validated_this_epoch():
+    trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    trainer.state.epoch, trainer.state.metrics = 4, {"loss": 0.5}
+    evaluator.state.epoch, evaluator.state.metrics = 4, {"val_auc": 0.9}
+    assert epoch_metrics(trainer, evaluator) == {"loss": 0.5, "val_auc": 0.9}
+    evaluator.state.epoch = 3  # validated last epoch (val_interval > 1): its AUC is not this epoch's
+    assert epoch_metrics(trainer, evaluator) == {"loss": 0.5}
