@@ -45,7 +45,7 @@ from monai.transforms import Compose
 from scipy import ndimage as ndi
 from torch import nn
 
-from .cases import CasePipeline, case_ids, check_methods, find_loader, parse_targets, resolve_cases
+from .cases import CasePipeline, check_methods, find_loader, parse_targets, resolve_cases
 from .image_grid import ensure_new, read_source, resample_to_grid, same_grid
 from .saliency import METHODS
 from .weights import load_checkpoint
@@ -482,7 +482,6 @@ def evaluate_saliency(
     ]
     paths = {n: ensure_new(out_dir / n) for n in names}
     records = resolve_cases(data, image_key)
-    ids = case_ids(records, image_key)
     if checkpoint:
         load_checkpoint(network, checkpoint)
     pipeline = CasePipeline(network, preprocessing, device=device, image_key=image_key, method_kwargs=method_kwargs)
@@ -491,7 +490,7 @@ def evaluate_saliency(
 
     deletion_rows: list[dict] = []
     loc_rows: list[dict] = []
-    for case in pipeline.cases(records, ids, desc="saliency evaluation", progress=progress):
+    for case in pipeline.cases(records, desc="saliency evaluation", progress=progress):
         cls = case.target(spec)
         n_vox = math.prod(case.x.shape[2:])
         counts = [resolve_k(k, n_vox) for k in ks]

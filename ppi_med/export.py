@@ -181,22 +181,22 @@ class SaliencyExporter:
             raise ValueError(f"a saliency method is named twice: {names}")
         if interp not in ("linear", "nearest", "trace"):
             raise ValueError(f"interp must be 'linear', 'nearest' or 'trace', got '{interp}'")
-        self.network = network
         if checkpoint is not None:
             load_checkpoint(network, checkpoint)
-        self.preprocessing = preprocessing
         self.methods = list(zip(names, methods))
-        self.method, self.method_name = methods[0], names[0]  # the first method (the only one, usually)
         self.targets = parse_targets(targets)
-        self.interp = interp
         self.normalise = normalise
         self.montage = montage
         self.signed_montage = signed_montage
         self.image_key, self.mask_key, self.scan_key, self.label_key = image_key, mask_key, scan_key, label_key
         self.scan_dicom_key = scan_dicom_key
-        self.method_kwargs = _kwargs_per_method(method_kwargs, names)
         self.pipeline = CasePipeline(
-            network, preprocessing, device=device, image_key=image_key, method_kwargs=self.method_kwargs, interp=interp
+            network,
+            preprocessing,
+            device=device,
+            image_key=image_key,
+            method_kwargs=_kwargs_per_method(method_kwargs, names),
+            interp=interp,
         )
         self.copy_sources = copy_sources
         self.dicom = dicom
