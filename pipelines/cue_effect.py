@@ -11,7 +11,8 @@ the watermark changes. Only the synthetic data can do this: a real scan has no t
 Outputs, in ``CV_DIR/cue_effect/``: ``twins/`` (the rendered twins, reused by a rerun), ``cue_effect_eyes.csv``
 (one row per eye, cell and checkpoint), ``cue_effect.csv`` (per method, seed, test site), ``cue_effect.md``
 (the table with mean +- sd over seeds and a paired test between methods over the same eyes), and metrics
-``cue_effect_<method>`` on the study's MLflow parent run, with the files as its artifacts.
+``cue_effect_<method>`` on the study's MLflow parent run, with the files as its artifacts. A rerun moves the
+earlier tables to ``cue_effect/history/<their time>/``.
 
 CLI::
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from tqdm import tqdm
 from data_prep.synth_oct import render_with_cue
 from ppi_med.data import load_datalist
 
-from .cv_cells import predict_probabilities
+from .cv_cells import TensorCache, predict_probabilities
 from .site_cv import SiteCVError
 
 __all__ = ["cue_effect", "main"]
@@ -104,7 +106,9 @@ def cue_effect(cv_dir: str | Path, checkpoint: str | None = None, progress: bool
     twins = _twins(datalist, records, out / "twins", progress)
     network, preprocessing = _bundle_parts(study)
     device = torch.device("cpu")
-    images = [str(r["image"]) for r in records]
+    # every eye, then every twin: one scoring pass per model, each volume preprocessed once for all models
+    images = [str(r["image"]) for r in records] + [str(t) for t in twins]
+    cache = TensorCache()
     cue = np.array([int(r["cue"]) for r in records])
     eyes = []
     cells = [c for c in study["cells"] if c.get("status") in ("trained", "reused")]
@@ -113,11 +117,8 @@ def cue_effect(cv_dir: str | Path, checkpoint: str | None = None, progress: bool
         path = models / f"model_{checkpoint}.pt"
         if not path.is_file():
             raise SiteCVError(f"cell {cell['key']} ({cell['method']}, site {cell['train_site']}): {path} is missing")
-        ck = {checkpoint: path}
-        listed = predict_probabilities(network, preprocessing, images, device, 16, ck, torch)[checkpoint]
-        toggled = predict_probabilities(network, preprocessing, [str(t) for t in twins], device, 16, ck, torch)[
-            checkpoint
-        ]
+        probs = predict_probabilities(network, preprocessing, images, device, 16, {checkpoint: path}, torch, cache)
+        listed, toggled = probs[checkpoint][: len(records)], probs[checkpoint][len(records) :]
         with_cue = np.where(cue == 1, listed, toggled)
         without = np.where(cue == 1, toggled, listed)
         for rec, p1, p0 in zip(records, with_cue, without):
@@ -142,11 +143,30 @@ def cue_effect(cv_dir: str | Path, checkpoint: str | None = None, progress: bool
         .reset_index()
     )
     out.mkdir(parents=True, exist_ok=True)
+    _keep_earlier(out)
     per_eye.to_csv(out / "cue_effect_eyes.csv", index=False)
     table.to_csv(out / "cue_effect.csv", index=False)
     (out / "cue_effect.md").write_text(_markdown(per_eye, table, study, checkpoint))
     _log(study, out, per_eye)
     return table
+
+
+_FILES = ("cue_effect.md", "cue_effect.csv", "cue_effect_eyes.csv")
+
+
+def _keep_earlier(out: Path) -> None:
+    """Move an earlier run's tables to ``history/<their time>/``, so a rerun overwrites nothing."""
+    old = [out / name for name in _FILES if (out / name).is_file()]
+    if not old:
+        return
+    base = out / "history" / time.strftime("%Y%m%d-%H%M%S", time.localtime(old[0].stat().st_mtime))
+    dest, k = base, 1
+    while dest.exists():
+        k += 1
+        dest = base.with_name(f"{base.name}-{k}")
+    dest.mkdir(parents=True)
+    for path in old:
+        path.rename(dest / path.name)
 
 
 def _markdown(per_eye: pd.DataFrame, table: pd.DataFrame, study: dict, checkpoint: str) -> str:

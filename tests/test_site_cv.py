@@ -641,6 +641,11 @@ def test_cue_effect_scores_every_eye_and_its_watermark_twin(cv_twice, monkeypatc
     client, _ = _client(tmp)
     parent = client.get_run(summary["parent_run_id"])
     assert {"cue_effect_baseline", "cue_effect_ppi_wbp"} <= set(parent.data.metrics)
+    # a second run keeps the first one's tables
+    first = (out / "cue_effect.csv").read_text()
+    assert cue_main([str(tmp / "cv"), "--no-progress"]) == 0
+    (kept,) = (out / "history").iterdir()
+    assert (kept / "cue_effect.csv").read_text() == first and (out / "cue_effect.csv").is_file()
 
 
 def test_a_watermark_twin_differs_from_its_eye_in_the_watermark_only(cv_twice, tmp_path):
