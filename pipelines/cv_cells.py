@@ -536,7 +536,6 @@ def predict_probabilities(
         x = cache.get(image)
         if x is None:
             x = preprocess_case({"image": image}, preprocessing, invertible=False)
-            x = x.as_tensor() if hasattr(x, "as_tensor") else x
             cache.put(image, x)
         tensors.append(x)
     out: dict[str, np.ndarray] = {}
