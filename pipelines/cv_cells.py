@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.atomic import write_json_atomic
-from ppi_med.ppi.masks import MASKS
+from ppi_med.ppi import method_fields
 from ppi_med.saliency import METHODS as SALIENCY_METHODS
 
 from .cv_tables import cell_auc
@@ -88,31 +88,22 @@ def check_bundle(parser: Any, config_file: Path) -> None:
 
 
 def method_overrides(method: str) -> dict[str, Any]:
-    """The bundle overrides that make a method.
+    """The bundle overrides that make a method (the names of :func:`ppi_med.ppi.method_fields`).
 
     Args:
-        method: ``baseline``, ``ppi_<saliency>`` or ``ppi_<saliency>_<mask>``.
+        method: ``baseline``, ``random_erasing``, ``random_mask`` or ``ppi_<saliency>[_<mask>][_<guide>]``.
 
     Returns:
-        ``{"ppi#enabled": False}`` or ``{"ppi#enabled": True, "ppi#saliency": ..., ["ppi#mask": ...]}``.
+        ``{"ppi#enabled": False}``, or ``ppi#<field>`` for each PPI field the name sets.
 
     Raises:
-        SiteCVError: an unknown method, saliency or mask.
+        SiteCVError: an unknown method, saliency, mask or guide.
     """
-    if method == "baseline":
-        return {"ppi#enabled": False}
-    if method.startswith("ppi_"):
-        rest = method[len("ppi_") :]
-        for saliency in sorted(SALIENCY_METHODS, key=len, reverse=True):
-            if rest == saliency:
-                return {"ppi#enabled": True, "ppi#saliency": saliency}
-            if rest.startswith(saliency + "_") and rest[len(saliency) + 1 :] in MASKS:
-                return {"ppi#enabled": True, "ppi#saliency": saliency, "ppi#mask": rest[len(saliency) + 1 :]}
-    raise SiteCVError(
-        f"unknown method '{method}': use 'baseline', 'ppi_<saliency>' with saliency one of "
-        f"{', '.join(SALIENCY_METHODS)}, or 'ppi_<saliency>_<mask>' with mask one of {', '.join(MASKS)} "
-        "(e.g. ppi_wbp, ppi_gradcam, ppi_wbp_box)"
-    )
+    try:
+        fields_ = method_fields(method, SALIENCY_METHODS)
+    except ValueError as err:
+        raise SiteCVError(str(err)) from err
+    return {f"ppi#{k}": v for k, v in fields_.items()}
 
 
 def sha256_file(path: Path) -> str:

@@ -55,6 +55,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ppi_med.ppi import method_fields
+from ppi_med.saliency import METHODS
 from ppi_med.stats import auc_ci, delong_test
 from ppi_med.tracking import ensure_experiment, git_commit
 
@@ -63,6 +65,9 @@ __all__ = ["PARTS", "PROFILES", "Job", "Profile", "build_jobs", "main", "run_job
 PARTS = ("ga", "sites", "lidc", "saliency", "shortcut", "cost")
 SALIENCIES = ("gradient", "input_x_gradient", "gradcam", "lrp", "wbp")
 LIDC_MASKS = ("soft", "soft_adaptive", "hard", "box")
+CONTROLS = ("ppi_wbp_partner", "random_mask", "random_erasing")
+#: the outline study's methods: the default (zero fill), the other-class fill, and both at random places
+OUTLINE_METHODS = ("baseline", "ppi", "ppi:fill=other_class", "random_mask", "ppi:fill=other_class,control=random_mask")
 ROOT = Path(__file__).resolve().parents[1]
 GPU_FIGURES = ROOT / "docs" / "gpu"
 EXPERIMENTS = ("results_ga", "results_site_cv", "results_lidc", "results_saliency", "results_shortcut")
@@ -84,10 +89,14 @@ class Profile:
         lidc_folds: patient-level folds of the LIDC datalist, each held out once.
         lidc_data: ``default`` (the bundle's phantom) or ``small`` (three thinned phantom patients).
         shortcut: arguments of ``pipelines.shortcut``.
+        outline_shares: the shares of outlined training digits of the outline study (one shortcut job each).
+        outlines: the outline study's other arguments.
         bench: arguments of the benchmark script.
         eval_ks: deletion sizes of the saliency evaluation.
         saliencies: the PPI saliencies of the GA table.
         lidc_masks: the PPI-WBP masks of the LIDC table.
+        ga_controls, site_controls: the other methods of the GA table and the site studies: the pairing of the
+            earlier default (``ppi_wbp_partner``) and the two controls (docs/DESIGN.md section 4.5).
     """
 
     seeds: int
@@ -98,11 +107,15 @@ class Profile:
     lidc: tuple[str, ...] = ()
     lidc_folds: int = 5
     lidc_data: str = "default"
-    shortcut: tuple[str, ...] = ("--cue", "patch", "--grid", "default", "--seeds", "5")
+    shortcut: tuple[str, ...] = ("--cue", "patch,line", "--grid", "default", "--seeds", "5")
+    outline_shares: tuple[float, ...] = (0.1, 0.3, 1.0)
+    outlines: tuple[str, ...] = ("--cue", "patch,line", "--seeds", "5")
     bench: tuple[str, ...] = ()
     eval_ks: str = "[100,500,1000,5000,10000]"
     saliencies: tuple[str, ...] = SALIENCIES
     lidc_masks: tuple[str, ...] = LIDC_MASKS
+    ga_controls: tuple[str, ...] = CONTROLS
+    site_controls: tuple[str, ...] = CONTROLS
 
 
 _TINY_GA = (
@@ -125,10 +138,14 @@ PROFILES = {
         lidc_folds=3,
         lidc_data="small",
         shortcut=("--cue", "patch", "--grid", "default", "--seeds", "1", "--epochs", "1"),
+        outline_shares=(1.0,),
+        outlines=("--cue", "patch", "--seeds", "1", "--epochs", "1"),
         bench=("--repeats", "1", "--warmup", "0", "--skip-saliency"),
         eval_ks="[10,100]",
         saliencies=("wbp",),
         lidc_masks=("soft",),
+        ga_controls=(),
+        site_controls=(),
     ),
 }
 
@@ -169,9 +186,10 @@ def _tracked_run(out: Path, job: str, experiment: str) -> list[str]:
 
 
 def _ppi_args(method: str, mask: str = "soft") -> list[str]:
-    if method == "baseline":
-        return ["--ppi#enabled", "false"]
-    return ["--ppi#saliency", method.removeprefix("ppi_"), "--ppi#mask", mask]
+    fields = method_fields(method, METHODS)
+    if fields.get("enabled", True) and mask != "soft":
+        fields["mask"] = mask
+    return [arg for k, v in fields.items() for arg in (f"--ppi#{k}", v if isinstance(v, str) else json.dumps(v))]
 
 
 def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: str) -> list[Job]:
@@ -180,7 +198,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
     common = ["--tracking_uri", tracking_uri]
     ga_data = ["--default_dataset_dir", str(out / "data" / "ga"), "--dataset_dir", str(out / "data" / "ga")]
     ga_split = ["--test_fraction", "0.25"]
-    methods = ("baseline", *(f"ppi_{s}" for s in profile.saliencies))
+    methods = ("baseline", *(f"ppi_{s}" for s in profile.saliencies), *profile.ga_controls)
     if "ga" in parts or "saliency" in parts:
         for seed in range(profile.seeds):
             for method in methods:
@@ -253,7 +271,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                         "--config_file",
                         "bundles/ga_ppi.json",
                         "--methods",
-                        "baseline,ppi_wbp",
+                        ",".join(("baseline", "ppi_wbp", *profile.site_controls)),
                         "--seeds",
                         str(seeds),
                         "--out",
@@ -330,6 +348,21 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                 ],
             )
         )
+        for share in profile.outline_shares:
+            name = f"shortcut-outlines-{share:g}"
+            jobs.append(
+                Job(
+                    name,
+                    "shortcut",
+                    [
+                        *(sys.executable, "-m", "pipelines.shortcut", "--out", str(out / "jobs" / name / "out")),
+                        *("--tracking-uri", tracking_uri, "--experiment", "results_shortcut", "--num-threads", "1"),
+                        *("--outline-share", f"{share:g}", "--methods", *OUTLINE_METHODS),
+                        *profile.outlines,
+                    ],
+                    meta={"share": share},
+                )
+            )
     if "cost" in parts:
         jobs.append(
             Job(
@@ -809,6 +842,36 @@ def _shortcut_section(out: Path, fig_dir: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _outlines_section(out: Path, jobs: Sequence[Job]) -> list[str]:
+    """Reversed-cue and cue-free AUC of the outline study, per share of outlined training digits."""
+    rows = []
+    for job in (j for j in jobs if j.name.startswith("shortcut-outlines-")):
+        for path in sorted((out / "jobs" / job.name / "out").glob("*/summary.csv")):
+            for _, r in pd.read_csv(path).iterrows():
+                rows.append({"share": job.meta["share"], "cue": path.parent.name, **r.to_dict()})
+    if not rows:
+        return []
+    table = pd.DataFrame(rows)
+    lines = [
+        "### Outlines: how the annotation guide's effect grows with the share of outlined training digits",
+        "",
+        "`pipelines.shortcut --outline-share S`: a seeded share S of the training digits (per class) gives the PPI "
+        "step its outline, the digit's own strokes (docs/DESIGN.md section 4.3); the rest are not intervened on. "
+        "Reversed-cue AUC, mean ± sd over seeds (Δ: paired difference to the baseline, p: paired t-test).",
+        "",
+        "| cue | share | method | reversed AUC | Δ reversed | p | cue-free AUC | Δ cue-free |",
+        "|---|---:|---|---|---:|---:|---|---:|",
+    ]
+    for _, r in table.sort_values(["cue", "share"], kind="stable").iterrows():
+        lines.append(
+            f"| {r['cue']} | {r['share']:g} | `{r['method']}` "
+            f"| {r['reversed_auc_mean']:.3f} ± {r['reversed_auc_sd']:.3f} "
+            f"| {r['reversed_auc_delta']:+.3f} | {_fmt(r['reversed_auc_p'])} | {r['free_auc_mean']:.3f} ± "
+            f"{r['free_auc_sd']:.3f} | {r['free_auc_delta']:+.3f} |"
+        )
+    return [*lines, ""]
+
+
 def _epoch_seconds(log: Path, after: int = 0, until: int | None = None) -> float:
     """Median training-epoch time in a bundle log over the epochs ``after < epoch <= until``."""
     import re
@@ -999,6 +1062,7 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
     lines += _lidc_section(out, jobs, client, goals) if any(j.part == "lidc" for j in jobs) else []
     lines += _saliency_section(out, jobs, fig_dir, goals)
     lines += _shortcut_section(out, fig_dir)
+    lines += _outlines_section(out, jobs)
     lines += _cost_section(out, jobs)
     lines[at_goals:at_goals] = _goals_section(goals)
     path = out / "RESULTS.md"

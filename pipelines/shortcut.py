@@ -45,6 +45,7 @@ import ast
 import functools
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -60,8 +61,9 @@ from tqdm import tqdm
 
 from ppi_med.cues import CUE_KINDS, SpuriousCue, cue_flags
 from ppi_med.ppi import PPIConfig
+from ppi_med.ppi.interventions import FILLS
 from ppi_med.ppi.masks import MASKS
-from ppi_med.ppi.objective import MODES, PARTNERS
+from ppi_med.ppi.objective import GUIDES, MODES, PARTNERS
 from ppi_med.saliency import METHODS
 
 __all__ = [
@@ -110,6 +112,8 @@ class ShortcutConfig:
         width: channels of the CNN's first layer (then 2x, 4x).
         norm: ``none`` or ``batch`` (batch norm after each convolution).
         ppi_base: fields applied to every PPI method before its own (e.g. a common warm-up).
+        outline_share: share of training digits (per class) whose outline, the digit's own strokes, the PPI
+            step may use (the ``annotation`` and ``study`` guides); 0: none, as for most real data.
     """
 
     cue: str = "patch"
@@ -124,8 +128,11 @@ class ShortcutConfig:
     width: int = 16
     norm: str = "none"
     ppi_base: dict[str, Any] = field(default_factory=dict)
+    outline_share: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.outline_share <= 1.0:
+            raise ShortcutError(f"outline_share must lie in [0, 1], got {self.outline_share}")
         if self.cue not in CUE_KINDS:
             raise ShortcutError(f"unknown cue '{self.cue}'; choose one of {', '.join(CUE_KINDS)}")
         if self.norm not in ("none", "batch"):
@@ -175,11 +182,11 @@ def method_config(spec: str, base: dict[str, Any] | None = None) -> PPIConfig:
     Raises:
         ShortcutError: an unknown method, field or value.
     """
-    if spec == "baseline":
-        return PPIConfig(enabled=False)
+    if spec in NAMED:
+        return PPIConfig(**NAMED[spec]) if spec == "baseline" else PPIConfig(**{**(base or {}), **NAMED[spec]})
     name, _, rest = spec.partition(":")
     if name != "ppi":
-        raise ShortcutError(f"unknown method '{spec}': use baseline, ppi or ppi:<field>=<value>,...")
+        raise ShortcutError(f"unknown method '{spec}': use {', '.join(NAMED)}, ppi or ppi:<field>=<value>,...")
     overrides = {**(base or {}), **parse_fields(rest, spec)}
     try:
         return PPIConfig(**overrides)
@@ -188,28 +195,39 @@ def method_config(spec: str, base: dict[str, Any] | None = None) -> PPIConfig:
 
 
 #: the method's own formulation: partner = the batch rolled by one, x* loses the whole salient region, no warm-up
-METHOD_FORM = "ppi:partner=roll,exclusive=False,warmup_epochs=0"
+METHOD_FORM = "ppi:guide=partner,partner=roll,exclusive=False,warmup_epochs=0"
+#: the project's default before the guides (same-class partner, exclusive negative contrast)
+PARTNER_FORM = "ppi:guide=partner"
+#: methods named without fields: the baseline and the two controls of docs/DESIGN.md section 4.5
+NAMED: dict[str, dict[str, Any]] = {
+    "baseline": {"enabled": False},
+    "random_mask": {"control": "random_mask"},
+    "random_erasing": {"enabled": False, "random_erasing": 0.5},
+}
 
 GRIDS: dict[str, list[str]] = {
-    "default": ["baseline", "ppi", METHOD_FORM],
-    # one change at a time away from the default, and the attempts that did not help the method's form
+    "default": ["baseline", "ppi", METHOD_FORM, PARTNER_FORM, "random_mask", "random_erasing"],
+    # one change at a time away from the default
     "ablation": ["baseline", "ppi"]
-    + [f"ppi:{c}" for c in ("partner=roll", "exclusive=False", "mode=detached", "warmup_epochs=0", "dilate=1")]
-    + [METHOD_FORM.replace("partner=roll", "partner=same_class")]
-    + [f"{METHOD_FORM},{c}" for c in ("absolute=True", "dilate=1", "w_ad=3", "mode=detached")],
+    + [f"ppi:{c}" for c in ("guide=own", "guide=partner", "fill=mean", "fill=blur", "mode=detached", "ramp_epochs=3")]
+    + ["random_mask"],
+    # the guides, with outlines on every training digit (--outline-share 1) the annotation guide's effect
+    "guide": ["baseline"] + [f"ppi:guide={g}" for g in GUIDES if g != "site"],
+    "fill": ["baseline"] + [f"ppi:fill={f}" for f in FILLS],
     "saliency": ["baseline"] + [f"ppi:saliency={m}" for m in METHODS],
     "mode": ["baseline"] + [f"ppi:mode={m}" for m in MODES],
     "mask": ["baseline"] + [f"ppi:mask={m}" for m in MASKS],
-    "partner": ["baseline"] + [f"ppi:partner={p}" for p in PARTNERS],
+    "partner": ["baseline"] + [f"{PARTNER_FORM},partner={p}" for p in PARTNERS],
 }
-# what was tried on the way to the default, beyond the ablation: other masks and thresholds, the adversarial
-# term alone, heavier adversarial weight, the regulariser off, magnitude masks and wider dilation
+# what was tried on the way to the partner form (the default before the guides): one ingredient removed at a time,
+# other masks and thresholds, the adversarial term alone, heavier adversarial weight, the regulariser off,
+# magnitude masks and wider dilation
 GRIDS["attempts"] = (
-    ["baseline", METHOD_FORM]
+    ["baseline", METHOD_FORM, PARTNER_FORM]
+    + [f"{PARTNER_FORM},{c}" for c in ("partner=roll", "exclusive=False", "mode=detached", "warmup_epochs=0")]
     + [f"{METHOD_FORM},{c}" for c in ("w_con=0", "w_con=0,partner=same_class", "mask=soft_adaptive", "sigma=0.1")]
     + [f"{METHOD_FORM},{c}" for c in ("mask=hard,k_std=2", "w_con=0.25,w_ad=2,partner=same_class")]
-    + ["ppi"]
-    + [f"ppi:{c}" for c in ("w_reg=0", "mask=soft_adaptive", "w_ad=2", "absolute=True", "dilate=2")]
+    + [f"{PARTNER_FORM},{c}" for c in ("w_reg=0", "mask=soft_adaptive", "w_ad=2", "absolute=True", "dilate=2")]
 )
 GRIDS["full"] = [  # every saliency method, mode, mask and partner, each distinct configuration once
     m
@@ -246,6 +264,25 @@ class ShortcutData:
     train: tuple[torch.Tensor, torch.Tensor]
     tests: dict[str, tuple[torch.Tensor, torch.Tensor]]
     cue_masks: dict[str, np.ndarray]
+    #: the training digits' strokes ``(N, 1, 20, 20)`` and which of them count as outlined
+    train_outline: torch.Tensor | None = None
+    train_outlined: torch.Tensor | None = None
+
+
+class _Records(torch.utils.data.Dataset):
+    """The training digits as dict records, the form the PPI step reads outlines from."""
+
+    def __init__(self, data: ShortcutData) -> None:
+        self.x, self.y = data.train
+        n = self.y.shape[0]
+        self.outline = data.train_outline if data.train_outline is not None else torch.zeros_like(self.x)
+        self.outlined = data.train_outlined if data.train_outlined is not None else torch.zeros(n, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "label": self.y[i], "annotation": self.outline[i], "annotated": self.outlined[i]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -303,7 +340,16 @@ def make_data(cfg: ShortcutConfig, seed: int, val_fraction: float = 0.2, test_fr
         sets[name] = (x, torch.as_tensor(y))
         masks[name] = flags
     train = sets.pop("train")
-    return ShortcutData(train=train, tests=sets, cue_masks=masks)
+    # the digit's strokes are its evidence; a seeded share per class counts as outlined
+    outline = (images[idx_train] > 0.15).float()
+    outlined = torch.zeros(len(idx_train), dtype=torch.bool)
+    y_train = labels[idx_train]
+    pick = np.random.default_rng([seed, 1]).random(len(idx_train))
+    for c in (0, 1):
+        members = np.flatnonzero(y_train == c)
+        order = members[np.argsort(pick[members])]
+        outlined[torch.as_tensor(order[: round(cfg.outline_share * len(members))], dtype=torch.long)] = True
+    return ShortcutData(train=train, tests=sets, cue_masks=masks, train_outline=outline, train_outlined=outlined)
 
 
 def _scores(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -330,7 +376,7 @@ def train_and_score(
     model = digit_cnn(cfg.width, cfg.norm)
     x, y = data.train
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y),
+        _Records(data),
         batch_size=cfg.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
@@ -408,6 +454,11 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
                 row[f"{test}_auc_p"] = float(ttest_rel(auc, paired).pvalue)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _metric_name(spec: str) -> str:
+    """A method spec as MLflow accepts it in a metric name (``ppi:contrast_classes=[1]`` has brackets)."""
+    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", spec.replace(":", "_").replace("=", "-").replace(",", "_"))
 
 
 def _fmt_p(p: float) -> str:
@@ -573,9 +624,7 @@ def run_benchmark(
         if example_data is not None:
             plot_examples(example_models, example_data, out / "examples.png")
         deltas = {
-            "reversed_auc_delta." + r["method"].replace(":", "_").replace("=", "-").replace(",", "_"): r[
-                "reversed_auc_delta"
-            ]
+            "reversed_auc_delta." + _metric_name(r["method"]): r["reversed_auc_delta"]
             for _, r in summary[summary["method"] != "baseline"].iterrows()
         }
         log_batch(client, parent, metrics=deltas)
@@ -629,6 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="default", choices=sorted(GRIDS))
     p.add_argument("--methods", nargs="+", help="method specs; overrides --grid")
     p.add_argument("--ppi-base", default="", help="PPI fields applied to every PPI method, as field=value,...")
+    p.add_argument(
+        "--outline-share",
+        type=float,
+        default=0.0,
+        help="share of training digits whose strokes the annotation guide may use (default 0: none)",
+    )
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
@@ -662,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 width=args.width,
                 norm=args.norm,
                 ppi_base=base,
+                outline_share=args.outline_share,
             )
             for cue in args.cue.split(",")
         }

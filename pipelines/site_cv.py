@@ -9,8 +9,10 @@ bundle's own ``preprocessing`` and ``network``. The tables are those of table 2.
 :mod:`pipelines.cv_tables`), with DeLong's paired test of each PPI method against the baseline in every cell
 and on all off-diagonal cases pooled.
 
-Methods: ``baseline`` (``ppi#enabled false``), ``ppi_<saliency>`` (e.g. ``ppi_wbp``, ``ppi_gradcam``) and
-``ppi_<saliency>_<mask>`` (e.g. ``ppi_wbp_box``).
+Methods: ``baseline`` (``ppi#enabled false``), ``ppi_<saliency>`` (e.g. ``ppi_wbp``, ``ppi_gradcam``),
+``ppi_<saliency>_<mask>`` (e.g. ``ppi_wbp_box``), ``ppi_<saliency>_<guide>`` (e.g. ``ppi_wbp_partner``) and the
+controls ``random_mask`` (PPI's interventions at random places) and ``random_erasing`` (augmentation only); the
+names are those of :func:`ppi_med.ppi.method_fields`.
 
 MLflow: one parent run per invocation in ``--experiment``; each trained cell is the bundle's own run, made a
 child of the parent through the ``mlflow.parentRunId`` tag, named ``cv-<method>-<site>-s<seed>-<key>``, with
@@ -790,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_comma_list,
         default=["baseline", "ppi_wbp"],
         help="comma-separated methods: baseline, ppi_<saliency> (wbp, gradient, input_x_gradient, gradcam, lrp), "
-        "ppi_<saliency>_<mask> (e.g. ppi_wbp_box) (default: baseline,ppi_wbp)",
+        "ppi_<saliency>_<mask> (e.g. ppi_wbp_box), ppi_<saliency>_<guide> (e.g. ppi_wbp_partner, the pairing of "
+        "the earlier default), and the controls random_mask and random_erasing (default: baseline,ppi_wbp)",
     )
     p.add_argument(
         "--seeds", type=int, default=1, help="number of seeds; each seed also draws its own split (default: 1)"

@@ -24,7 +24,9 @@ class PPIIteration:
     falls back to the trainer's ``loss_function`` alone when ``enabled`` is false, and uses it as ``L_cls``
     otherwise), keeps the trainer's ``prepare_batch``, AMP (``amp``, ``amp_kwargs``) and iteration events in
     MONAI's order (``state.output`` holds the batch, then the prediction, then the loss, as each event
-    fires), and returns a dict output with the image, label, prediction, the total
+    fires), passes what the batch knows beyond image and label (``site``, and ``annotation`` / ``annotated``
+    from :class:`ppi_med.annotations.Outlined`) to the PPI guides, and returns a dict output with the image,
+    label, prediction, the total
     ``loss`` and each named term (``loss_cls``, ``loss_con``, ``loss_reg``, ``loss_ad``) as detached
     tensors: nothing in the step waits for the device (:class:`EpochLossAverages` reads them once an epoch).
 
@@ -55,6 +57,19 @@ class PPIIteration:
             return torch.float16
         return torch.bfloat16
 
+    @staticmethod
+    def study_fields(batchdata: Any, device: torch.device) -> dict[str, Any]:
+        """What the batch knows beyond image and label, for the PPI guides: ``site``, ``annotation``, ``annotated``."""
+        if not isinstance(batchdata, dict):
+            return {}
+        fields: dict[str, Any] = {}
+        if "site" in batchdata:
+            fields["sites"] = [str(s) for s in batchdata["site"]]
+        for key, name in (("annotation", "annotation"), ("annotated", "annotated")):
+            if key in batchdata:
+                fields[name] = torch.as_tensor(batchdata[key]).as_subclass(torch.Tensor).to(device, non_blocking=True)
+        return fields
+
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("the training data loader returned no data")
@@ -68,7 +83,12 @@ class PPIIteration:
         autocast = {"dtype": self.autocast_dtype(inputs.device), **(engine.amp_kwargs or {})}
         with torch.autocast(device_type=inputs.device.type, enabled=bool(engine.amp), **autocast):
             out = self.objective(
-                engine.network, inputs, targets, epoch=engine.state.epoch, loss_function=engine.loss_function
+                engine.network,
+                inputs,
+                targets,
+                epoch=engine.state.epoch,
+                loss_function=engine.loss_function,
+                **self.study_fields(batchdata, inputs.device),
             )
         # the PPI loss needs the saliency of the same forward, so prediction and loss are known together
         engine.state.output[Keys.PRED] = out.logits.detach()

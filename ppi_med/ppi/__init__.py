@@ -13,9 +13,10 @@ from .masks import (
     soft_mask,
     topk_mask,
 )
-from .objective import PPIConfig, PPIObjective, PPIOutput, adversarial_partners, contrast_loss
+from .objective import GUIDES, PPIConfig, PPIObjective, PPIOutput, adversarial_partners, contrast_loss, method_fields
 
 __all__ = [
+    "GUIDES",
     "MASKS",
     "PPIConfig",
     "PPIObjective",
@@ -27,6 +28,7 @@ __all__ = [
     "dilate",
     "hard_point_mask",
     "make_mask",
+    "method_fields",
     "normalize",
     "soft_mask",
     "topk_mask",

@@ -25,8 +25,9 @@ making every intervened input confidently wrong, swamping the other terms. It is
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,13 +36,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..saliency import frozen_buffers, make_tracer, plain
+from .guides import SitePrototypes, annotation_regions, site_regions
+from .interventions import FILLS, fill_values, intervene, random_erase, relocate
 from .masks import MASKS, dilate, make_mask, normalize
 
-__all__ = ["PPIConfig", "PPIOutput", "PPIObjective", "adversarial_partners", "contrast_loss"]
+__all__ = [
+    "GUIDES",
+    "PPIConfig",
+    "PPIOutput",
+    "PPIObjective",
+    "adversarial_partners",
+    "contrast_loss",
+    "method_fields",
+    "no_harm_loss",
+]
 
 MODES = ("differentiable", "detached")
 CONTRAST_LOSSES = ("flip", "negate")
 PARTNERS = ("roll", "same_class")
+#: where the removed regions come from (docs/DESIGN.md section 4.3)
+GUIDES = ("study", "annotation", "site", "own", "partner")
+CONTROLS = ("none", "random_mask")
 
 
 def _as_bool(value: Any, name: str) -> bool:
@@ -81,9 +96,34 @@ class PPIConfig:
         dilate: grow the mask by this many voxels along each spatial axis (0: the mask as made).
         w_con, w_reg, w_ad: weights of the contrast, regulariser and adversarial terms.
         contrast_loss: ``flip`` (bounded, default) or ``negate`` (``-l(x*, y)``).
-        partner: whose saliency masks a sample in the adversarial positive ``x'``: ``roll`` (the batch rolled
-            by one, the method's ``j != i``) or ``same_class`` (another sample of the same label).
+        partner: with ``guide="partner"``, whose saliency masks a sample in the adversarial positive ``x'``:
+            ``roll`` (the batch rolled by one, the method's ``j != i``) or ``same_class`` (another sample of the
+            same label).
+        guide: where the removed regions come from (docs/DESIGN.md section 4.3). ``partner``: the method's
+            pairing (``x*`` removes the sample's salient region, ``exclusive`` of its partner's; ``x'`` removes
+            the partner's); ``own``: ``x*`` removes the sample's salient region, no ``x'``; ``annotation``: a
+            record with an outline loses the outline in ``x*`` and its salient region outside the outline in
+            ``x'`` (others as ``own``); ``site``: the salient region's site-specific part (salient at the
+            sample's site, not at other sites, for the same class) is removed in ``x'``, the rest in ``x*``;
+            ``study``: per sample, ``annotation`` where it has an outline, else ``site`` where the batch names
+            sites, else ``own``.
+        fill: what a removed region becomes: ``zero``, ``mean``, ``blur``, ``noise`` or ``other_class``
+            (:func:`ppi_med.ppi.interventions.fill_values`).
+        blur_sigma: the ``blur`` fill's Gaussian, in voxels.
+        annotation_dilate: voxels an outline is grown by before it is removed (a lesion's rim is evidence too).
+        site_momentum: momentum of the per-(site, class) saliency means of the ``site`` guide.
+        control: ``none`` or ``random_mask``: every removed region moved to a random place (same shape and
+            area), the control "PPI without saliency".
+        random_erasing: with ``enabled`` false, the probability of random erasing of each training sample (the
+            augmentation control); must be 0 with PPI on.
         warmup_epochs: epochs of plain cross-entropy before the PPI terms start.
+        ramp_epochs: after the warm-up, the PPI weights rise linearly to their full value over this many
+            epochs (0: full at once).
+        contrast_norm: how batch norm sees the contrasts: ``batch`` (their own batch statistics, as any
+            training-mode forward) or ``running`` (the running statistics of the data, as at evaluation: the
+            network is then not trained on contrasts normalised unlike any real batch).
+        no_harm: remove from each step's PPI gradient the part that opposes the classification gradient
+            (:func:`no_harm_loss`), so that to first order a PPI step never raises ``L_cls`` on its batch.
         con_boost, con_boost_epoch: from that epoch on, ``w_con`` is multiplied by ``con_boost``.
         saliency_kwargs: options for the saliency method (e.g. ``{"layer": "..."}`` for gradcam).
     """
@@ -107,7 +147,17 @@ class PPIConfig:
     w_ad: float = 1.0
     contrast_loss: str = "flip"
     partner: str = "same_class"
+    guide: str = "study"
+    fill: str = "zero"
+    blur_sigma: float = 2.0
+    annotation_dilate: int = 1
+    site_momentum: float = 0.9
+    control: str = "none"
+    random_erasing: float = 0.0
     warmup_epochs: int = 1
+    ramp_epochs: int = 0
+    no_harm: bool = False
+    contrast_norm: str = "batch"
     con_boost: float = 1.0
     con_boost_epoch: int | None = None
     saliency_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +165,7 @@ class PPIConfig:
     def __post_init__(self) -> None:
         self.enabled = _as_bool(self.enabled, "enabled")
         self.absolute = _as_bool(self.absolute, "absolute")
+        self.no_harm = _as_bool(self.no_harm, "no_harm")
         self.exclusive = _as_bool(self.exclusive, "exclusive")
         if self.mode not in MODES:
             raise ValueError(f"PPI mode must be one of {MODES}, got '{self.mode}'")
@@ -131,8 +182,25 @@ class PPIConfig:
             raise ValueError(f"PPI omega (the soft mask's sharpness) must be > 0, got {self.omega}")
         if not 0.0 <= self.sigma <= 1.0:
             raise ValueError(f"PPI sigma must lie in [0, 1] (the saliency is normalised to [-1, 1]), got {self.sigma}")
-        if self.dilate < 0 or self.warmup_epochs < 0:
-            raise ValueError(f"PPI dilate and warmup_epochs must be >= 0, got {self.dilate}, {self.warmup_epochs}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"PPI guide must be one of {GUIDES}, got '{self.guide}'")
+        if self.fill not in FILLS:
+            raise ValueError(f"PPI fill must be one of {FILLS}, got '{self.fill}'")
+        if self.contrast_norm not in ("batch", "running"):
+            raise ValueError(f"PPI contrast_norm must be 'batch' or 'running', got '{self.contrast_norm}'")
+        if self.control not in CONTROLS:
+            raise ValueError(f"PPI control must be one of {CONTROLS}, got '{self.control}'")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"PPI random_erasing is a probability in [0, 1], got {self.random_erasing}")
+        if self.enabled and self.random_erasing:
+            raise ValueError("PPI random_erasing is the baseline's augmentation control; set enabled to false")
+        if not 0.0 <= self.site_momentum < 1.0:
+            raise ValueError(f"PPI site_momentum must lie in [0, 1), got {self.site_momentum}")
+        if self.blur_sigma <= 0:
+            raise ValueError(f"PPI blur_sigma must be > 0, got {self.blur_sigma}")
+        for name in ("dilate", "warmup_epochs", "ramp_epochs", "annotation_dilate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPI {name} must be >= 0, got {getattr(self, name)}")
         if self.contrast_classes is not None and not all(isinstance(c, int) for c in self.contrast_classes):
             raise ValueError(f"PPI contrast_classes must be a list of class indices, got {self.contrast_classes!r}")
 
@@ -140,19 +208,70 @@ class PPIConfig:
         """Weights of the PPI terms at ``epoch`` (1-based, as MONAI engines count; ``None``: no schedule)."""
         if epoch is not None and epoch <= self.warmup_epochs:
             return {"con": 0.0, "reg": 0.0, "ad": 0.0}
+        ramp = 1.0
+        if epoch is not None and self.ramp_epochs:
+            ramp = min(1.0, (epoch - self.warmup_epochs) / self.ramp_epochs)
         boost = self.con_boost if self.con_boost_epoch is not None and (epoch or 0) >= self.con_boost_epoch else 1.0
-        return {"con": self.w_con * boost, "reg": self.w_reg, "ad": self.w_ad}
+        return {"con": ramp * self.w_con * boost, "reg": ramp * self.w_reg, "ad": ramp * self.w_ad}
 
     @property
     def method(self) -> str:
-        """The method's name, as runs are tagged and site CV spells it: ``baseline``, ``ppi_<saliency>``, or
-        ``ppi_<saliency>_<mask>`` when the mask is not the default soft one (``ppi_wbp_box``)."""
+        """The method's name, as runs are tagged and site CV spells it.
+
+        ``baseline``, ``random_erasing``, or ``ppi_<saliency>`` followed by ``_<mask>`` when the mask is not
+        the soft one, ``_<guide>`` when the guide is not ``study`` and ``_random_mask`` for that control
+        (``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner``, ``ppi_wbp_random_mask``).
+        """
         if not self.enabled:
-            return "baseline"
-        return f"ppi_{self.saliency}" + ("" if self.mask == "soft" else f"_{self.mask}")
+            return "random_erasing" if self.random_erasing else "baseline"
+        parts = [f"ppi_{self.saliency}"]
+        parts += [] if self.mask == "soft" else [self.mask]
+        parts += [] if self.guide == "study" else [self.guide]
+        parts += [] if self.control == "none" else [self.control]
+        return "_".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
+    """The :class:`PPIConfig` fields a method name stands for: the inverse of :attr:`PPIConfig.method`.
+
+    Args:
+        name: ``baseline``, ``random_erasing``, ``random_mask`` (the default PPI with its masks moved to random
+            places), or ``ppi_<saliency>[_<mask>][_<guide>][_random_mask]``.
+        saliencies: the saliency method names.
+
+    Raises:
+        ValueError: a name that is none of these.
+    """
+    if name == "baseline":
+        return {"enabled": False}
+    if name == "random_erasing":
+        return {"enabled": False, "random_erasing": 0.5}
+    if name == "random_mask":
+        return {"enabled": True, "control": "random_mask"}
+    rest = name.removeprefix("ppi_") if name.startswith("ppi_") else None
+    for saliency in sorted(saliencies, key=len, reverse=True):
+        if rest is None or not (rest == saliency or rest.startswith(saliency + "_")):
+            continue
+        fields_ = {"enabled": True, "saliency": saliency}
+        tail = rest[len(saliency) + 1 :]
+        if tail.endswith("random_mask"):
+            fields_["control"], tail = "random_mask", tail.removesuffix("random_mask").rstrip("_")
+        for guide in GUIDES:
+            if tail == guide or tail.endswith("_" + guide):
+                fields_["guide"], tail = guide, tail.removesuffix(guide).rstrip("_")
+                break
+        if tail in MASKS:
+            fields_["mask"], tail = tail, ""
+        if not tail:
+            return fields_
+    raise ValueError(
+        f"unknown method '{name}': use baseline, random_erasing, random_mask or "
+        f"ppi_<saliency>[_<mask>][_<guide>][_random_mask] with saliency one of {', '.join(saliencies)}, mask one "
+        f"of {', '.join(MASKS)}, guide one of {', '.join(GUIDES)} (e.g. ppi_wbp, ppi_wbp_box, ppi_wbp_partner)"
+    )
 
 
 @dataclass
@@ -173,19 +292,74 @@ class PPIOutput:
         return {k: float(v) for k, v in self.terms.items()}
 
 
-def contrast_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "flip") -> torch.Tensor:
+def contrast_loss(
+    logits: torch.Tensor, y: torch.Tensor, kind: str = "flip", weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Loss that pushes ``logits`` away from class ``y``.
 
     Args:
         logits: ``(N, M)``.
         y: ``(N,)`` class indices.
         kind: ``flip``: ``-log(1 - p_y)``, bounded below by 0; ``negate``: ``log p_y`` = ``-CE``.
+        weight: per-sample weights ``(N,)``; the result is their weighted mean (0 when they sum to 0).
     """
     log_p = F.log_softmax(logits, dim=1)
     if kind == "negate":
-        return log_p.gather(1, y[:, None]).mean()
-    others = log_p.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return -torch.logsumexp(others, dim=1).mean()
+        per = log_p.gather(1, y[:, None])[:, 0]
+    else:
+        others = log_p.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+        per = -torch.logsumexp(others, dim=1)
+    return per.mean() if weight is None else _weighted_mean(per, weight)
+
+
+def _weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # the sum of weights is clamped, not tested: no host-device synchronisation inside a step
+    weight = weight.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@contextlib.contextmanager
+def _norm_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """With ``running``, every batch-norm layer in evaluation mode (running statistics) for the block."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if mode == "running":
+        for m in norms:
+            m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
+def no_harm_loss(
+    loss_cls: torch.Tensor, loss_ppi: torch.Tensor, params: Sequence[torch.Tensor], eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1 + c) L_cls + L_ppi``: its gradient is ``g_cls + g_ppi`` less the part of ``g_ppi`` along ``-g_cls``.
+
+    With ``c = max(0, -<g_ppi, g_cls> / |g_cls|^2)`` the total gradient ``g_cls + g_ppi + c g_cls`` has no
+    component that raises ``L_cls`` beyond what ``g_cls`` alone lowers (gradient surgery in the manner of
+    PCGrad, Yu et al. 2020, one-sided: only the PPI part is projected). Expressed as a reweighted loss, one
+    ordinary backward yields it, so data-parallel training reduces it like any other loss (each rank's ``c``
+    is its own batch's).
+
+    Args:
+        loss_cls: the classification loss, with graph.
+        loss_ppi: the weighted sum of the PPI terms, with graph.
+        params: the parameters the step updates.
+
+    Returns:
+        The loss to backpropagate and ``c`` (detached; 0 when the two gradients do not conflict).
+    """
+    if not loss_ppi.requires_grad:
+        return loss_cls + loss_ppi, loss_cls.new_zeros(())
+    g_cls = torch.autograd.grad(loss_cls, params, retain_graph=True, allow_unused=True)
+    g_ppi = torch.autograd.grad(loss_ppi, params, retain_graph=True, allow_unused=True)
+    pairs = [(a, b) for a, b in zip(g_cls, g_ppi) if a is not None and b is not None]
+    dot = sum(((a * b).sum() for a, b in pairs), loss_cls.new_zeros(()))
+    norm = sum(((a * a).sum() for a in g_cls if a is not None), loss_cls.new_zeros(()))
+    c = (-dot / norm.clamp_min(eps)).clamp_min(0).detach()
+    return (1 + c) * loss_cls + loss_ppi, c
 
 
 def _member(y: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -221,10 +395,15 @@ class PPIObjective:
 
     Args:
         config: a :class:`PPIConfig` (or a dict of its fields).
+        generator: the random source of the ``noise`` fill, the ``random_mask`` control and random erasing.
     """
 
-    def __init__(self, config: PPIConfig | dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: PPIConfig | dict[str, Any] | None = None, generator: torch.Generator | None = None
+    ) -> None:
         self.config = config if isinstance(config, PPIConfig) else PPIConfig(**(config or {}))
+        self.generator = generator
+        self.prototypes = SitePrototypes(self.config.site_momentum)
         self._warned_no_partner = False
 
     def __call__(
@@ -234,6 +413,9 @@ class PPIObjective:
         y: torch.Tensor,
         epoch: int | None = None,
         loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        sites: Sequence[str] | None = None,
+        annotation: torch.Tensor | None = None,
+        annotated: torch.Tensor | None = None,
     ) -> PPIOutput:
         """Loss for one batch.
 
@@ -244,18 +426,31 @@ class PPIObjective:
             epoch: the current epoch for the warm-up schedule.
             loss_function: ``L_cls(logits, y)`` (a MONAI trainer's ``loss_function``); default cross-entropy.
                 The contrast and adversarial terms are the method's own and keep theirs.
+            sites: each sample's site (the ``site`` and ``study`` guides).
+            annotation: outlines ``(N, 1, *spatial)`` in ``[0, 1]`` (the ``annotation`` and ``study`` guides).
+            annotated: ``(N,)``, true where the record has an outline (an all-zero outline of a record without
+                one is not "no finding").
+
+        Raises:
+            ValueError: the ``site`` guide without sites, or the ``annotation`` guide without outlines.
         """
         cfg = self.config
         y = y.reshape(-1).long()
         cls_loss = F.cross_entropy if loss_function is None else (lambda z, t: loss_function(z, t).mean())
         if not cfg.enabled:
+            if cfg.random_erasing:
+                x = random_erase(plain(x), cfg.random_erasing, generator=self.generator)
             logits = model(x)
             loss = cls_loss(logits, y)
             return PPIOutput(loss, {"loss": loss.detach(), "loss_cls": loss.detach()}, logits)
+        if cfg.guide == "site" and sites is None:
+            raise ValueError("PPI guide 'site' needs each sample's site; the batch names none (use guide 'study')")
+        if cfg.guide == "annotation" and annotation is None:
+            raise ValueError("PPI guide 'annotation' needs the records' outlines; the batch has none")
 
         w = cfg.weights(epoch)
         active = any(v > 0 for v in w.values())
-        if active:  # pairs from the labels before work is queued on the device, where reading them costs nothing
+        if active and cfg.guide == "partner":  # pairs from the labels before work is queued on the device
             i, j = adversarial_partners(y, cfg.partner)
         tracer = make_tracer(cfg.saliency, model, **cfg.saliency_kwargs)
         differentiable = cfg.mode == "differentiable" and tracer.differentiable
@@ -282,6 +477,48 @@ class PPIObjective:
             topk=cfg.topk,
         )
         mask = dilate(mask, cfg.dilate)
+        fill = (
+            None
+            if cfg.fill == "zero"
+            else fill_values(x, cfg.fill, y=y, blur_sigma=cfg.blur_sigma, generator=self.generator)
+        )
+        if cfg.guide == "partner":
+            x_neg, x_adv, y_adv, con_w, ad_w = self._partner_contrasts(x, y, mask, i, j, fill)
+        else:
+            x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(x, y, mask, fill, sites, annotation, annotated)
+        y_neg = y
+        if cfg.contrast_classes is not None:  # boolean indexing waits for the device: only when classes are chosen
+            keep = _member(y, cfg.contrast_classes)
+            x_neg, y_neg, con_w = x_neg[keep], y[keep], con_w[keep]
+        # the contrasts must not move batch-norm running statistics: they are not the data distribution
+        contrasts = torch.cat([x_neg, x_adv])
+        with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm):
+            out = model(contrasts) if contrasts.shape[0] else logits[:0]
+        out_neg, out_adv = out[: x_neg.shape[0]], out[x_neg.shape[0] :]
+        zero = loss_cls.new_zeros(())
+        loss_con = contrast_loss(out_neg, y_neg, cfg.contrast_loss, con_w) if x_neg.shape[0] else zero
+        if x_adv.shape[0]:
+            loss_ad = _weighted_mean(F.cross_entropy(out_adv, y_adv, reduction="none"), ad_w)
+        else:
+            loss_ad = zero
+        n = x.shape[0]
+        loss_reg = s_n.abs().reshape(n, -1).mean(dim=1).mean()
+        ppi = w["con"] * loss_con + w["reg"] * loss_reg + w["ad"] * loss_ad
+        total = loss_cls + ppi
+        parts = {"loss": total, "loss_cls": loss_cls, "loss_con": loss_con, "loss_reg": loss_reg, "loss_ad": loss_ad}
+        parts = {k: v.detach() for k, v in parts.items()}
+        if cfg.no_harm:
+            total, extra = no_harm_loss(loss_cls, ppi, [p for p in model.parameters() if p.requires_grad])
+            parts["loss_conflict"] = extra
+        return PPIOutput(total, parts, logits, s.detach())
+
+    def _random(self, region: torch.Tensor) -> torch.Tensor:
+        return relocate(region, self.generator) if self.config.control == "random_mask" else region
+
+    def _partner_contrasts(self, x, y, mask, i, j, fill):
+        """The method's pairing: ``x*`` loses the salient region (``exclusive`` of the partner's), ``x'_i`` its
+        partner's salient region."""
+        cfg = self.config
         n = x.shape[0]
         if not i.numel() and not self._warned_no_partner:
             self._warned_no_partner = True
@@ -289,25 +526,41 @@ class PPIObjective:
                 f"PPI: a batch of {n} sample(s) with labels {sorted(set(y.tolist()))} has no adversarial partner "
                 f"(partner={cfg.partner!r} needs two samples{' of one class' if cfg.partner == 'same_class' else ''}); "
                 "L_ad is 0 for it. Use a larger batch (or drop_last) so every step has pairs.",
-                stacklevel=2,
+                stacklevel=3,
             )
         neg_mask = mask
         if cfg.exclusive and i.numel():
             # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
             neg_mask = mask.index_put((i,), mask[i] * (1 - mask[j]))
-        x_neg, y_neg = x - neg_mask * x, y
-        if cfg.contrast_classes is not None:  # boolean indexing waits for the device: only when classes are chosen
-            con = _member(y, cfg.contrast_classes)
-            x_neg, y_neg = x_neg[con], y[con]
-        # the contrasts must not move batch-norm running statistics: they are not the data distribution
-        contrasts = torch.cat([x_neg, x[i] - mask[j] * x[i]])
-        with frozen_buffers(model):
-            out = model(contrasts) if contrasts.shape[0] else logits[:0]
-        out_neg, out_adv = out[: x_neg.shape[0]], out[x_neg.shape[0] :]
-        loss_con = contrast_loss(out_neg, y_neg, cfg.contrast_loss) if x_neg.shape[0] else loss_cls.new_zeros(())
-        loss_ad = F.cross_entropy(out_adv, y[i]) if i.numel() else loss_cls.new_zeros(())
-        loss_reg = s_n.abs().reshape(n, -1).mean(dim=1).mean()
-        total = loss_cls + w["con"] * loss_con + w["reg"] * loss_reg + w["ad"] * loss_ad
-        parts = {"loss": total, "loss_cls": loss_cls, "loss_con": loss_con, "loss_reg": loss_reg, "loss_ad": loss_ad}
-        parts = {k: v.detach() for k, v in parts.items()}
-        return PPIOutput(total, parts, logits, s.detach())
+        x_neg = intervene(x, self._random(neg_mask), fill)
+        x_adv = intervene(x[i], self._random(mask[j]), None if fill is None else fill[i])
+        ones = torch.ones(n, device=x.device)
+        return x_neg, x_adv, y[i], ones, ones[: i.numel()]
+
+    def _guided_contrasts(self, x, y, mask, fill, sites, annotation, annotated):
+        """Per sample: evidence removed in ``x*``, nuisance removed in ``x'`` (docs/DESIGN.md section 4.3)."""
+        cfg = self.config
+        n = x.shape[0]
+        # the study guide intervenes only where the record says what its evidence is (docs/DESIGN.md 4.3)
+        evidence, nuisance = (torch.zeros_like(mask) if cfg.guide == "study" else mask), None
+        if cfg.guide == "site" and sites is not None:
+            self.prototypes.update(mask, list(sites), y)
+            evidence, nuisance = site_regions(mask, list(sites), y, self.prototypes)
+        if cfg.guide in ("annotation", "study") and annotation is not None:
+            has = (
+                torch.ones(n, dtype=torch.bool, device=x.device) if annotated is None else annotated.reshape(-1).bool()
+            )
+            has = has.to(x.device).reshape(n, *([1] * (x.ndim - 1)))
+            outline = dilate(annotation.to(x.device, x.dtype), cfg.annotation_dilate).clamp(0, 1)
+            a_ev, a_nu = annotation_regions(mask, outline)
+            evidence = torch.where(has, a_ev, evidence)
+            nuisance = torch.where(has, a_nu, torch.zeros_like(mask) if nuisance is None else nuisance)
+        # a sample takes part in a contrast only if its region removes at least one voxel's worth
+        evidence = self._random(evidence)
+        con_w = (evidence.detach().reshape(n, -1).sum(dim=1) >= 1).to(x.dtype)
+        x_neg = intervene(x, evidence, fill)
+        if nuisance is None:  # the study knows nothing that marks a region as not evidence: no x'
+            return x_neg, x[:0], y[:0], con_w, con_w[:0]
+        nuisance = self._random(nuisance)
+        ad_w = (nuisance.detach().reshape(n, -1).sum(dim=1) >= 1).to(x.dtype)
+        return x_neg, intervene(x, nuisance, fill), y, con_w, ad_w
