@@ -180,3 +180,24 @@ def test_held_out_test_part_is_scored_with_the_chosen_checkpoint(tmp_path):
     assert params["checkpoint_from_epoch"] == "2"
     best_epoch = int(re.search(r"best val_auc: [\d.]+ \(epoch (\d+)\)", done.stdout).group(1))
     assert best_epoch >= 2
+
+
+def test_switch_on_table_reads_the_runs_own_validation_history(two_runs, tmp_path):
+    import pandas as pd
+
+    from pipelines.switch_on import main
+
+    tmp, _, _ = two_runs
+    out = tmp_path / "switch_on"
+    groups = [f"baseline={tmp / 'runs' / 'ga-baseline-*'}", f"ppi={tmp / 'runs' / 'ga-ppi_wbp-*'}"]
+    assert main([*groups, "--out", str(out)]) == 0
+    rows = pd.read_csv(out.with_suffix(".csv")).set_index("group")
+    client, runs = _runs(tmp)
+    run = next(r for r in runs if r.data.tags.get("method") == "ppi_wbp")
+    history = [m.value for m in client.get_metric_history(run.info.run_id, "val_auc")]
+    assert rows.loc["ppi", "warmup_epochs"] == 0
+    assert rows.loc["ppi", "best_val"] == pytest.approx(max(history))
+    assert rows.loc["ppi", "val_first"] == pytest.approx(history[0])
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "| ppi | 1 |" in out.with_suffix(".md").read_text()
+    assert main([f"none={tmp / 'nowhere-*'}", "--out", str(out)]) == 2

@@ -232,3 +232,43 @@ def test_outlined_gives_every_record_the_same_fields() -> None:
         Outlined()({"image": image, "mask": torch.ones(1, 4, 5, 5)})
     with pytest.raises(ValueError, match="not loaded"):
         Outlined()({"image": image, "mask": "a/b_mask.nii.gz"})
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_ga_bundle_batches_carry_outlines_on_the_image_grid_and_sites(tmp_path, share: float) -> None:
+    """The GA bundle's own training pipeline: each batch has the outline resized with the image, the flag,
+    and the site; with ``annotation_share`` 0.5 half the training eyes of each class keep their outline."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "ga_ppi.json"))
+    for key, value in {
+        "default_dataset_dir": str(tmp_path / "data"),
+        "dataset_dir": str(tmp_path / "data"),
+        "synthetic": {
+            "sites": ["A", "B"],
+            "cue_site": "B",
+            "subjects_per_site": 8,
+            "n_bscans": 4,
+            "height": 32,
+            "width": 48,
+        },
+        "spatial_size": [4, 32, 48],
+        "annotation_share": share,
+        "batch_size": 64,
+    }.items():
+        parser[key] = value
+    records = parser.get_parsed_content("train#datalist")
+    outlined = [r for r in records if "mask" in r]
+    for label in (0, 1):
+        n = sum(r["label"] == label for r in records)
+        assert sum(r["label"] == label for r in outlined) == round(share * n)
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert batch["annotation"].shape == batch["image"].shape == (len(records), 1, 4, 32, 48)
+    assert int(batch["annotated"].sum()) == len(outlined)
+    assert set(batch["site"]) == {"A", "B"}
+    gae = (batch["label"] == 1) & batch["annotated"]
+    assert bool(gae.any()) and all(float(a.sum()) > 0 for a in batch["annotation"][gae])
+    assert float(batch["annotation"][batch["label"] == 0].sum()) == 0.0  # no GA, nothing outlined
