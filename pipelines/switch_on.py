@@ -8,7 +8,8 @@ one group per method, and writes
   the lowest over the PPI epochs, the largest fall below the warm-up's last value, the best PPI-epoch value
   and the held-out test AUC;
 - ``switch_on.md``: those rows as mean ± sd per group, with the test AUC's paired difference to the first
-  group (the reference, e.g. the baseline) over the seeds both have;
+  group (the reference, e.g. the baseline) over the seeds both have and DeLong's paired p-value against it
+  per seed (from the runs' ``test_predictions.csv``, the same held-out eyes);
 - ``switch_on.png``: validation AUC per epoch, a panel per group, a line per seed, the switch marked.
 
 CLI::
@@ -53,7 +54,9 @@ def read_run(folder: str | Path) -> dict:
         elif rec["key"] == "test_auc":
             test = float(rec["value"])
     params = json.loads((folder / "params.json").read_text())
+    preds = folder / "test_predictions.csv"
     return {
+        "predictions": pd.read_csv(preds) if preds.is_file() else None,
         "run": folder.name,
         "seed": int(params.get("seed", 0)),
         # the bundles choose checkpoints from the first PPI epoch on, for the baseline too
@@ -82,19 +85,41 @@ def _row(group: str, run: dict) -> dict:
     }
 
 
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± sd per group, and the test AUC's paired difference to the first group over shared seeds."""
+def _delong_p(ref: pd.DataFrame | None, other: pd.DataFrame | None) -> float:
+    from ppi_med.stats import delong_test
+
+    if ref is None or other is None:
+        return float("nan")
+    both = ref.merge(other, on=["image", "label"], suffixes=("_ref", ""))
+    if len(both) != len(ref):
+        return float("nan")  # not the same test eyes
+    return delong_test(both["label"], both["prob_ref"], both["prob"]).p_value
+
+
+def _mean_sd(values: pd.Series) -> str:
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+
+
+def summarise(rows: pd.DataFrame, runs: dict[str, list[dict]] | None = None) -> pd.DataFrame:
+    """Mean ± sd per group, the test AUC's paired difference to the first group over shared seeds and, with
+    ``runs``, DeLong's paired p-value against the first group per seed (the same held-out eyes)."""
     ref_name = rows["group"].iloc[0]
     ref = rows[rows["group"] == ref_name].set_index("seed")["test_auc"]
+    ref_preds = {r["seed"]: r.get("predictions") for r in (runs or {}).get(ref_name, [])}
     out = []
     for group, sub in rows.groupby("group", sort=False):
         paired = sub.set_index("seed")["test_auc"].sub(ref).dropna()
         rec = {"group": group, "seeds": len(sub)}
         for col in ("val_before", "val_first", "largest_fall", "best_val", "test_auc"):
-            rec[col] = (
-                f"{sub[col].mean():.3f} ± {sub[col].std(ddof=1):.3f}" if len(sub) > 1 else f"{sub[col].mean():.3f}"
-            )
+            rec[col] = _mean_sd(sub[col])
         rec["test_delta"] = f"{paired.mean():+.3f} ({len(paired)} seeds)" if group != ref_name else ""
+        if runs is not None:
+            ps = [
+                _delong_p(ref_preds.get(r["seed"]), r.get("predictions"))
+                for r in sorted(runs[group], key=lambda r: r["seed"])
+                if r["seed"] in ref_preds
+            ]
+            rec["delong_p_per_seed"] = "" if group == ref_name else ", ".join(f"{p:.2f}" for p in ps)
         out.append(rec)
     return pd.DataFrame(out)
 
@@ -154,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out.with_suffix(".csv"), index=False)
-    table = summarise(rows)
+    table = summarise(rows, runs)
     text = _markdown(table)
     out.with_suffix(".md").write_text(text)
     _plot(runs, out.with_suffix(".png"))

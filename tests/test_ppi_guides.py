@@ -181,6 +181,8 @@ def test_method_names_round_trip_through_method_fields() -> None:
         PPIConfig(mask="box"),
         PPIConfig(guide="partner"),
         PPIConfig(saliency="input_x_gradient", mask="soft_adaptive", guide="site", control="random_mask"),
+        PPIConfig(fill="other_class"),
+        PPIConfig(guide="partner", fill="blur", control="random_mask"),
     ]
     for cfg in configs:
         fields = method_fields(cfg.method, METHODS)

@@ -219,14 +219,16 @@ class PPIConfig:
         """The method's name, as runs are tagged and site CV spells it.
 
         ``baseline``, ``random_erasing``, or ``ppi_<saliency>`` followed by ``_<mask>`` when the mask is not
-        the soft one, ``_<guide>`` when the guide is not ``study`` and ``_random_mask`` for that control
-        (``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner``, ``ppi_wbp_random_mask``).
+        the soft one, ``_<guide>`` when the guide is not ``study``, ``_<fill>`` when the fill is not ``zero``
+        and ``_random_mask`` for that control (``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner``,
+        ``ppi_wbp_other_class``, ``ppi_wbp_random_mask``).
         """
         if not self.enabled:
             return "random_erasing" if self.random_erasing else "baseline"
         parts = [f"ppi_{self.saliency}"]
         parts += [] if self.mask == "soft" else [self.mask]
         parts += [] if self.guide == "study" else [self.guide]
+        parts += [] if self.fill == "zero" else [self.fill]
         parts += [] if self.control == "none" else [self.control]
         return "_".join(parts)
 
@@ -239,7 +241,7 @@ def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
 
     Args:
         name: ``baseline``, ``random_erasing``, ``random_mask`` (the default PPI with its masks moved to random
-            places), or ``ppi_<saliency>[_<mask>][_<guide>][_random_mask]``.
+            places), or ``ppi_<saliency>[_<mask>][_<guide>][_<fill>][_random_mask]``.
         saliencies: the saliency method names.
 
     Raises:
@@ -259,6 +261,10 @@ def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
         tail = rest[len(saliency) + 1 :]
         if tail.endswith("random_mask"):
             fields_["control"], tail = "random_mask", tail.removesuffix("random_mask").rstrip("_")
+        for fill in FILLS:
+            if fill != "zero" and (tail == fill or tail.endswith("_" + fill)):
+                fields_["fill"], tail = fill, tail.removesuffix(fill).rstrip("_")
+                break
         for guide in GUIDES:
             if tail == guide or tail.endswith("_" + guide):
                 fields_["guide"], tail = guide, tail.removesuffix(guide).rstrip("_")
@@ -269,8 +275,9 @@ def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
             return fields_
     raise ValueError(
         f"unknown method '{name}': use baseline, random_erasing, random_mask or "
-        f"ppi_<saliency>[_<mask>][_<guide>][_random_mask] with saliency one of {', '.join(saliencies)}, mask one "
-        f"of {', '.join(MASKS)}, guide one of {', '.join(GUIDES)} (e.g. ppi_wbp, ppi_wbp_box, ppi_wbp_partner)"
+        f"ppi_<saliency>[_<mask>][_<guide>][_<fill>][_random_mask] with saliency one of {', '.join(saliencies)}, "
+        f"mask one of {', '.join(MASKS)}, guide one of {', '.join(GUIDES)}, fill one of {', '.join(FILLS[1:])} "
+        "(e.g. ppi_wbp, ppi_wbp_box, ppi_wbp_partner, ppi_wbp_other_class)"
     )
 
 
