@@ -141,7 +141,14 @@ def _plot(runs: dict[str, list[dict]], path: Path) -> None:
     for ax, (group, items) in zip(axes[0], runs.items()):
         for run in sorted(items, key=lambda r: r["seed"]):
             epochs = sorted(run["val"])
-            ax.plot(epochs, [run["val"][e] for e in epochs], marker=".", lw=1, label=f"seed {run['seed']}")
+            ax.plot(
+                epochs,
+                [run["val"][e] for e in epochs],
+                marker=".",
+                lw=1,
+                color=f"C{run['seed'] % 10}",
+                label=f"seed {run['seed']}",
+            )
         w = items[0]["warmup"] if items else 0
         if w:
             ax.axvline(w + 0.5, color="grey", ls="--", lw=1)

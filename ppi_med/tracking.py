@@ -73,6 +73,26 @@ def server_problem(uri: str, timeout: float = 5.0) -> str | None:
         return str(getattr(err, "reason", err))
 
 
+def _create_sqlite_store(uri: str | None) -> None:
+    """Create the SQLite store of ``uri`` (``sqlite:///path``) once, with the other processes waiting on a lock."""
+    if not uri or not str(uri).startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    path = Path(str(uri).removeprefix("sqlite:///"))
+    if not path.is_absolute():  # sqlite:///relative/path
+        path = Path.cwd() / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".init-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=str(uri)).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
     """Stop early, naming the URI, when a tracking server (``http(s)://``) does not answer; local stores pass.
 
@@ -80,10 +100,15 @@ def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
         uri: the tracking URI (``None``: MLflow's default, not checked).
         timeout: seconds to wait for the server.
 
+    A local SQLite store that does not exist yet is created here, under a file lock: MLflow builds its
+    tables on first use, and two processes doing that at once (site CV shards started together on a fresh
+    store) break the schema migration of one of them.
+
     Raises:
         TrackingServerError: the server does not answer ``/health``.
     """
     if not _is_remote(uri):
+        _create_sqlite_store(uri)
         return
     problem = server_problem(str(uri), timeout)
     if problem is not None:

@@ -105,8 +105,7 @@ class PPIConfig:
             record with an outline loses the outline in ``x*`` and its salient region outside the outline in
             ``x'`` (others as ``own``); ``site``: the salient region's site-specific part (salient at the
             sample's site, not at other sites, for the same class) is removed in ``x'``, the rest in ``x*``;
-            ``study``: per sample, ``annotation`` where it has an outline, else ``site`` where the batch names
-            sites, else ``own``.
+            ``study``: ``annotation`` for the records with an outline, no contrast for the others.
         fill: what a removed region becomes: ``zero``, ``mean``, ``blur``, ``noise`` or ``other_class``
             (:func:`ppi_med.ppi.interventions.fill_values`).
         blur_sigma: the ``blur`` fill's Gaussian, in voxels.
@@ -433,7 +432,7 @@ class PPIObjective:
             epoch: the current epoch for the warm-up schedule.
             loss_function: ``L_cls(logits, y)`` (a MONAI trainer's ``loss_function``); default cross-entropy.
                 The contrast and adversarial terms are the method's own and keep theirs.
-            sites: each sample's site (the ``site`` and ``study`` guides).
+            sites: each sample's site (the ``site`` guide).
             annotation: outlines ``(N, 1, *spatial)`` in ``[0, 1]`` (the ``annotation`` and ``study`` guides).
             annotated: ``(N,)``, true where the record has an outline (an all-zero outline of a record without
                 one is not "no finding").
@@ -494,7 +493,7 @@ class PPIObjective:
         else:
             x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(x, y, mask, fill, sites, annotation, annotated)
         y_neg = y
-        if cfg.contrast_classes is not None:  # boolean indexing waits for the device: only when classes are chosen
+        if cfg.contrast_classes is not None and x_neg.shape[0]:  # boolean indexing waits: only when classes are chosen
             keep = _member(y, cfg.contrast_classes)
             x_neg, y_neg, con_w = x_neg[keep], y[keep], con_w[keep]
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
@@ -562,6 +561,8 @@ class PPIObjective:
             a_ev, a_nu = annotation_regions(mask, outline)
             evidence = torch.where(has, a_ev, evidence)
             nuisance = torch.where(has, a_nu, torch.zeros_like(mask) if nuisance is None else nuisance)
+        if cfg.guide == "study" and annotation is None:  # nothing known about any record: no contrast at all
+            return x[:0], x[:0], y[:0], mask.new_zeros(0), mask.new_zeros(0)
         # a sample takes part in a contrast only if its region removes at least one voxel's worth
         evidence = self._random(evidence)
         con_w = (evidence.detach().reshape(n, -1).sum(dim=1) >= 1).to(x.dtype)
