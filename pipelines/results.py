@@ -65,9 +65,9 @@ __all__ = ["PARTS", "PROFILES", "Job", "Profile", "build_jobs", "main", "run_job
 PARTS = ("ga", "sites", "lidc", "saliency", "shortcut", "cost")
 SALIENCIES = ("gradient", "input_x_gradient", "gradcam", "lrp", "wbp")
 LIDC_MASKS = ("soft", "soft_adaptive", "hard", "box")
-CONTROLS = ("ppi_wbp_partner", "random_mask", "random_erasing")
-#: the outline study's methods: the default (zero fill), the other-class fill, and both at random places
-OUTLINE_METHODS = ("baseline", "ppi", "ppi:fill=other_class", "random_mask", "ppi:fill=other_class,control=random_mask")
+CONTROLS = ("ppi_wbp_partner_zero", "random_mask", "random_erasing")
+#: the outline study's methods: the default (other-class fill), the zero fill, and the default at random places
+OUTLINE_METHODS = ("baseline", "ppi", "ppi:fill=zero", "random_mask")
 ROOT = Path(__file__).resolve().parents[1]
 GPU_FIGURES = ROOT / "docs" / "gpu"
 EXPERIMENTS = ("results_ga", "results_site_cv", "results_lidc", "results_saliency", "results_shortcut")
@@ -96,7 +96,7 @@ class Profile:
         saliencies: the PPI saliencies of the GA table.
         lidc_masks: the PPI-WBP masks of the LIDC table.
         ga_controls, site_controls: the other methods of the GA table and the site studies: the pairing of the
-            earlier default (``ppi_wbp_partner``) and the two controls (docs/DESIGN.md section 4.5).
+            earlier default (``ppi_wbp_partner_zero``) and the two controls (docs/DESIGN.md section 4.5).
     """
 
     seeds: int

@@ -195,9 +195,9 @@ def method_config(spec: str, base: dict[str, Any] | None = None) -> PPIConfig:
 
 
 #: the method's own formulation: partner = the batch rolled by one, x* loses the whole salient region, no warm-up
-METHOD_FORM = "ppi:guide=partner,partner=roll,exclusive=False,warmup_epochs=0"
+METHOD_FORM = "ppi:guide=partner,partner=roll,exclusive=False,warmup_epochs=0,fill=zero"
 #: the project's default before the guides (same-class partner, exclusive negative contrast)
-PARTNER_FORM = "ppi:guide=partner"
+PARTNER_FORM = "ppi:guide=partner,fill=zero"
 #: methods named without fields: the baseline and the two controls of docs/DESIGN.md section 4.5
 NAMED: dict[str, dict[str, Any]] = {
     "baseline": {"enabled": False},

@@ -213,7 +213,7 @@ def test_contrast_loss_flip_is_cross_entropy_against_the_other_class() -> None:
 
 
 #: the method's own formulation (section 2.3.1): partner = batch rolled by one, x* loses the whole salient region
-METHOD_FORM = {"guide": "partner", "partner": "roll", "exclusive": False}
+METHOD_FORM = {"guide": "partner", "partner": "roll", "exclusive": False, "fill": "zero"}
 
 
 def _net(classes: int = 2, seed: int = 0) -> nn.Sequential:
@@ -509,7 +509,7 @@ def _recorded(cfg: PPIConfig, k: float = 2.0, magnitude: bool = False):
 
 
 def test_same_class_adversarial_uses_a_partner_of_the_same_label() -> None:
-    cfg = PPIConfig(mask="hard", k_std=2.0, guide="partner", partner="same_class", exclusive=False)
+    cfg = PPIConfig(mask="hard", k_std=2.0, guide="partner", fill="zero", partner="same_class", exclusive=False)
     model, x, y, out, mask, fed = _recorded(cfg)
     i, j = adversarial_partners(y, "same_class")
     x_adv = fed[x.shape[0] :]
@@ -521,7 +521,7 @@ def test_same_class_adversarial_uses_a_partner_of_the_same_label() -> None:
 
 
 def test_exclusive_negative_contrast_keeps_what_the_partner_finds_salient_too() -> None:
-    cfg = PPIConfig(mask="hard", k_std=2.0, guide="partner", partner="same_class", exclusive=True)
+    cfg = PPIConfig(mask="hard", k_std=2.0, guide="partner", fill="zero", partner="same_class", exclusive=True)
     _, x, y, _, mask, fed = _recorded(cfg)
     i, j = adversarial_partners(y, "same_class")
     own = mask.clone()

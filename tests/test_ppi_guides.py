@@ -118,7 +118,7 @@ def test_guided_objective_removes_evidence_in_x_star_and_nuisance_in_x_prime() -
     outline = torch.zeros(4, 1, 8, 8)
     outline[0, :, 2:4, 2:4] = 1
     annotated = torch.tensor([True, True, False, False])
-    cfg = PPIConfig(guide="annotation", annotation_dilate=0, warmup_epochs=0)
+    cfg = PPIConfig(guide="annotation", fill="zero", annotation_dilate=0, warmup_epochs=0)
     out = PPIObjective(cfg)(model, x, y, epoch=1, annotation=outline, annotated=annotated)
     contrasts = rec.inputs[-1]
     x_neg, x_adv = contrasts[:4], contrasts[4:]
@@ -155,7 +155,7 @@ def test_random_mask_control_removes_the_same_area_elsewhere() -> None:
     for control in ("none", "random_mask"):
         model = _net()
         rec = _Recorder(model)
-        cfg = PPIConfig(guide="annotation", annotation_dilate=0, control=control, warmup_epochs=0)
+        cfg = PPIConfig(guide="annotation", fill="zero", annotation_dilate=0, control=control, warmup_epochs=0)
         PPIObjective(cfg, generator=torch.Generator().manual_seed(0))(
             model, x, y, epoch=1, annotation=outline, annotated=torch.ones(4, dtype=torch.bool)
         )
@@ -274,3 +274,25 @@ def test_ga_bundle_batches_carry_outlines_on_the_image_grid_and_sites(tmp_path, 
     gae = (batch["label"] == 1) & batch["annotated"]
     assert bool(gae.any()) and all(float(a.sum()) > 0 for a in batch["annotation"][gae])
     assert float(batch["annotation"][batch["label"] == 0].sum()) == 0.0  # no GA, nothing outlined
+
+
+def test_other_class_fill_puts_other_class_content_in_x_star_only() -> None:
+    """x* (must lose the label) takes another class's voxels; x' (must keep it) never does, unless asked."""
+    x = torch.stack([torch.full((1, 6, 6), v) for v in (1.0, 2.0, 3.0, 4.0)])
+    y = torch.tensor([1, 0, 1, 0])
+    outline = torch.zeros(4, 1, 6, 6)
+    outline[:, :, 2:4, 2:4] = 1
+    seen = {}
+    for adversarial in (None, "other_class"):
+        model = _net()
+        rec = _Recorder(model)
+        cfg = PPIConfig(guide="annotation", fill="other_class", adversarial_fill=adversarial, annotation_dilate=0)
+        PPIObjective(cfg)(model, x, y, epoch=5, annotation=outline, annotated=torch.ones(4, dtype=torch.bool))
+        seen[adversarial] = rec.inputs[-1]
+    x_neg, x_adv = seen[None][:4], seen[None][4:]
+    donors = other_class_donors(y)
+    torch.testing.assert_close(x_neg[:, :, 2:4, 2:4], x[donors][:, :, 2:4, 2:4])
+    # x' blends each image with zeros only (soft masks): every voxel between 0 and its own value
+    assert bool(((x_adv >= 0) & (x_adv <= x + 1e-6)).all())
+    # asked to, x' takes the donors' voxels: sample 0 (value 1) gets some of sample 3's 4.0
+    assert float(seen["other_class"][4:][0].max()) > 1.5

@@ -115,15 +115,15 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
 
 @pytest.mark.parametrize(
     ("spec", "outline_share"),
-    [("ppi:guide=partner", 0.0), ("ppi:fill=other_class", 1.0)],
-    ids=["partner-form", "outlined-other-class-fill"],
+    [("ppi:guide=partner", 0.0), ("ppi", 1.0)],
+    ids=["partner-form", "default-outlined"],
 )
 def test_ppi_moves_the_model_off_the_shortcut(spec: str, outline_share: float):
     """The project's claim, on real digits: the cue-reversed AUC rises well above the baseline's for every
-    seed, and the cue-free AUC does not suffer, with the partner form (no outlines) and with the annotation
-    guide where every training digit's strokes are its outline. The method's own form (batch rolled by one,
-    the whole salient region removed in x*) and the default's zero fill with outlines gain nothing here, so
-    this fails for them."""
+    seed, and the cue-free AUC does not suffer, with the partner form (no outlines) and with the default
+    (outline guide, other-class fill) where every training digit's strokes are its outline. The method's own
+    form (batch rolled by one, the whole salient region removed in x*) and the outline guide with the zero
+    fill gain nothing here, so this fails for them."""
     cfg = ShortcutConfig(cue="patch", seeds=2, epochs=12, outline_share=outline_share)
     gains, free_diffs, shares = [], [], []
     for seed in range(cfg.seeds):

@@ -57,6 +57,8 @@ PARTNERS = ("roll", "same_class")
 #: where the removed regions come from (docs/DESIGN.md section 4.3)
 GUIDES = ("study", "annotation", "site", "own", "partner")
 CONTROLS = ("none", "random_mask")
+#: the fill a method name leaves unsaid (docs/DESIGN.md section 4.7 says why it is the default)
+DEFAULT_FILL = "other_class"
 
 
 def _as_bool(value: Any, name: str) -> bool:
@@ -108,6 +110,10 @@ class PPIConfig:
             ``study``: ``annotation`` for the records with an outline, no contrast for the others.
         fill: what a removed region becomes: ``zero``, ``mean``, ``blur``, ``noise`` or ``other_class``
             (:func:`ppi_med.ppi.interventions.fill_values`).
+        adversarial_fill: what a region removed in ``x'`` becomes; ``None``: as ``fill``, except that
+            ``other_class`` gives ``zero`` there. ``x'`` must keep its label, and another class's content put
+            in its place could carry that class's evidence into it (measured on the fixed-evidence set of
+            ``tests/test_ppi_fixed_evidence.py``: -0.05 cue-free AUC with ``other_class`` in ``x'`` too).
         blur_sigma: the ``blur`` fill's Gaussian, in voxels.
         annotation_dilate: voxels an outline is grown by before it is removed (a lesion's rim is evidence too).
         site_momentum: momentum of the per-(site, class) saliency means of the ``site`` guide.
@@ -147,7 +153,8 @@ class PPIConfig:
     contrast_loss: str = "flip"
     partner: str = "same_class"
     guide: str = "study"
-    fill: str = "zero"
+    fill: str = DEFAULT_FILL
+    adversarial_fill: str | None = None
     blur_sigma: float = 2.0
     annotation_dilate: int = 1
     site_momentum: float = 0.9
@@ -185,6 +192,8 @@ class PPIConfig:
             raise ValueError(f"PPI guide must be one of {GUIDES}, got '{self.guide}'")
         if self.fill not in FILLS:
             raise ValueError(f"PPI fill must be one of {FILLS}, got '{self.fill}'")
+        if self.adversarial_fill is not None and self.adversarial_fill not in FILLS:
+            raise ValueError(f"PPI adversarial_fill must be one of {FILLS} or null, got '{self.adversarial_fill}'")
         if self.contrast_norm not in ("batch", "running"):
             raise ValueError(f"PPI contrast_norm must be 'batch' or 'running', got '{self.contrast_norm}'")
         if self.control not in CONTROLS:
@@ -218,8 +227,8 @@ class PPIConfig:
         """The method's name, as runs are tagged and site CV spells it.
 
         ``baseline``, ``random_erasing``, or ``ppi_<saliency>`` followed by ``_<mask>`` when the mask is not
-        the soft one, ``_<guide>`` when the guide is not ``study``, ``_<fill>`` when the fill is not ``zero``
-        and ``_random_mask`` for that control (``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner``,
+        the soft one, ``_<guide>`` when the guide is not ``study``, ``_<fill>`` when the fill is not
+        :data:`DEFAULT_FILL` and ``_random_mask`` for that control (``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner``,
         ``ppi_wbp_other_class``, ``ppi_wbp_random_mask``).
         """
         if not self.enabled:
@@ -227,7 +236,7 @@ class PPIConfig:
         parts = [f"ppi_{self.saliency}"]
         parts += [] if self.mask == "soft" else [self.mask]
         parts += [] if self.guide == "study" else [self.guide]
-        parts += [] if self.fill == "zero" else [self.fill]
+        parts += [] if self.fill == DEFAULT_FILL else [self.fill]
         parts += [] if self.control == "none" else [self.control]
         return "_".join(parts)
 
@@ -261,7 +270,7 @@ def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
         if tail.endswith("random_mask"):
             fields_["control"], tail = "random_mask", tail.removesuffix("random_mask").rstrip("_")
         for fill in FILLS:
-            if fill != "zero" and (tail == fill or tail.endswith("_" + fill)):
+            if fill != DEFAULT_FILL and (tail == fill or tail.endswith("_" + fill)):
                 fields_["fill"], tail = fill, tail.removesuffix(fill).rstrip("_")
                 break
         for guide in GUIDES:
@@ -275,7 +284,8 @@ def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
     raise ValueError(
         f"unknown method '{name}': use baseline, random_erasing, random_mask or "
         f"ppi_<saliency>[_<mask>][_<guide>][_<fill>][_random_mask] with saliency one of {', '.join(saliencies)}, "
-        f"mask one of {', '.join(MASKS)}, guide one of {', '.join(GUIDES)}, fill one of {', '.join(FILLS[1:])} "
+        f"mask one of {', '.join(MASKS)}, guide one of {', '.join(GUIDES)}, "
+        f"fill one of {', '.join(f for f in FILLS if f != DEFAULT_FILL)} "
         "(e.g. ppi_wbp, ppi_wbp_box, ppi_wbp_partner, ppi_wbp_other_class)"
     )
 
@@ -483,15 +493,15 @@ class PPIObjective:
             topk=cfg.topk,
         )
         mask = dilate(mask, cfg.dilate)
-        fill = (
-            None
-            if cfg.fill == "zero"
-            else fill_values(x, cfg.fill, y=y, blur_sigma=cfg.blur_sigma, generator=self.generator)
-        )
+        fill = self._fill(x, y, cfg.fill)
+        ad_kind = cfg.adversarial_fill or ("zero" if cfg.fill == "other_class" else cfg.fill)
+        ad_fill = fill if ad_kind == cfg.fill else self._fill(x, y, ad_kind)
         if cfg.guide == "partner":
-            x_neg, x_adv, y_adv, con_w, ad_w = self._partner_contrasts(x, y, mask, i, j, fill)
+            x_neg, x_adv, y_adv, con_w, ad_w = self._partner_contrasts(x, y, mask, i, j, (fill, ad_fill))
         else:
-            x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(x, y, mask, fill, sites, annotation, annotated)
+            x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(
+                x, y, mask, (fill, ad_fill), sites, annotation, annotated
+            )
         y_neg = y
         if cfg.contrast_classes is not None and x_neg.shape[0]:  # boolean indexing waits: only when classes are chosen
             keep = _member(y, cfg.contrast_classes)
@@ -518,10 +528,15 @@ class PPIObjective:
             parts["loss_conflict"] = extra
         return PPIOutput(total, parts, logits, s.detach())
 
+    def _fill(self, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor | None:
+        if kind == "zero":
+            return None
+        return fill_values(x, kind, y=y, blur_sigma=self.config.blur_sigma, generator=self.generator)
+
     def _random(self, region: torch.Tensor) -> torch.Tensor:
         return relocate(region, self.generator) if self.config.control == "random_mask" else region
 
-    def _partner_contrasts(self, x, y, mask, i, j, fill):
+    def _partner_contrasts(self, x, y, mask, i, j, fills):
         """The method's pairing: ``x*`` loses the salient region (``exclusive`` of the partner's), ``x'_i`` its
         partner's salient region."""
         cfg = self.config
@@ -538,12 +553,13 @@ class PPIObjective:
         if cfg.exclusive and i.numel():
             # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
             neg_mask = mask.index_put((i,), mask[i] * (1 - mask[j]))
+        fill, ad_fill = fills
         x_neg = intervene(x, self._random(neg_mask), fill)
-        x_adv = intervene(x[i], self._random(mask[j]), None if fill is None else fill[i])
+        x_adv = intervene(x[i], self._random(mask[j]), None if ad_fill is None else ad_fill[i])
         ones = torch.ones(n, device=x.device)
         return x_neg, x_adv, y[i], ones, ones[: i.numel()]
 
-    def _guided_contrasts(self, x, y, mask, fill, sites, annotation, annotated):
+    def _guided_contrasts(self, x, y, mask, fills, sites, annotation, annotated):
         """Per sample: evidence removed in ``x*``, nuisance removed in ``x'`` (docs/DESIGN.md section 4.3)."""
         cfg = self.config
         n = x.shape[0]
@@ -566,9 +582,10 @@ class PPIObjective:
         # a sample takes part in a contrast only if its region removes at least one voxel's worth
         evidence = self._random(evidence)
         con_w = (evidence.detach().reshape(n, -1).sum(dim=1) >= 1).to(x.dtype)
+        fill, ad_fill = fills
         x_neg = intervene(x, evidence, fill)
         if nuisance is None:  # the study knows nothing that marks a region as not evidence: no x'
             return x_neg, x[:0], y[:0], con_w, con_w[:0]
         nuisance = self._random(nuisance)
         ad_w = (nuisance.detach().reshape(n, -1).sum(dim=1) >= 1).to(x.dtype)
-        return x_neg, intervene(x, nuisance, fill), y, con_w, ad_w
+        return x_neg, intervene(x, nuisance, ad_fill), y, con_w, ad_w
