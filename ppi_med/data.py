@@ -75,7 +75,7 @@ def load_datalist(
         ndim: the dimensionality every NIfTI image must have (header only); ``None`` skips the check.
 
     Raises:
-        FileNotFoundError: no such datalist, or a record's image is missing on disk.
+        FileNotFoundError: no such datalist, or a record's image or mask is missing on disk.
         ValueError: malformed JSON, an empty list, missing keys, a label that is not the number 0 or 1 (a
             string or boolean included), or a NIfTI image that is not ``ndim``-D.
     """
@@ -114,6 +114,9 @@ def load_datalist(
             continue
         if not Path(item["image"]).exists():
             raise FileNotFoundError(f"{path}: record {i} points to a missing image {item['image']}")
+        if item.get("mask") and not Path(item["mask"]).exists():
+            # read later by PPI's outline guide and the localisation metrics, far from the datalist
+            raise FileNotFoundError(f"{path}: record {i} ({item['image']}) points to a missing mask {item['mask']}")
         if ndim is not None:
             try:
                 check_volume_shape(item["image"], ndim)

@@ -159,3 +159,11 @@ def test_fold_split_keeps_a_held_out_test_fold(tmp_path):
         fold_split(path, part="train", val_fold=1, test_fold=1)
     with pytest.raises(ValueError, match="test fold 7 holds no record"):
         fold_split(path, part="test", val_fold=0, test_fold=7)
+
+
+def test_a_record_pointing_to_a_missing_mask_is_named(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), str(tmp_path / "a.nii.gz"))
+    rec = {"image": "a.nii.gz", "mask": "a_mask.nii.gz", "label": 1}
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [rec]}))
+    with pytest.raises(FileNotFoundError, match=r"record 0 .*a\.nii\.gz.* missing mask .*a_mask\.nii\.gz"):
+        load_datalist(tmp_path / "datalist.json")

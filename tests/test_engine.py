@@ -21,7 +21,17 @@ def _net() -> nn.Module:
 
 def _trainer(iteration: PPIIteration, amp: bool = False, steps: int = 3) -> tuple[SupervisedTrainer, list[dict]]:
     torch.manual_seed(1)
-    data = [{"image": torch.randn(4, 1, 12, 12), "label": torch.tensor([0, 1, 0, 1])} for _ in range(steps)]
+    outline = torch.zeros(4, 1, 12, 12)
+    outline[1::2, :, 3:7, 3:7] = 1  # the positives' outlines, which the default guide reads from the batch
+    data = [
+        {
+            "image": torch.randn(4, 1, 12, 12),
+            "label": torch.tensor([0, 1, 0, 1]),
+            "annotation": outline,
+            "annotated": torch.ones(4, dtype=torch.bool),
+        }
+        for _ in range(steps)
+    ]
     net = _net()
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),

@@ -82,7 +82,8 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
     jobs = build_jobs(tmp_path, PROFILES["full"], ["ga", "saliency", "lidc", "sites", "shortcut", "cost"], "sqlite://")
     names = {j.name for j in jobs}
     ga = {n for n in names if n.startswith("ga-")}
-    assert len(ga) == 6 * 3 and "ga-ppi_gradcam-s2" in ga
+    # baseline, five saliencies and the three controls of docs/DESIGN.md section 4.5, 3 seeds
+    assert len(ga) == 9 * 3 and {"ga-ppi_gradcam-s2", "ga-random_mask-s0", "ga-ppi_wbp_partner_zero-s1"} <= ga
     lidc = [j for j in jobs if j.part == "lidc"]
     assert len(lidc) == 5 * 5
     # each rotation holds out the fold after the one that chooses the checkpoint

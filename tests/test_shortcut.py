@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipelines.shortcut import (
+    PARTNER_FORM,
     ShortcutConfig,
     ShortcutError,
     main,
@@ -115,7 +116,7 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
 
 @pytest.mark.parametrize(
     ("spec", "outline_share"),
-    [("ppi:guide=partner", 0.0), ("ppi", 1.0)],
+    [(PARTNER_FORM, 0.0), ("ppi", 1.0)],
     ids=["partner-form", "default-outlined"],
 )
 def test_ppi_moves_the_model_off_the_shortcut(spec: str, outline_share: float):

@@ -561,7 +561,7 @@ def test_a_site_with_one_class_is_reported_not_a_crash(cv_twice, tmp_path, monke
     source = cv_twice["tmp"] / "data" / "datalist.json"
     records = json.loads(source.read_text())["training"]
     kept = [
-        dict(r, image=str((source.parent / r["image"]).resolve()))
+        dict(r, image=str((source.parent / r["image"]).resolve()), mask=str((source.parent / r["mask"]).resolve()))
         for r in records
         if r["site"] == "A" or r["label"] == 0
     ]
