@@ -27,6 +27,7 @@ from .cv_tables import STAT_COLUMNS, SiteCVTables  # noqa: E402
 __all__ = [
     "format_matrix",
     "markdown_matrix",
+    "mean_sd",
     "method_title",
     "plot_auc_heatmaps",
     "plot_pvalue_heatmap",
@@ -35,6 +36,14 @@ __all__ = [
     "markdown_report",
     "write_tables",
 ]
+
+
+def mean_sd(values: Sequence[float]) -> str:
+    """``mean ± sd`` (sample sd) of the finite values, three decimals; one value alone; ``n/a`` for none."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if not len(v):
+        return "n/a"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
 def method_title(method: str) -> str:

@@ -60,6 +60,8 @@ from ppi_med.saliency import METHODS
 from ppi_med.stats import auc_ci, delong_test
 from ppi_med.tracking import ensure_experiment, git_commit
 
+from .report import mean_sd
+
 __all__ = ["PARTS", "PROFILES", "Job", "Profile", "build_jobs", "main", "run_jobs", "write_report"]
 
 PARTS = ("ga", "sites", "lidc", "saliency", "shortcut", "cost")
@@ -514,13 +516,6 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _mean_sd(values: Sequence[float]) -> str:
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
-    if not len(v):
-        return "n/a"
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
-
 def _predictions(out: Path, job: str) -> pd.DataFrame | None:
     found = sorted((out / "jobs" / job / "runs").glob("*/test_predictions.csv"))
     return pd.read_csv(found[-1]) if found else None
@@ -616,12 +611,12 @@ def _ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str
             vals.append(metrics[(m, s)].get("best_val_auc", np.nan))
         pcol = "" if m == "baseline" else ", ".join(_fmt(x) for x in ps)
         goals[f"ga_{m}"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else np.nan
-        lines.append(f"| {m} | {_mean_sd(aucs)} | {', '.join(_fmt(a) for a in aucs)} | {pcol} | {_mean_sd(vals)} |")
+        lines.append(f"| {m} | {mean_sd(aucs)} | {', '.join(_fmt(a) for a in aucs)} | {pcol} | {mean_sd(vals)} |")
     ref = [metrics[("baseline", s)].get("ref_test_auc", np.nan) for s in seeds if ("baseline", s) in metrics]
     goals["ga_reference"] = float(np.nanmean(ref)) if np.isfinite(ref).any() else np.nan
     n = [len(preds[("baseline", s)]) for s in seeds if preds.get(("baseline", s)) is not None]
     lines += [
-        f"| linear reference | {_mean_sd(ref)} | {', '.join(_fmt(a) for a in ref)} | | |",
+        f"| linear reference | {mean_sd(ref)} | {', '.join(_fmt(a) for a in ref)} | | |",
         "",
         f"Test eyes per seed: {', '.join(map(str, n))}.",
         "",
@@ -748,7 +743,7 @@ def _lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[s
         lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {p} | {folds} |")
         goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
     lines += [
-        f"| linear reference (mean over folds) | {_mean_sd(ref)} | | {', '.join(_fmt(a, 2) for a in ref)} |",
+        f"| linear reference (mean over folds) | {mean_sd(ref)} | | {', '.join(_fmt(a, 2) for a in ref)} |",
         "",
     ]
     return lines

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ppi_med.annotations import choose_outlined
 from ppi_med.cues import CUE_KINDS, SpuriousCue, cue_flags
 from ppi_med.ppi import PPIConfig
 from ppi_med.ppi.interventions import FILLS
@@ -342,13 +343,8 @@ def make_data(cfg: ShortcutConfig, seed: int, val_fraction: float = 0.2, test_fr
     train = sets.pop("train")
     # the digit's strokes are its evidence; a seeded share per class counts as outlined
     outline = (images[idx_train] > 0.15).float()
-    outlined = torch.zeros(len(idx_train), dtype=torch.bool)
-    y_train = labels[idx_train]
-    pick = np.random.default_rng([seed, 1]).random(len(idx_train))
-    for c in (0, 1):
-        members = np.flatnonzero(y_train == c)
-        order = members[np.argsort(pick[members])]
-        outlined[torch.as_tensor(order[: round(cfg.outline_share * len(members))], dtype=torch.long)] = True
+    keep = choose_outlined(labels[idx_train], cfg.outline_share, np.random.default_rng([seed, 1]))
+    outlined = torch.as_tensor(keep)
     return ShortcutData(train=train, tests=sets, cue_masks=masks, train_outline=outline, train_outlined=outlined)
 
 

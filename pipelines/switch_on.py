@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .report import mean_sd
+
 __all__ = ["read_run", "summarise", "main"]
 
 
@@ -96,10 +98,6 @@ def _delong_p(ref: pd.DataFrame | None, other: pd.DataFrame | None) -> float:
     return delong_test(both["label"], both["prob_ref"], both["prob"]).p_value
 
 
-def _mean_sd(values: pd.Series) -> str:
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
-
-
 def summarise(rows: pd.DataFrame, runs: dict[str, list[dict]] | None = None) -> pd.DataFrame:
     """Mean ± sd per group, the test AUC's paired difference to the first group over shared seeds and, with
     ``runs``, DeLong's paired p-value against the first group per seed (the same held-out eyes)."""
@@ -111,7 +109,7 @@ def summarise(rows: pd.DataFrame, runs: dict[str, list[dict]] | None = None) -> 
         paired = sub.set_index("seed")["test_auc"].sub(ref).dropna()
         rec = {"group": group, "seeds": len(sub)}
         for col in ("val_before", "val_first", "largest_fall", "best_val", "test_auc"):
-            rec[col] = _mean_sd(sub[col])
+            rec[col] = mean_sd(sub[col])
         rec["test_delta"] = f"{paired.mean():+.3f} ({len(paired)} seeds)" if group != ref_name else ""
         if runs is not None:
             ps = [

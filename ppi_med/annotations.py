@@ -18,7 +18,35 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["keep_outlines", "Outlined"]
+__all__ = ["choose_outlined", "keep_outlines", "Outlined"]
+
+
+def choose_outlined(labels: Sequence[Any], share: float, rng: np.random.Generator) -> np.ndarray:
+    """Which entries keep their outline: a random ``share`` of each label's entries, nested across shares.
+
+    Each entry draws one random key; within a label the entries with the smallest keys are kept, so a larger
+    share keeps a superset of a smaller one's entries.
+
+    Args:
+        labels: one label per entry.
+        share: the share kept per label (0 to 1).
+        rng: the random source (one ``random`` draw per entry).
+
+    Returns:
+        A boolean array, one entry per label.
+
+    Raises:
+        ValueError: a share outside [0, 1].
+    """
+    if not 0.0 <= float(share) <= 1.0:
+        raise ValueError(f"the share of records that keep their outline must lie in [0, 1], got {share}")
+    labels = np.asarray(labels, dtype=object)
+    keys = rng.random(len(labels))
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in sorted(set(labels.tolist()), key=str):
+        members = np.flatnonzero(labels == label)
+        keep[members[np.argsort(keys[members])][: round(float(share) * len(members))]] = True
+    return keep
 
 
 def keep_outlines(
@@ -35,18 +63,11 @@ def keep_outlines(
     Raises:
         ValueError: a share outside [0, 1].
     """
-    if not 0.0 <= float(share) <= 1.0:
-        raise ValueError(f"the share of records that keep their outline must lie in [0, 1], got {share}")
     out = [dict(r) for r in records]
-    by_label: dict[Any, list[int]] = {}
-    for i, r in enumerate(out):
-        if r.get(key):
-            by_label.setdefault(r.get("label"), []).append(i)
-    rng = np.random.default_rng(seed)
-    for label in sorted(by_label, key=str):
-        idx = by_label[label]
-        order = [idx[k] for k in rng.permutation(len(idx))]
-        for i in order[round(float(share) * len(idx)) :]:
+    outlined = [i for i, r in enumerate(out) if r.get(key)]
+    keep = choose_outlined([out[i].get("label") for i in outlined], share, np.random.default_rng(seed))
+    for i, kept in zip(outlined, keep):
+        if not kept:
             del out[i][key]
     return out
 

@@ -229,7 +229,7 @@ class PPIConfig:
         ``baseline``, ``random_erasing``, or ``ppi_<saliency>`` followed by ``_<mask>`` when the mask is not
         the soft one, ``_<guide>`` when the guide is not ``study``, ``_<fill>`` when the fill is not
         :data:`DEFAULT_FILL` and ``_random_mask`` for that control (``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner``,
-        ``ppi_wbp_other_class``, ``ppi_wbp_random_mask``).
+        ``ppi_wbp_zero``, ``ppi_wbp_random_mask``).
         """
         if not self.enabled:
             return "random_erasing" if self.random_erasing else "baseline"
@@ -286,7 +286,7 @@ def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
         f"ppi_<saliency>[_<mask>][_<guide>][_<fill>][_random_mask] with saliency one of {', '.join(saliencies)}, "
         f"mask one of {', '.join(MASKS)}, guide one of {', '.join(GUIDES)}, "
         f"fill one of {', '.join(f for f in FILLS if f != DEFAULT_FILL)} "
-        "(e.g. ppi_wbp, ppi_wbp_box, ppi_wbp_partner, ppi_wbp_other_class)"
+        "(e.g. ppi_wbp, ppi_wbp_box, ppi_wbp_partner_zero, ppi_wbp_zero)"
     )
 
 
@@ -493,15 +493,10 @@ class PPIObjective:
             topk=cfg.topk,
         )
         mask = dilate(mask, cfg.dilate)
-        fill = self._fill(x, y, cfg.fill)
-        ad_kind = cfg.adversarial_fill or ("zero" if cfg.fill == "other_class" else cfg.fill)
-        ad_fill = fill if ad_kind == cfg.fill else self._fill(x, y, ad_kind)
         if cfg.guide == "partner":
-            x_neg, x_adv, y_adv, con_w, ad_w = self._partner_contrasts(x, y, mask, i, j, (fill, ad_fill))
+            x_neg, x_adv, y_adv, con_w, ad_w = self._partner_contrasts(x, y, mask, i, j)
         else:
-            x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(
-                x, y, mask, (fill, ad_fill), sites, annotation, annotated
-            )
+            x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(x, y, mask, sites, annotation, annotated)
         y_neg = y
         if cfg.contrast_classes is not None and x_neg.shape[0]:  # boolean indexing waits: only when classes are chosen
             keep = _member(y, cfg.contrast_classes)
@@ -528,15 +523,25 @@ class PPIObjective:
             parts["loss_conflict"] = extra
         return PPIOutput(total, parts, logits, s.detach())
 
-    def _fill(self, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor | None:
-        if kind == "zero":
-            return None
-        return fill_values(x, kind, y=y, blur_sigma=self.config.blur_sigma, generator=self.generator)
+    def _fills(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What ``x*`` and ``x'`` fill their removed regions with (``None``: zeros)."""
+        cfg = self.config
+
+        def values(kind: str) -> torch.Tensor | None:
+            return (
+                None
+                if kind == "zero"
+                else fill_values(x, kind, y=y, blur_sigma=cfg.blur_sigma, generator=self.generator)
+            )
+
+        fill = values(cfg.fill)
+        ad_kind = cfg.adversarial_fill or ("zero" if cfg.fill == "other_class" else cfg.fill)
+        return fill, (fill if ad_kind == cfg.fill else values(ad_kind))
 
     def _random(self, region: torch.Tensor) -> torch.Tensor:
         return relocate(region, self.generator) if self.config.control == "random_mask" else region
 
-    def _partner_contrasts(self, x, y, mask, i, j, fills):
+    def _partner_contrasts(self, x, y, mask, i, j):
         """The method's pairing: ``x*`` loses the salient region (``exclusive`` of the partner's), ``x'_i`` its
         partner's salient region."""
         cfg = self.config
@@ -553,36 +558,34 @@ class PPIObjective:
         if cfg.exclusive and i.numel():
             # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
             neg_mask = mask.index_put((i,), mask[i] * (1 - mask[j]))
-        fill, ad_fill = fills
+        fill, ad_fill = self._fills(x, y)
         x_neg = intervene(x, self._random(neg_mask), fill)
         x_adv = intervene(x[i], self._random(mask[j]), None if ad_fill is None else ad_fill[i])
         ones = torch.ones(n, device=x.device)
         return x_neg, x_adv, y[i], ones, ones[: i.numel()]
 
-    def _guided_contrasts(self, x, y, mask, fills, sites, annotation, annotated):
+    def _guided_contrasts(self, x, y, mask, sites, annotation, annotated):
         """Per sample: evidence removed in ``x*``, nuisance removed in ``x'`` (docs/DESIGN.md section 4.3)."""
         cfg = self.config
         n = x.shape[0]
+        if cfg.guide == "study" and annotation is None:  # nothing known about any record: no contrast at all
+            return x[:0], x[:0], y[:0], mask.new_zeros(0), mask.new_zeros(0)
         # the study guide intervenes only where the record says what its evidence is (docs/DESIGN.md 4.3)
         evidence, nuisance = (torch.zeros_like(mask) if cfg.guide == "study" else mask), None
         if cfg.guide == "site" and sites is not None:
             self.prototypes.update(mask, list(sites), y)
             evidence, nuisance = site_regions(mask, list(sites), y, self.prototypes)
         if cfg.guide in ("annotation", "study") and annotation is not None:
-            has = (
-                torch.ones(n, dtype=torch.bool, device=x.device) if annotated is None else annotated.reshape(-1).bool()
-            )
+            has = torch.ones(n, dtype=torch.bool) if annotated is None else annotated.reshape(-1).bool()
             has = has.to(x.device).reshape(n, *([1] * (x.ndim - 1)))
             outline = dilate(annotation.to(x.device, x.dtype), cfg.annotation_dilate).clamp(0, 1)
             a_ev, a_nu = annotation_regions(mask, outline)
             evidence = torch.where(has, a_ev, evidence)
             nuisance = torch.where(has, a_nu, torch.zeros_like(mask) if nuisance is None else nuisance)
-        if cfg.guide == "study" and annotation is None:  # nothing known about any record: no contrast at all
-            return x[:0], x[:0], y[:0], mask.new_zeros(0), mask.new_zeros(0)
         # a sample takes part in a contrast only if its region removes at least one voxel's worth
         evidence = self._random(evidence)
         con_w = (evidence.detach().reshape(n, -1).sum(dim=1) >= 1).to(x.dtype)
-        fill, ad_fill = fills
+        fill, ad_fill = self._fills(x, y)
         x_neg = intervene(x, evidence, fill)
         if nuisance is None:  # the study knows nothing that marks a region as not evidence: no x'
             return x_neg, x[:0], y[:0], con_w, con_w[:0]
