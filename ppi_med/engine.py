@@ -13,6 +13,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from .ppi import PPIConfig, PPIObjective
+from .robust import RobustLoss
 
 __all__ = ["PPIIteration", "EpochLossAverages", "SelectionWindow", "epoch_metrics"]
 
@@ -37,13 +38,21 @@ class PPIIteration:
     Args:
         ppi: a :class:`~ppi_med.ppi.PPIConfig` or a dict of its fields (e.g. straight from a bundle).
         amp_dtype: ``"bfloat16"`` or ``"float16"`` to force the AMP precision; ``None`` chooses as above.
+        robust: a comparator's loss (:class:`ppi_med.robust.RobustLoss`: GroupDRO, JTT) that replaces the
+            trainer's ``loss_function`` as ``L_cls``; ``None``: the trainer's own.
     """
 
-    def __init__(self, ppi: PPIConfig | dict[str, Any] | None = None, amp_dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        ppi: PPIConfig | dict[str, Any] | None = None,
+        amp_dtype: str | None = None,
+        robust: RobustLoss | None = None,
+    ) -> None:
         self.objective = PPIObjective(ppi)
         if amp_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"amp_dtype must be 'bfloat16', 'float16' or None, got {amp_dtype!r}")
         self.amp_dtype = amp_dtype
+        self.robust = robust
 
     @property
     def config(self) -> PPIConfig:
@@ -81,13 +90,16 @@ class PPIIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         autocast = {"dtype": self.autocast_dtype(inputs.device), **(engine.amp_kwargs or {})}
+        loss_function = engine.loss_function
+        if self.robust is not None:
+            loss_function = self.robust.for_batch(batchdata, targets) or loss_function
         with torch.autocast(device_type=inputs.device.type, enabled=bool(engine.amp), **autocast):
             out = self.objective(
                 engine.network,
                 inputs,
                 targets,
                 epoch=engine.state.epoch,
-                loss_function=engine.loss_function,
+                loss_function=loss_function,
                 **self.study_fields(batchdata, inputs.device),
             )
         # the PPI loss needs the saliency of the same forward, so prediction and loss are known together

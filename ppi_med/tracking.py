@@ -452,8 +452,10 @@ class RunTracker(MLFlowHandler):
         if self.summary_metric and self.evaluator is not None:
             best = getattr(self.evaluator.state, "best_metric", None)
             epoch = getattr(self.evaluator.state, "best_metric_epoch", None)
+            # the metric that chose the checkpoint (``val_worst_group_acc`` under worst_site selection)
+            name = getattr(self.evaluator.state, "key_metric_name", None) or self.summary_metric
             if best is not None and best > -1:
-                lines.append(f"best {self.summary_metric}: {best:.4f} (epoch {epoch})")
+                lines.append(f"best {name}: {best:.4f} (epoch {epoch})")
         if self.cur_run is None and self.offline is None:
             return
         run = self.client.get_run(self.cur_run.info.run_id) if self.cur_run is not None else None
