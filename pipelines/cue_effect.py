@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from data_prep.synth_oct import render_with_cue
 from ppi_med.data import load_datalist
+from ppi_med.tracking import metric_key
 
 from .cv_cells import TensorCache, predict_probabilities
 from .site_cv import SiteCVError
@@ -220,7 +221,7 @@ def _log(study: dict, out: Path, per_eye: pd.DataFrame) -> None:
 
     client = MlflowClient(tracking_uri=uri)
     for method, g in per_eye.groupby("method"):
-        client.log_metric(run_id, f"cue_effect_{method}", float(g.groupby("seed")["effect"].mean().mean()))
+        client.log_metric(run_id, metric_key(f"cue_effect_{method}"), float(g.groupby("seed")["effect"].mean().mean()))
     for name in ("cue_effect.md", "cue_effect.csv", "cue_effect_eyes.csv"):
         client.log_artifact(run_id, str(out / name), artifact_path="cue_effect")
 

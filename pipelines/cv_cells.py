@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,8 +32,9 @@ import numpy as np
 import pandas as pd
 
 from data_prep.atomic import write_json_atomic
-from ppi_med.ppi import method_fields
+from ppi_med.methods import method_settings
 from ppi_med.saliency import METHODS as SALIENCY_METHODS
+from ppi_med.tracking import metric_key
 
 from .cv_tables import cell_auc
 
@@ -88,22 +88,23 @@ def check_bundle(parser: Any, config_file: Path) -> None:
 
 
 def method_overrides(method: str) -> dict[str, Any]:
-    """The bundle overrides that make a method (the names of :func:`ppi_med.ppi.method_fields`).
+    """The bundle overrides that make a method (the names of :func:`ppi_med.methods.method_settings`).
 
     Args:
-        method: ``baseline``, ``random_erasing``, ``random_mask`` or ``ppi_<saliency>[_<mask>][_<guide>]``.
+        method: ``baseline``, ``random_erasing``, ``random_mask``, ``ppi_<saliency>[_<mask>][_<guide>]``, a
+            comparator (``groupdro``, ``jtt``, ``dfr``) or ``<PPI name>+<comparator>`` (``ppi_wbp+dfr``).
 
     Returns:
-        ``{"ppi#enabled": False}``, or ``ppi#<field>`` for each PPI field the name sets.
+        ``ppi#<field>`` for each PPI field the name sets, and ``robust#method``.
 
     Raises:
-        SiteCVError: an unknown method, saliency, mask or guide.
+        SiteCVError: an unknown method, saliency, mask, guide or comparator.
     """
     try:
-        fields_ = method_fields(method, SALIENCY_METHODS)
+        settings = method_settings(method, SALIENCY_METHODS)
     except ValueError as err:
         raise SiteCVError(str(err)) from err
-    return {f"ppi#{k}": v for k, v in fields_.items()}
+    return {f"{part}#{k}": v for part, fields_ in settings.items() for k, v in fields_.items()}
 
 
 def sha256_file(path: Path) -> str:
@@ -138,11 +139,6 @@ def cell_key(
     }
     text = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16], material
-
-
-def _metric_name(site: str) -> str:
-    """A site name as MLflow allows it in a metric key."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(site))
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -304,11 +300,13 @@ class CellRunner:
             # the diagonal: the bundle's test part when it has one, else the part that chose the checkpoint
             heldout = (parse("test#datalist") if "test" in wf.parser.config else None) or selection
             ckpt_dir = Path(parse("ckpt_dir"))
-            ckpts = {"best": ckpt_dir / "model_best.pt", "final": ckpt_dir / "model_final.pt"}
+            # the bundle names its chosen model when it is not model_best.pt (DFR's retrained head)
+            best = Path(parse("chosen_checkpoint")) if "chosen_checkpoint" in wf.parser else ckpt_dir / "model_best.pt"
+            ckpts = {"best": best, "final": ckpt_dir / "model_final.pt"}
             for name, path in ckpts.items():
                 if not path.is_file():
                     raise FileNotFoundError(f"{cell.label}: the bundle wrote no {name} checkpoint at {path}")
-            cases = self._test_cases(cell.site, heldout)
+            cases = self._test_cases(cell.site, heldout, selection)
             scores = predict_probabilities(
                 parse("network"),
                 parse("preprocessing"),
@@ -376,11 +374,13 @@ class CellRunner:
             epochs = max(epochs, math.ceil(self.study.min_steps / steps))
         return epochs, steps
 
-    def _test_cases(self, site: str, heldout: list[dict]) -> list[dict[str, Any]]:
-        """The training site's held-out records, then every record of every other site of the datalist."""
+    def _test_cases(self, site: str, heldout: list[dict], selection: list[dict]) -> list[dict[str, Any]]:
+        """The training site's held-out records, then every record of every other site of the datalist that
+        did not choose the checkpoint (``oracle`` selection validates on a part of another site)."""
         root = self.study.datalist.parent
         cases = []
-        elsewhere = [it for it in self.study.items if str(it.get("site")) != site]
+        chose = {str(it["image"]) for it in selection}
+        elsewhere = [it for it in self.study.items if str(it.get("site")) != site and str(it["image"]) not in chose]
         for role, records in (("heldout", heldout), ("site", elsewhere)):
             for it in records:
                 cases.append(
@@ -430,12 +430,12 @@ class CellRunner:
                 auc = cell_auc(g["label"].to_numpy(), g[f"score_{which}"].to_numpy())
                 aucs[which][str(site)] = None if math.isnan(auc) else auc
                 if not math.isnan(auc):
-                    self.client.log_metric(run_id, prefix + _metric_name(site), auc)
+                    self.client.log_metric(run_id, prefix + metric_key(site), auc)
             if aucs["best"][str(site)] is None:  # a metric cannot say why it is missing; a tag can
                 labels = sorted(set(g["label"].astype(int)))
                 self.client.set_tag(
                     run_id,
-                    "auc_undefined_" + _metric_name(site),
+                    "auc_undefined_" + metric_key(site),
                     f"one class in the {len(g)} test cases (label {labels[0]})" if labels else "no test cases",
                 )
         return aucs

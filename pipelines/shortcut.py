@@ -45,7 +45,6 @@ import ast
 import functools
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -66,6 +65,7 @@ from ppi_med.ppi.interventions import FILLS
 from ppi_med.ppi.masks import MASKS
 from ppi_med.ppi.objective import GUIDES, MODES, PARTNERS
 from ppi_med.saliency import METHODS
+from ppi_med.tracking import metric_key
 
 __all__ = [
     "GRIDS",
@@ -454,7 +454,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
 def _metric_name(spec: str) -> str:
     """A method spec as MLflow accepts it in a metric name (``ppi:contrast_classes=[1]`` has brackets)."""
-    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", spec.replace(":", "_").replace("=", "-").replace(",", "_"))
+    return metric_key(spec.replace(":", "_").replace("=", "-").replace(",", "_"))
 
 
 def _fmt_p(p: float) -> str:

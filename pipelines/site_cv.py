@@ -58,7 +58,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from ppi_med.data import load_datalist
-from ppi_med.tracking import TrackingServerError, check_tracking_uri, ensure_experiment, git_commit
+from ppi_med.robust import SELECTIONS, check_selection
+from ppi_med.tracking import TrackingServerError, check_tracking_uri, ensure_experiment, git_commit, metric_key
 
 from .cv_cells import (
     CELL_FORMAT,
@@ -95,6 +96,8 @@ RESERVED_OVERRIDES = {
     "val_sites": "(always null: the training site is split by subject)",
     "seed": "--first-seed / --seeds",
     "test_fraction": "--test-fraction",
+    "selection": "--selection",
+    "oracle_sites": "--oracle-sites",
     "run_name": "(set per cell)",
     "run_tags": "(set per cell)",
     "runs_dir": "--out",
@@ -117,7 +120,12 @@ class SiteCVConfig:
         sites: training and test sites (every site of the datalist when ``None``).
         train_sites: the sites trained on, the rows of the matrices (every one of ``sites`` when ``None``);
             e.g. only the confounded site, scored on all the others.
-        methods: ``baseline``, ``ppi_<saliency>`` or ``ppi_<saliency>_<mask>``.
+        methods: names of :func:`pipelines.cv_cells.method_overrides`: ``baseline``, ``ppi_<saliency>[_<mask>]...``,
+            the controls, the comparators ``groupdro``, ``jtt``, ``dfr`` and ``<PPI name>+dfr``.
+        selection: how each cell chooses its checkpoint (the bundle's ``selection``): ``train`` (validation
+            AUC on the training site's validation part), ``worst_site`` (the worst (site, label) group's accuracy
+            there) or ``oracle`` (validation AUC on half of ``oracle_sites``' subjects, which are then not scored).
+        oracle_sites: the sites ``oracle`` validates on (e.g. the site generated with the cue reversed).
         seeds: number of seeds.
         first_seed: the first seed (the bundle's ``seed`` when ``None``); seeds are consecutive.
         out_dir: output folder (``runs/site_cv/<time>`` when ``None``).
@@ -148,6 +156,8 @@ class SiteCVConfig:
     sites: Sequence[str] | None = None
     train_sites: Sequence[str] | None = None
     methods: Sequence[str] = ("baseline", "ppi_wbp")
+    selection: str = "train"
+    oracle_sites: Sequence[str] | None = None
     seeds: int = 1
     first_seed: int | None = None
     out_dir: str | Path | None = None
@@ -305,6 +315,14 @@ def _overrides(cfg: SiteCVConfig, config_file: Path, methods: Sequence[str]) -> 
     key_overrides = dict(cfg.overrides)
     if cfg.test_fraction > 0:
         overrides["test_fraction"] = key_overrides["test_fraction"] = float(cfg.test_fraction)
+    if cfg.selection != "train" or cfg.oracle_sites:  # in the key when set: cells chosen otherwise differ
+        try:
+            check_selection(cfg.selection, cfg.oracle_sites)
+        except ValueError as err:
+            raise SiteCVError(str(err)) from err
+        overrides["selection"] = key_overrides["selection"] = cfg.selection
+        if cfg.oracle_sites:
+            overrides["oracle_sites"] = key_overrides["oracle_sites"] = list(cfg.oracle_sites)
     if cfg.min_steps:  # in the key only: the bundle knows no such id
         key_overrides["min_steps (site_cv)"] = int(cfg.min_steps)
     return overrides, key_overrides
@@ -430,6 +448,8 @@ class _Study:
             "methods": ",".join(self.methods),
             "seeds": ",".join(map(str, self.seeds)),
             "checkpoint": self.cfg.checkpoint,
+            "selection": self.cfg.selection,
+            "oracle_sites": ",".join(self.cfg.oracle_sites or []),
             "datalist": str(self.datalist),
             "overrides": json.dumps(dict(self.cfg.overrides), sort_keys=True, default=str)[:500],
         }
@@ -697,6 +717,12 @@ def _write_report(
         f"- sites: {', '.join(study.sites)} (trained on {', '.join(study.train_sites)}); "
         f"methods: {', '.join(study.methods)}; "
         f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
+        f"- checkpoint selection: **{cfg.selection}**"
+        + (
+            f" (an oracle: chosen on half of {', '.join(cfg.oracle_sites or [])}'s subjects, which are not scored)"
+            if cfg.selection == "oracle"
+            else ""
+        ),  # fmt: skip
         f"- bundle overrides: `{json.dumps(dict(cfg.overrides), default=str)}`",
         f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, store `{study.tracking_uri}`",
         f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
@@ -734,7 +760,7 @@ def _write_report(
     client, run_id = study.client, study.parent_id
     for name, value in tables.summary_metrics().items():
         if math.isfinite(value):
-            client.log_metric(run_id, name, value)
+            client.log_metric(run_id, metric_key(name), value)
     client.log_metric(run_id, "n_trained_cells", n_trained)
     client.log_metric(run_id, "wall_seconds", seconds)
     for f in files:
@@ -793,7 +819,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=["baseline", "ppi_wbp"],
         help="comma-separated methods: baseline, ppi_<saliency> (wbp, gradient, input_x_gradient, gradcam, lrp), "
         "ppi_<saliency>_<mask> (e.g. ppi_wbp_box), ppi_<saliency>_<guide> (e.g. ppi_wbp_partner, the pairing of "
-        "the earlier default), and the controls random_mask and random_erasing (default: baseline,ppi_wbp)",
+        "the earlier default), the controls random_mask and random_erasing, the comparators groupdro, jtt and dfr, "
+        "and <PPI method>+dfr (DFR on the PPI model) (default: baseline,ppi_wbp)",
+    )
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="train",
+        help="checkpoint selection of every cell: train (validation AUC on the training site's validation part), "
+        "worst_site (accuracy of its worst site x label group; no cue labels needed) or oracle (validation AUC on "
+        "half of --oracle-sites' subjects, not scored then; an oracle, labelled so in the tables) (default: train)",
+    )
+    p.add_argument(
+        "--oracle-sites", type=_comma_list, default=None, help="comma-separated sites --selection oracle validates on"
     )
     p.add_argument(
         "--seeds", type=int, default=1, help="number of seeds; each seed also draws its own split (default: 1)"
@@ -872,6 +910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sites=args.sites,
             train_sites=args.train_sites,
             methods=args.methods,
+            selection=args.selection,
+            oracle_sites=args.oracle_sites,
             seeds=args.seeds,
             first_seed=args.first_seed,
             out_dir=args.out,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -35,6 +36,7 @@ __all__ = [
     "git_commit",
     "latest_checkpoint",
     "log_batch",
+    "metric_key",
     "server_problem",
     "unique_run_name",
     "RunTracker",
@@ -155,6 +157,12 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None = No
 def default_tracking_uri(folder: str | Path = ".") -> str:
     """A local SQLite store ``mlflow.db`` in ``folder`` (the working folder by default)."""
     return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+
+
+def metric_key(text: str) -> str:
+    """``text`` as MLflow accepts it in a metric key: every other character (``+`` of ``ppi_wbp+dfr``,
+    brackets, ``=``) becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", str(text))
 
 
 def unique_run_name(prefix: str) -> str:

@@ -31,9 +31,7 @@ class RobustLoss:
         jtt: the JTT weights its handler fills in (``jtt`` only).
     """
 
-    def __init__(
-        self, config: RobustConfig, records: Sequence[Mapping[str, Any]] = (), jtt: JTT | None = None
-    ) -> None:
+    def __init__(self, config: RobustConfig, records: Sequence[Mapping[str, Any]] = (), jtt: JTT | None = None) -> None:
         self.config = config
         self.dro = None
         if config.method == "groupdro":
