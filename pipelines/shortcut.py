@@ -64,6 +64,7 @@ from ppi_med.ppi import PPIConfig
 from ppi_med.ppi.interventions import FILLS
 from ppi_med.ppi.masks import MASKS
 from ppi_med.ppi.objective import GUIDES, MODES, PARTNERS
+from ppi_med.robust import COMPARATORS, SELECTIONS, RobustConfig
 from ppi_med.saliency import METHODS
 from ppi_med.tracking import metric_key
 
@@ -115,6 +116,10 @@ class ShortcutConfig:
         ppi_base: fields applied to every PPI method before its own (e.g. a common warm-up).
         outline_share: share of training digits (per class) whose outline, the digit's own strokes, the PPI
             step may use (the ``annotation`` and ``study`` guides); 0: none, as for most real data.
+        selection: which epoch's model is scored: ``train`` (best AUC on validation digits with the cue as in
+            training), ``worst_site`` (best worst-class accuracy there: no cue labels), ``oracle`` (best AUC on
+            validation digits with the cue reversed) or ``last`` (the last epoch). Every method chooses among the
+            same epochs, from JTT's restart on (``epochs // 4 + 1``).
     """
 
     cue: str = "patch"
@@ -130,8 +135,11 @@ class ShortcutConfig:
     norm: str = "none"
     ppi_base: dict[str, Any] = field(default_factory=dict)
     outline_share: float = 0.0
+    selection: str = "train"
 
     def __post_init__(self) -> None:
+        if self.selection not in (*SELECTIONS, "last"):
+            raise ShortcutError(f"selection must be one of {', '.join((*SELECTIONS, 'last'))}, got '{self.selection}'")
         if not 0.0 <= self.outline_share <= 1.0:
             raise ShortcutError(f"outline_share must lie in [0, 1], got {self.outline_share}")
         if self.cue not in CUE_KINDS:
@@ -144,6 +152,11 @@ class ShortcutConfig:
             self.methods = ["baseline", *self.methods]
         for spec in self.methods:
             method_config(spec, self.ppi_base)  # fail before any training
+
+    @property
+    def first_selectable(self) -> int:
+        """The first epoch whose model may be chosen (JTT's second stage starts after ``epochs // 4``)."""
+        return self.epochs // 4 + 1
 
 
 def grid_methods(name: str) -> list[str]:
@@ -173,21 +186,49 @@ def parse_fields(text: str, where: str = "--ppi-base") -> dict[str, Any]:
     return out
 
 
+def split_comparator(spec: str) -> tuple[str, str]:
+    """A spec's PPI part and comparator: ``groupdro`` -> (``baseline``, ``groupdro``), ``ppi+dfr`` ->
+    (``ppi``, ``dfr``), ``ppi:fill=zero`` -> (``ppi:fill=zero``, ``erm``).
+
+    Raises:
+        ShortcutError: an unknown comparator after ``+``.
+    """
+    if spec in COMPARATORS[1:]:
+        return "baseline", spec
+    head, plus, comparator = spec.rpartition("+")
+    if not plus:
+        return spec, "erm"
+    if comparator not in COMPARATORS[1:]:
+        raise ShortcutError(f"method '{spec}': after '+' comes one of {', '.join(COMPARATORS[1:])}")
+    return head, comparator
+
+
+def robust_config(spec: str, epochs: int) -> RobustConfig:
+    """The comparator a spec names, with JTT's first stage a quarter of the ``epochs`` (as in the GA bundle)."""
+    return RobustConfig(method=split_comparator(spec)[1], jtt_epochs=max(1, epochs // 4))
+
+
 def method_config(spec: str, base: dict[str, Any] | None = None) -> PPIConfig:
-    """The :class:`PPIConfig` a method spec stands for.
+    """The :class:`PPIConfig` a method spec stands for (its PPI part; a comparator alone trains as the baseline).
 
     Args:
-        spec: ``baseline``, ``ppi`` or ``ppi:<field>=<value>,...``.
+        spec: ``baseline``, ``ppi``, ``ppi:<field>=<value>,...``, a control (``random_mask``,
+            ``random_erasing``), a comparator (``groupdro``, ``jtt``, ``dfr``), or any of the first four followed
+            by ``+<comparator>`` (``ppi+dfr``).
         base: fields applied to every PPI method before the spec's own.
 
     Raises:
         ShortcutError: an unknown method, field or value.
     """
+    spec = split_comparator(spec)[0]
     if spec in NAMED:
         return PPIConfig(**NAMED[spec]) if spec == "baseline" else PPIConfig(**{**(base or {}), **NAMED[spec]})
     name, _, rest = spec.partition(":")
     if name != "ppi":
-        raise ShortcutError(f"unknown method '{spec}': use {', '.join(NAMED)}, ppi or ppi:<field>=<value>,...")
+        raise ShortcutError(
+            f"unknown method '{spec}': use {', '.join(NAMED)}, ppi or ppi:<field>=<value>,..., a comparator "
+            f"({', '.join(COMPARATORS[1:])}), or one of those followed by +<comparator>"
+        )
     overrides = {**(base or {}), **parse_fields(rest, spec)}
     try:
         return PPIConfig(**overrides)
@@ -208,6 +249,8 @@ NAMED: dict[str, dict[str, Any]] = {
 
 GRIDS: dict[str, list[str]] = {
     "default": ["baseline", "ppi", METHOD_FORM, PARTNER_FORM, "random_mask", "random_erasing"],
+    # the established fixes beside PPI (docs/DESIGN.md section 5)
+    "comparators": ["baseline", "ppi", "groupdro", "jtt", "dfr", "ppi+dfr", "random_mask", "random_erasing"],
     # one change at a time away from the default
     "ablation": ["baseline", "ppi"]
     + [f"ppi:{c}" for c in ("guide=own", "guide=partner", "fill=mean", "fill=blur", "mode=detached", "ramp_epochs=3")]
@@ -263,6 +306,7 @@ class ShortcutData:
     """Images ``(N, 1, 20, 20)`` in ``[0, 1]`` and labels of one seed's split, with the cue applied."""
 
     train: tuple[torch.Tensor, torch.Tensor]
+    #: ``val_aligned`` (the training correlation), ``val_reversed``, ``val_free``, ``aligned``, ``reversed``, ``free``
     tests: dict[str, tuple[torch.Tensor, torch.Tensor]]
     cue_masks: dict[str, np.ndarray]
     #: the training digits' strokes ``(N, 1, 20, 20)`` and which of them count as outlined
@@ -278,12 +322,35 @@ class _Records(torch.utils.data.Dataset):
         n = self.y.shape[0]
         self.outline = data.train_outline if data.train_outline is not None else torch.zeros_like(self.x)
         self.outlined = data.train_outlined if data.train_outlined is not None else torch.zeros(n, dtype=torch.bool)
+        # the comparators' groups: label x cue, both known for the training digits
+        self.groups = [f"cue{int(f)}/{int(y)}" for f, y in zip(data.cue_masks["train"], self.y.tolist())]
 
     def __len__(self) -> int:
         return self.y.shape[0]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.x[i], "label": self.y[i], "annotation": self.outline[i], "annotated": self.outlined[i]}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "image": self.x[i],
+            "label": self.y[i],
+            "annotation": self.outline[i],
+            "annotated": self.outlined[i],
+            "case": str(i),
+            "group": self.groups[i],
+        }
+
+
+class _Plain(torch.utils.data.Dataset):
+    """A set of digits as ``image``, ``label``, ``case`` and ``group`` (label x cue) records."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, flags: np.ndarray) -> None:
+        self.x, self.y, self.flags = x, y, flags
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        y = int(self.y[i])
+        return {"image": self.x[i], "label": self.y[i], "case": str(i), "group": f"cue{int(self.flags[i])}/{y}"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -301,8 +368,9 @@ def _digit_canvas() -> tuple[torch.Tensor, np.ndarray]:
 def make_data(cfg: ShortcutConfig, seed: int, val_fraction: float = 0.2, test_fraction: float = 0.3) -> ShortcutData:
     """One seed's split of the digits (stratified), with the cue drawn into each set.
 
-    The validation digits give ``val_reversed`` and ``val_free``, for choosing between variants without
-    looking at the test digits.
+    The validation digits give ``val_aligned`` (the training correlation: ``train`` and ``worst_site``
+    selection, DFR's held-out set), ``val_reversed`` (``oracle`` selection) and ``val_free``, for choosing
+    without looking at the test digits.
 
     Args:
         cfg: the benchmark settings (cue kind, strength, training correlation).
@@ -340,6 +408,13 @@ def make_data(cfg: ShortcutConfig, seed: int, val_fraction: float = 0.2, test_fr
             x[k] = cue(x[k])
         sets[name] = (x, torch.as_tensor(y))
         masks[name] = flags
+    # drawn apart, so that the sets above stay those of every earlier benchmark
+    val_rng = np.random.default_rng([seed, 2])
+    flags = cue_flags(labels[idx_val], cfg.train_p_pos, cfg.train_p_neg, val_rng)
+    x = images[idx_val].clone()
+    for k in np.flatnonzero(flags):
+        x[k] = cue(x[k])
+    sets["val_aligned"], masks["val_aligned"] = (x, torch.as_tensor(labels[idx_val])), flags
     train = sets.pop("train")
     # the digit's strokes are its evidence; a seeded share per class counts as outlined
     outline = (images[idx_train] > 0.15).float()
@@ -354,43 +429,122 @@ def _scores(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return torch.softmax(model(x), dim=1)[:, 1].numpy()
 
 
+def _selection_score(model: nn.Module, selection: str, data: ShortcutData) -> float:
+    """What a selection rule maximises on the validation digits."""
+    from sklearn.metrics import roc_auc_score
+
+    from ppi_med.robust import worst_group_accuracy
+
+    x, y = data.tests["val_reversed" if selection == "oracle" else "val_aligned"]
+    p = _scores(model, x)
+    if selection == "worst_site":  # no cue labels: the worse of the two classes
+        labels = y.numpy().tolist()
+        return worst_group_accuracy((p > 0.5).astype(int).tolist(), labels, [str(v) for v in labels])
+    return float(roc_auc_score(y.numpy(), p))
+
+
+class _BestEpoch:
+    """Keeps the weights of the epoch the selection rule scores best, from ``first`` on; loads them at the end."""
+
+    def __init__(self, model: nn.Module, cfg: ShortcutConfig, data: ShortcutData) -> None:
+        self.model, self.cfg, self.data = model, cfg, data
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if self.cfg.selection != "last":
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+            engine.add_event_handler(Events.COMPLETED, self._load)
+
+    def _epoch(self, engine: Any) -> None:
+        if engine.state.epoch < self.cfg.first_selectable:
+            return
+        score = _selection_score(self.model, self.cfg.selection, self.data)
+        self.model.train()
+        if self.best is None or score > self.best[0]:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = (score, engine.state.epoch, state)
+
+    def _load(self, engine: Any) -> None:
+        if self.best is not None:
+            self.model.load_state_dict(self.best[2])
+
+
 def train_and_score(
-    cfg: ShortcutConfig, spec: str, seed: int, data: ShortcutData
+    cfg: ShortcutConfig, spec: str, seed: int, data: ShortcutData, work_dir: str | Path | None = None
 ) -> tuple[nn.Module, dict[str, dict[str, float]], float]:
     """Train one method for one seed with MONAI's trainer and score it on every test set.
+
+    The comparators run as in the bundles: GroupDRO and JTT through the iteration's loss (groups: label x cue),
+    JTT's restart and DFR's last-layer refit (on ``val_aligned``, balanced over label x cue, after the
+    selection) as handlers.
+
+    Args:
+        work_dir: where JTT writes its error set (a temporary folder when ``None``).
 
     Returns:
         The trained model, ``{test set: {"auc": ..., "acc": ...}}`` and the training time in seconds.
     """
+    import tempfile
+
     from monai.engines import SupervisedTrainer
     from monai.utils import set_determinism
     from sklearn.metrics import roc_auc_score
 
     from ppi_med.engine import PPIIteration
+    from ppi_med.robust import JTT, DFRHandler, JTTHandler, RobustLoss
 
     set_determinism(seed=seed)
     model = digit_cnn(cfg.width, cfg.norm)
-    x, y = data.train
+    records = _Records(data)
     loader = torch.utils.data.DataLoader(
-        _Records(data),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        records, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=cfg.epochs,
-        train_data_loader=loader,
-        network=model,
-        optimizer=optimizer,
-        loss_function=nn.CrossEntropyLoss(),
-        iteration_update=PPIIteration(method_config(spec, cfg.ppi_base)),
-        decollate=False,
-    )
-    start = time.perf_counter()
-    trainer.run()
-    seconds = time.perf_counter() - start
+    robust = robust_config(spec, cfg.epochs)
+    jtt = JTT(robust.upweight)
+    loss = RobustLoss(robust, [{"group": g} for g in records.groups], jtt)
+    with tempfile.TemporaryDirectory() as tmp:
+        handlers: list[Any] = []
+        if robust.method == "jtt":
+            plain = _Plain(*data.train, data.cue_masks["train"])
+            handlers.append(
+                JTTHandler(
+                    jtt,
+                    model,
+                    optimizer,
+                    torch.utils.data.DataLoader(plain, batch_size=256),
+                    robust.jtt_epochs,
+                    Path(work_dir) if work_dir else tmp,
+                )
+            )
+        handlers.append(_BestEpoch(model, cfg, data))
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=cfg.epochs,
+            train_data_loader=loader,
+            network=model,
+            optimizer=optimizer,
+            loss_function=nn.CrossEntropyLoss(),
+            iteration_update=PPIIteration(method_config(spec, cfg.ppi_base), robust=loss),
+            train_handlers=handlers,
+            decollate=False,
+        )
+        start = time.perf_counter()
+        trainer.run()
+        if robust.method == "dfr":
+            held = _Plain(*data.tests["val_aligned"], data.cue_masks["val_aligned"])
+            DFRHandler(
+                model,
+                torch.utils.data.DataLoader(held, batch_size=256),
+                None,
+                None,
+                robust.dfr_c,
+                robust.dfr_draws,
+                seed,
+            )()
+        seconds = time.perf_counter() - start
     scores = {}
     for name, (xt, yt) in data.tests.items():
         p = _scores(model, xt)
@@ -467,7 +621,10 @@ def summary_markdown(summary: pd.DataFrame, cfg: ShortcutConfig) -> str:
     """The summary as a Markdown table with a header saying what was measured."""
     lines = [
         f"Cue `{cfg.cue}` (strength {cfg.strength}) in {cfg.train_p_pos:.0%} of positive and "
-        f"{cfg.train_p_neg:.0%} of negative training digits; {cfg.seeds} seeds, {cfg.epochs} epochs. "
+        f"{cfg.train_p_neg:.0%} of negative training digits; {cfg.seeds} seeds, {cfg.epochs} epochs, "
+        f"model selection `{cfg.selection}`"
+        + (" (an oracle: chosen on validation digits with the cue reversed)" if cfg.selection == "oracle" else "")
+        + ". "
         "AUC mean +- sd over seeds; p: paired t-test against the baseline across seeds; WBP share on cue: the "
         "share of the positive class's |WBP| that falls on the cue in cue-carrying positive test digits.",
         "",
@@ -591,7 +748,9 @@ def run_benchmark(
         for seed in range(cfg.seeds):
             data = make_data(cfg, seed)  # every method of a seed sees the same images
             for spec in cfg.methods:
-                model, scores, seconds = train_and_score(cfg, spec, seed, data)
+                model, scores, seconds = train_and_score(
+                    cfg, spec, seed, data, out / "jtt" / f"{_metric_name(spec)}-s{seed}"
+                )
                 bar.update()
                 if seed == 0:
                     example_models[spec], example_data = model, data
@@ -602,8 +761,10 @@ def run_benchmark(
                 tags = {"mlflow.parentRunId": parent, "method": spec, "seed": str(seed), "cue": cfg.cue}
                 child = client.create_run(exp_id, run_name=f"{spec}-s{seed}", tags=tags).info.run_id
                 ppi = method_config(spec, cfg.ppi_base).to_dict()
+                robust = robust_config(spec, cfg.epochs).to_dict()
                 metrics["train_seconds"] = seconds
-                log_batch(client, child, flatten_params({"method": spec, "seed": seed, "ppi": ppi}), metrics)
+                params = {"method": spec, "seed": seed, "selection": cfg.selection, "ppi": ppi, "robust": robust}
+                log_batch(client, child, flatten_params(params), metrics)
                 client.set_terminated(child)
                 for test, d in scores.items():
                     rows.append(
@@ -680,6 +841,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of training digits whose strokes the annotation guide may use (default 0: none)",
     )
+    p.add_argument(
+        "--selection",
+        default="train",
+        choices=(*SELECTIONS, "last"),
+        help="which epoch's model is scored: train (best AUC on validation digits with the training cue), "
+        "worst_site (best worst-class accuracy there), oracle (best AUC with the cue reversed: an oracle) or last "
+        "(default: %(default)s)",
+    )
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
@@ -714,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 norm=args.norm,
                 ppi_base=base,
                 outline_share=args.outline_share,
+                selection=args.selection,
             )
             for cue in args.cue.split(",")
         }

@@ -138,8 +138,8 @@ class DFRHandler:
         network: the trainer's network (its head is replaced in place).
         loader: the DFR records without augmentation (``image``, ``label``, ``site`` or ``group``): a held-out part
             of the training sites, never the test part.
-        checkpoint: the checkpoint to retrain; missing: the final weights.
-        output: where the retrained network goes.
+        checkpoint: the checkpoint to retrain; ``None`` or missing: the network's current weights.
+        output: where the retrained network goes (``None``: not written).
         c, draws, seed: :func:`fit_last_layer`'s.
         device: where the network runs.
         enabled: ``False``: attach nothing (a bundle keeps the handler in its list for every method).
@@ -149,8 +149,8 @@ class DFRHandler:
         self,
         network: nn.Module,
         loader: Iterable[Mapping[str, Any]],
-        checkpoint: str | Path,
-        output: str | Path,
+        checkpoint: str | Path | None,
+        output: str | Path | None,
         c: float = 1.0,
         draws: int = 10,
         seed: int = 0,
@@ -159,7 +159,8 @@ class DFRHandler:
     ) -> None:
         self.enabled = bool(enabled)
         self.network, self.loader = network, loader
-        self.checkpoint, self.output = Path(checkpoint), Path(output)
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.output = Path(output) if output else None
         self.c, self.draws, self.seed = float(c), int(draws), int(seed)
         self.device = torch.device(device)
         self.groups: list[str] = []
@@ -169,8 +170,8 @@ class DFRHandler:
             return
         engine.add_event_handler(Events.COMPLETED, self)
 
-    def __call__(self, engine: Engine | None = None) -> Path:
-        if self.checkpoint.is_file():
+    def __call__(self, engine: Engine | None = None) -> Path | None:
+        if self.checkpoint is not None and self.checkpoint.is_file():
             load_checkpoint(self.network, self.checkpoint)
         head = last_linear(self.network)
         features, labels, groups = penultimate_features(self.network, self.loader, self.device)
@@ -180,7 +181,8 @@ class DFRHandler:
             if head.bias is not None:
                 head.bias.copy_(bias.to(head.bias))
         self.groups = sorted(set(groups))
-        save_torch({"model": self.network.state_dict()}, self.output)
+        if self.output is not None:
+            save_torch({"model": self.network.state_dict()}, self.output)
         if engine is not None:
             engine.state.metrics["dfr_records"] = float(len(labels))
             engine.state.metrics["dfr_groups"] = float(len(self.groups))
