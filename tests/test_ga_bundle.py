@@ -201,3 +201,38 @@ def test_switch_on_table_reads_the_runs_own_validation_history(two_runs, tmp_pat
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| ppi | 1 |" in out.with_suffix(".md").read_text()
     assert main([f"none={tmp / 'nowhere-*'}", "--out", str(out)]) == 2
+
+
+def test_dfr_retrains_only_the_head_of_the_chosen_checkpoint_and_the_test_scores_it(tmp_path):
+    """``--robust#method dfr``: ``model_dfr.pt`` is ``model_best.pt`` with a new head; the held-out test scores it;
+    ``worst_site`` selection chooses by the worst (site, label) group's accuracy, which is logged."""
+    done = _run_bundle(
+        tmp_path, "--ppi#enabled", "false", "--robust#method", "dfr", "--robust#dfr_draws", "3",
+        "--test_fraction", "0.25", "--max_epochs", "3", "--selection", "worst_site",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, (run,) = _runs(tmp_path)
+    assert run.data.tags["method"] == "dfr" and run.data.params["selection"] == "worst_site"
+    assert 0.0 <= run.data.metrics["val_worst_group_acc"] <= 1.0 and "val_auc" in run.data.metrics
+    assert "held-out test AUC (4 records, model_dfr.pt)" in done.stdout
+    assert re.search(r"best val_worst_group_acc: [\d.]+ \(epoch \d+\)", done.stdout)
+    (models,) = (tmp_path / "runs").glob("ga-dfr-*/models")
+    best = torch.load(models / "model_best.pt", map_location="cpu", weights_only=True)
+    dfr = torch.load(models / "model_dfr.pt", map_location="cpu", weights_only=True)["model"]
+    assert set(best) == set(dfr)
+    for k in best:
+        assert torch.equal(best[k], dfr[k]) != k.startswith("head."), k
+
+
+def test_jtt_restarts_after_its_first_stage_with_the_error_set_written(tmp_path):
+    done = _run_bundle(
+        tmp_path, "--ppi#enabled", "false", "--robust#method", "jtt", "--robust#jtt_epochs", "1", "--max_epochs", "3"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, (run,) = _runs(tmp_path)
+    assert run.data.tags["method"] == "jtt"
+    assert run.data.params["robust.method"] == "jtt"
+    (errors,) = (tmp_path / "runs").glob("ga-jtt-*/error_set.csv")
+    lines = errors.read_text().splitlines()
+    assert lines[0] == "case" and all(line.endswith("_img.nii.gz") for line in lines[1:])
+    assert run.data.metrics["jtt_errors"] == len(lines) - 1

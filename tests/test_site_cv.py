@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from data_prep.synth_oct import render_with_cue
 from pipelines.cue_effect import main as cue_main
 from pipelines.cv_tables import add_row_stats, delong_matrix, pooled_offdiag, site_cv_tables
-from pipelines.site_cv import SiteCVError, main, method_overrides, parse_overrides
+from pipelines.site_cv import SiteCVConfig, SiteCVError, _overrides, main, method_overrides, parse_overrides
 from ppi_med.data import ga_split, load_datalist
 from ppi_med.ppi import PPIConfig
 from ppi_med.stats import delong_test
@@ -220,12 +220,15 @@ def test_bad_predictions_are_named():
 
 
 def test_methods_and_overrides_parse():
-    assert method_overrides("baseline") == {"ppi#enabled": False}
-    assert method_overrides("ppi_wbp") == {"ppi#enabled": True, "ppi#saliency": "wbp"}
-    assert method_overrides("ppi_gradient") == {"ppi#enabled": True, "ppi#saliency": "gradient"}
+    erm = {"robust#method": "erm"}
+    assert method_overrides("baseline") == {"ppi#enabled": False, **erm}
+    assert method_overrides("ppi_wbp") == {"ppi#enabled": True, "ppi#saliency": "wbp", **erm}
+    assert method_overrides("ppi_gradient") == {"ppi#enabled": True, "ppi#saliency": "gradient", **erm}
     assert method_overrides("ppi_input_x_gradient")["ppi#saliency"] == "input_x_gradient"
-    assert method_overrides("ppi_wbp_box") == {"ppi#enabled": True, "ppi#saliency": "wbp", "ppi#mask": "box"}
-    for bad in ("ppi", "ppi_foo", "ppi_wbp_circle", "PPI_wbp", "wbp"):
+    assert method_overrides("ppi_wbp_box") == {"ppi#enabled": True, "ppi#saliency": "wbp", "ppi#mask": "box", **erm}
+    assert method_overrides("dfr") == {"ppi#enabled": False, "robust#method": "dfr"}
+    assert method_overrides("ppi_wbp+dfr") == {"ppi#enabled": True, "ppi#saliency": "wbp", "robust#method": "dfr"}
+    for bad in ("ppi", "ppi_foo", "ppi_wbp_circle", "PPI_wbp", "wbp", "ppi_wbp+irm"):
         with pytest.raises(SiteCVError, match="unknown method"):
             method_overrides(bad)
     got = parse_overrides(
@@ -457,6 +460,31 @@ def test_training_on_one_site_scores_every_site(cv_twice, monkeypatch):
     assert pooled["ppi_wbp"]["n_cases"] == 12  # every volume of B, scored by the models of A
 
 
+def test_comparators_with_oracle_selection_never_score_the_records_that_chose(cv_twice, tmp_path, monkeypatch):
+    """GroupDRO and DFR as site-CV methods; ``--selection oracle --oracle-sites B`` chooses every checkpoint on
+    half of B's subjects, and B is scored on the other half only (the same data as the study above)."""
+    tmp = cv_twice["tmp"]
+    monkeypatch.chdir(tmp)
+    argv = _argv(tmp, "--train-sites", "A", "--selection", "oracle", "--oracle-sites", "B")
+    argv[argv.index("--out") + 1] = str(tmp_path / "cv")
+    argv[argv.index("--methods") + 1] = "baseline,groupdro,dfr"
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
+    assert {c["method"] for c in summary["cells"]} == {"baseline", "groupdro", "dfr"}
+    assert all(c["status"] == "trained" for c in summary["cells"])  # other selection: other cells
+    oracle = ga_split(tmp / "data" / "datalist.json", part="val", train_sites=["B"], val_fraction=0.5, seed=0)
+    chose = {str(Path(r["image"]).resolve()) for r in oracle}
+    assert 0 < len(chose) < 12
+    for cell in summary["cells"]:
+        preds = pd.read_csv(tmp_path / "cv" / "cells" / cell["key"] / f"attempt-{cell['attempt']}" / "predictions.csv")
+        b = preds[preds["test_site"] == "B"]
+        assert len(b) == 12 - len(chose)
+        assert not {str((tmp / "data" / c).resolve()) for c in b["case"]} & chose
+    assert "checkpoint selection: **oracle**" in (tmp_path / "cv" / "summary.md").read_text()
+    with pytest.raises(SiteCVError, match="oracle_sites"):
+        _overrides(SiteCVConfig(config_file=BUNDLE, selection="oracle"), BUNDLE, ["baseline"])
+
+
 def test_small_sites_train_for_enough_optimiser_steps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # 6 training eyes of site A in batches of 4: 2 steps an epoch, so 12 steps take 6 epochs, not the bundle's 2
@@ -685,7 +713,7 @@ def test_a_second_study_in_another_folder_of_the_same_store_finds_its_own_runs(c
 @pytest.mark.parametrize("method", ["baseline", "ppi_wbp", "ppi_gradcam", "ppi_wbp_box", "ppi_input_x_gradient_hard"])
 def test_a_method_name_makes_a_config_that_names_it_back(method):
     overrides = method_overrides(method)
-    config = PPIConfig(**{k.removeprefix("ppi#"): v for k, v in overrides.items()})
+    config = PPIConfig(**{k.removeprefix("ppi#"): v for k, v in overrides.items() if k.startswith("ppi#")})
     assert config.method == method  # the cell's tag and the bundle's run tag agree
 
 
