@@ -249,7 +249,7 @@ NAMED: dict[str, dict[str, Any]] = {
 
 GRIDS: dict[str, list[str]] = {
     "default": ["baseline", "ppi", METHOD_FORM, PARTNER_FORM, "random_mask", "random_erasing"],
-    # the established fixes beside PPI (docs/DESIGN.md section 5)
+    # the established fixes beside PPI (docs/DESIGN.md section 9)
     "comparators": ["baseline", "ppi", "groupdro", "jtt", "dfr", "ppi+dfr", "random_mask", "random_erasing"],
     # one change at a time away from the default
     "ablation": ["baseline", "ppi"]

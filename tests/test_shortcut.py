@@ -126,7 +126,7 @@ def test_ppi_moves_the_model_off_the_shortcut(spec: str, outline_share: float):
     form (batch rolled by one, the whole salient region removed in x*) and the outline guide with the zero
     fill gain nothing here, so this fails for them. Scored at the last epoch, as the claim was measured: the
     checkpoint chosen on validation digits with the training correlation (``selection="train"``) may be an
-    epoch that still leans on the cue (docs/DESIGN.md section 5.4)."""
+    epoch that still leans on the cue (docs/DESIGN.md section 9.4)."""
     cfg = ShortcutConfig(cue="patch", seeds=2, epochs=12, outline_share=outline_share, selection="last")
     gains, free_diffs, shares = [], [], []
     for seed in range(cfg.seeds):

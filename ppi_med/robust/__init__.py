@@ -1,6 +1,6 @@
 """The established fixes PPI is compared with: GroupDRO, JTT and DFR, and the model-selection rules.
 
-docs/DESIGN.md section 5 has each method's equations, defaults and the property its test checks.
+docs/DESIGN.md section 9 has each method's equations, defaults and the property its test checks.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ from typing import Any
 
 __all__ = ["COMPARATORS", "SELECTIONS", "RobustConfig"]
 
-#: the comparators of PPI (docs/DESIGN.md section 5): ``erm`` is plain training, the others change it
+#: the comparators of PPI (docs/DESIGN.md section 9): ``erm`` is plain training, the others change it
 COMPARATORS = ("erm", "groupdro", "jtt", "dfr")
-#: how the checkpoint is chosen (docs/DESIGN.md section 5.4)
+#: how the checkpoint is chosen (docs/DESIGN.md section 9.4)
 SELECTIONS = ("train", "worst_site", "oracle")
 
 
