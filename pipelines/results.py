@@ -16,7 +16,11 @@ Parts (each a set of independent jobs, every job a real command a user could typ
               it nor chose its checkpoint on it (DeLong CI, DeLong paired test against the baseline)
     saliency  figures 2.4/2.6 form: deletion curves and localisation of every saliency method on the seed-0 GA
               baseline and PPI-WBP models (test part), with WBP's localisation on the true positives
-    shortcut  the shortcut benchmark (:mod:`pipelines.shortcut`, patch cue, default grid)
+    shortcut  the shortcut benchmark (:mod:`pipelines.shortcut`, patch and line cues, default grid), the outline
+              study, and the comparators' grid on the four cues under each selection rule
+    (every part with methods runs the comparators GroupDRO, JTT, DFR and PPI+DFR beside PPI; the confounded
+    study also under ``worst_site`` and ``oracle`` selection, and ``comparisons`` tables them against the
+    baseline and PPI: :mod:`pipelines.comparisons`)
     cost      epoch time and peak memory per method (from the GA jobs), PPI step cost in both modes and the
               time of each saliency method (``benchmarks/bench_saliency_ppi.py``)
 
@@ -68,6 +72,10 @@ PARTS = ("ga", "sites", "lidc", "saliency", "shortcut", "cost")
 SALIENCIES = ("gradient", "input_x_gradient", "gradcam", "lrp", "wbp")
 LIDC_MASKS = ("soft", "soft_adaptive", "hard", "box")
 CONTROLS = ("ppi_wbp_partner_zero", "random_mask", "random_erasing")
+#: the established fixes beside PPI (docs/DESIGN.md section 9)
+COMPARATOR_METHODS = ("groupdro", "jtt", "dfr", "ppi_wbp+dfr")
+#: the model-selection rules of the comparison (``oracle`` only where a cue-decorrelated part exists)
+SELECTIONS = ("train", "worst_site", "oracle")
 #: the outline study's methods: the default (other-class fill), the zero fill, and the default at random places
 OUTLINE_METHODS = ("baseline", "ppi", "ppi:fill=zero", "random_mask")
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +107,9 @@ class Profile:
         lidc_masks: the PPI-WBP masks of the LIDC table.
         ga_controls, site_controls: the other methods of the GA table and the site studies: the pairing of the
             earlier default (``ppi_wbp_partner_zero``) and the two controls (docs/DESIGN.md section 4.5).
+        comparators: the comparators of the GA table and the site studies (docs/DESIGN.md section 9).
+        oracle_site: the confounded study's cue-reversed site, which ``oracle`` selection validates on.
+        comparator_shortcut: arguments of the shortcut comparators' jobs (one per selection rule).
     """
 
     seeds: int
@@ -118,6 +129,11 @@ class Profile:
     lidc_masks: tuple[str, ...] = LIDC_MASKS
     ga_controls: tuple[str, ...] = CONTROLS
     site_controls: tuple[str, ...] = CONTROLS
+    comparators: tuple[str, ...] = COMPARATOR_METHODS
+    oracle_site: str = "C"
+    comparator_shortcut: tuple[str, ...] = (
+        "--cue", "patch,line,intensity,texture", "--grid", "comparators", "--seeds", "5",
+    )  # fmt: skip
 
 
 _TINY_GA = (
@@ -148,6 +164,9 @@ PROFILES = {
         lidc_masks=("soft",),
         ga_controls=(),
         site_controls=(),
+        comparators=("dfr",),
+        oracle_site="B",
+        comparator_shortcut=("--cue", "patch", "--methods", "baseline", "ppi", "dfr", "--seeds", "1", "--epochs", "1"),
     ),
 }
 
@@ -200,7 +219,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
     common = ["--tracking_uri", tracking_uri]
     ga_data = ["--default_dataset_dir", str(out / "data" / "ga"), "--dataset_dir", str(out / "data" / "ga")]
     ga_split = ["--test_fraction", "0.25"]
-    methods = ("baseline", *(f"ppi_{s}" for s in profile.saliencies), *profile.ga_controls)
+    methods = ("baseline", *(f"ppi_{s}" for s in profile.saliencies), *profile.ga_controls, *profile.comparators)
     if "ga" in parts or "saliency" in parts:
         for seed in range(profile.seeds):
             for method in methods:
@@ -258,9 +277,19 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                 )
             )
     if "sites" in parts:
+        oracle = ("--oracle-sites", profile.oracle_site)
         for name, data, extra, seeds in (
             ("sites", "ga_sites", profile.sites, profile.seeds),
             ("sites-confounded", "ga_sites_rev", profile.confounded, profile.confounded_seeds),
+            *(
+                (
+                    f"sites-confounded-{sel}",
+                    "ga_sites_rev",
+                    (*profile.confounded, "--selection", sel, *oracle[: 2 * (sel == "oracle")]),
+                    profile.confounded_seeds,
+                )
+                for sel in SELECTIONS[1:]
+            ),
         ):
             jobs.append(
                 Job(
@@ -273,7 +302,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                         "--config_file",
                         "bundles/ga_ppi.json",
                         "--methods",
-                        ",".join(("baseline", "ppi_wbp", *profile.site_controls)),
+                        ",".join(("baseline", "ppi_wbp", *profile.site_controls, *profile.comparators)),
                         "--seeds",
                         str(seeds),
                         "--out",
@@ -293,17 +322,19 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                     ],
                 )
             )
-        jobs.append(
-            Job(
-                "sites-cue",
-                "sites",
-                [
-                    *(sys.executable, "-m", "pipelines.cue_effect"),
-                    *(str(out / "jobs" / "sites-confounded" / "cv"), "--no-progress"),
-                ],
-                after=("sites-confounded",),
+        for sel in SELECTIONS:
+            study = "sites-confounded" if sel == "train" else f"sites-confounded-{sel}"
+            jobs.append(
+                Job(
+                    "sites-cue" if sel == "train" else f"sites-cue-{sel}",
+                    "sites",
+                    [
+                        *(sys.executable, "-m", "pipelines.cue_effect"),
+                        *(str(out / "jobs" / study / "cv"), "--no-progress"),
+                    ],
+                    after=(study,),
+                )
             )
-        )
     if "lidc" in parts:
         lidc_data = ["--dataset_dir", str(out / "data" / "lidc" / "patches")] if profile.lidc_data == "small" else []
         for variant in ("baseline", *(f"ppi_wbp_{m}" for m in profile.lidc_masks)):
@@ -363,6 +394,20 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
                         *profile.outlines,
                     ],
                     meta={"share": share},
+                )
+            )
+        for sel in SELECTIONS:
+            name = f"shortcut-comparators-{sel}"
+            jobs.append(
+                Job(
+                    name,
+                    "shortcut",
+                    [
+                        *(sys.executable, "-m", "pipelines.shortcut", "--out", str(out / "jobs" / name / "out")),
+                        *("--tracking-uri", tracking_uri, "--experiment", "results_shortcut", "--num-threads", "1"),
+                        *("--selection", sel, *profile.comparator_shortcut),
+                    ],
+                    meta={"selection": sel},
                 )
             )
     if "cost" in parts:
@@ -692,6 +737,40 @@ def _sites_section(out: Path, fig_dir: Path) -> list[str]:
         lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob(f"{prefix}_heatmap_*.png"))]
         lines.append("")
     return lines
+
+
+def _comparators_section(out: Path, fig_dir: Path) -> list[str]:
+    """Which fix works where: :mod:`pipelines.comparisons` over the confounded study and the shortcut
+    comparators, one table per selection rule (the oracle labelled as such)."""
+    from .comparisons import write_comparisons
+
+    sites = {
+        sel: out / "jobs" / ("sites-confounded" if sel == "train" else f"sites-confounded-{sel}") / "cv"
+        for sel in SELECTIONS
+    }
+    shortcut = {sel: out / "jobs" / f"shortcut-comparators-{sel}" / "out" for sel in SELECTIONS}
+    sites = {k: v for k, v in sites.items() if (v / "predictions.csv").is_file()}
+    shortcut = {k: v for k, v in shortcut.items() if any(v.glob("*/results.csv"))}
+    if not sites and not shortcut:
+        return []
+    folder = fig_dir / "comparators"
+    report = write_comparisons(shortcut, sites, folder).read_text().splitlines()
+    intro = (
+        "GroupDRO, JTT and DFR (docs/DESIGN.md section 9) beside PPI and its controls on the confounded study "
+        "(trained on site D alone) and on the shortcut benchmark's four cues, under each model-selection rule: "
+        "`train` (the training distribution's validation part), `worst_site` (its worst site x label group, or "
+        "class), `oracle` (a cue-decorrelated validation part: half of the reversed site's subjects, or digits "
+        "with the cue reversed; an oracle, so not a result a user without such data could reach)."
+    )
+    body = [line.replace("](", "](results/comparators/") if line.startswith("![") else line for line in report[1:]]
+    return [
+        "## Which fix works here: the comparators",
+        "",
+        intro,
+        "",
+        *["#" + x if x.startswith("#") else x for x in body],
+        "",
+    ]
 
 
 def _lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
@@ -1058,6 +1137,7 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
     lines += _saliency_section(out, jobs, fig_dir, goals)
     lines += _shortcut_section(out, fig_dir)
     lines += _outlines_section(out, jobs)
+    lines += _comparators_section(out, fig_dir)
     lines += _cost_section(out, jobs)
     lines[at_goals:at_goals] = _goals_section(goals)
     path = out / "RESULTS.md"

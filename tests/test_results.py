@@ -46,7 +46,7 @@ def test_quick_study_logs_every_run_to_one_mlflow_store(quick_study):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{quick_study / 'mlflow.db'}")
     ga = client.get_experiment_by_name("results_ga")
     runs = client.search_runs([ga.experiment_id])
-    assert {r.data.tags["results_job"] for r in runs} == {"ga-baseline-s0", "ga-ppi_wbp-s0"}
+    assert {r.data.tags["results_job"] for r in runs} == {"ga-baseline-s0", "ga-ppi_wbp-s0", "ga-dfr-s0"}
     assert all("test_auc" in r.data.metrics and "ref_test_auc" in r.data.metrics for r in runs)
     lidc = client.search_runs([client.get_experiment_by_name("results_lidc").experiment_id])
     assert len(lidc) == 2 * PROFILES["quick"].lidc_folds
@@ -82,8 +82,20 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
     jobs = build_jobs(tmp_path, PROFILES["full"], ["ga", "saliency", "lidc", "sites", "shortcut", "cost"], "sqlite://")
     names = {j.name for j in jobs}
     ga = {n for n in names if n.startswith("ga-")}
-    # baseline, five saliencies and the three controls of docs/DESIGN.md section 4.5, 3 seeds
-    assert len(ga) == 9 * 3 and {"ga-ppi_gradcam-s2", "ga-random_mask-s0", "ga-ppi_wbp_partner_zero-s1"} <= ga
+    # baseline, five saliencies, the three controls of docs/DESIGN.md section 4.5 and four comparators, 3 seeds
+    assert len(ga) == 13 * 3 and {"ga-ppi_gradcam-s2", "ga-random_mask-s0", "ga-ppi_wbp_partner_zero-s1"} <= ga
+    assert {"ga-groupdro-s0", "ga-jtt-s1", "ga-dfr-s2", "ga-ppi_wbp+dfr-s0"} <= ga
+    # the confounded study under each selection rule, the oracle on the cue-reversed site, each with its cue effect
+    by_name = {j.name: j for j in jobs}
+    oracle = by_name["sites-confounded-oracle"].argv
+    assert oracle[oracle.index("--selection") + 1] == "oracle" and oracle[oracle.index("--oracle-sites") + 1] == "C"
+    assert "--oracle-sites" not in by_name["sites-confounded-worst_site"].argv
+    assert by_name["sites-cue-oracle"].after == ("sites-confounded-oracle",)
+    methods = oracle[oracle.index("--methods") + 1].split(",")
+    assert {"baseline", "ppi_wbp", "groupdro", "jtt", "dfr", "ppi_wbp+dfr", "random_mask"} <= set(methods)
+    for sel in ("train", "worst_site", "oracle"):
+        argv = by_name[f"shortcut-comparators-{sel}"].argv
+        assert argv[argv.index("--selection") + 1] == sel and "patch,line,intensity,texture" in argv
     lidc = [j for j in jobs if j.part == "lidc"]
     assert len(lidc) == 5 * 5
     # each rotation holds out the fold after the one that chooses the checkpoint
@@ -111,6 +123,11 @@ def test_quick_site_studies_report_their_own_numbers(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## GA, site-wise cross-validation" in text and "## GA, trained on the confounded site only" in text
     assert "### How far the models lean on the watermark" in text
+    # the comparators' tables: one per selection rule, the oracle labelled
+    assert "## Which fix works here: the comparators" in text
+    for sel in ("`train`", "`worst_site`", "`oracle` (an oracle)"):
+        assert f"#### Selection {sel}" in text
+    assert "| `dfr` |" in text and "Best pooled out-of-site AUC:" in text
     cv = tmp_path / "jobs" / "sites-confounded" / "cv"
     pooled = json.loads((cv / "pooled_offdiag.json").read_text())["ppi_wbp"]
     assert f"pooled off-diagonal AUC {pooled['auc']:.3f} against {pooled['auc_reference']:.3f}" in text
