@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import torch
 
 from data_prep.lidc import preprocess
 from data_prep.lidc_phantom import TEST_PATIENTS, TEST_SLICE_STEP, write_phantom
@@ -61,3 +62,16 @@ def test_lidc_bundle_trains_on_the_phantom(tmp_path):
     n_val = sum(1 for r in labelled if r["fold"] == 0)
     assert int(params["n_val"]) == n_val and int(params["n_train"]) == len(labelled) - n_val
     assert (next((tmp_path / "runs").iterdir()) / "models" / "model_best.pt").is_file()
+    # the comparators run in this bundle too: DFR refits the head of the chosen checkpoint, which the test scores
+    dfr = [*cmd, "--ppi#enabled", "false", "--robust#method", "dfr", "--robust#dfr_draws", "2",
+           "--selection", "worst_site"]  # fmt: skip
+    done = subprocess.run(dfr, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (models,) = (tmp_path / "runs").glob("lidc-dfr-*/models")
+    best = torch.load(models / "model_best.pt", map_location="cpu", weights_only=True)
+    refit = torch.load(models / "model_dfr.pt", map_location="cpu", weights_only=True)["model"]
+    changed = {k for k in best if not torch.equal(best[k], refit[k])}
+    assert changed and all(k.startswith(("fc.", "head.", "classifier.")) for k in changed), changed
+    oracle = [*cmd, "--selection", "oracle"]
+    done = subprocess.run(oracle, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "the LIDC bundle has none" in done.stdout + done.stderr

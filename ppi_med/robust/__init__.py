@@ -8,13 +8,14 @@ from __future__ import annotations
 from .config import COMPARATORS, SELECTIONS, RobustConfig
 from .dfr import DFRHandler, balanced_draws, fit_last_layer, last_linear, penultimate_features
 from .groupdro import GroupDRO
-from .groups import GroupIndex, batch_groups, record_group
+from .groups import CaseIdd, GroupIndex, batch_groups, record_group
 from .jtt import JTT, JTTHandler, training_errors
 from .loss import RobustLoss
 from .selection import WorstGroupAccuracy, check_selection, oracle_records, validation_metrics, worst_group_accuracy
 
 __all__ = [
     "COMPARATORS",
+    "CaseIdd",
     "SELECTIONS",
     "DFRHandler",
     "GroupDRO",

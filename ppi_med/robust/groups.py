@@ -6,8 +6,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.transforms import MapTransform
 
-__all__ = ["GroupIndex", "batch_groups", "record_group"]
+__all__ = ["CaseIdd", "GroupIndex", "batch_groups", "record_group"]
 
 
 def record_group(site: Any, label: Any) -> str:
@@ -73,3 +74,24 @@ class GroupIndex:
             return torch.tensor([self._index[str(n)] for n in names], dtype=torch.long, device=device)
         except KeyError as err:
             raise KeyError(f"group {err.args[0]!r} is not among the training groups {self.names}") from None
+
+
+class CaseIdd(MapTransform):
+    """Give a record its ``case`` id before its image is loaded: the ``case`` it has, else its image path.
+
+    JTT's error set names records by it. Put it first in a preprocessing chain, while ``image`` is a path.
+
+    Args:
+        keys: the key whose value (a path) becomes the id (default ``image``).
+        name: the id's key.
+    """
+
+    def __init__(self, keys: str = "image", name: str = "case") -> None:
+        super().__init__(keys)
+        self.name = name
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        if self.name not in d:
+            d[self.name] = str(d[self.first_key(d)])
+        return d

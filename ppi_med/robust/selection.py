@@ -17,14 +17,23 @@ from .groups import record_group
 __all__ = ["WorstGroupAccuracy", "check_selection", "oracle_records", "validation_metrics", "worst_group_accuracy"]
 
 
-def check_selection(selection: str, oracle_sites: Sequence[str] | str | None = None) -> str:
+def check_selection(
+    selection: str, oracle_sites: Sequence[str] | str | None = None, where: str | None = None
+) -> str:
     """``selection`` if valid.
+
+    Args:
+        selection: the rule.
+        oracle_sites: the sites ``oracle`` validates on.
+        where: a study that has no sites (named in the error): ``oracle`` is refused there.
 
     Raises:
         ValueError: an unknown rule, or ``oracle`` without the sites it validates on.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got '{selection}'")
+    if selection == "oracle" and where is not None:
+        raise ValueError(f"selection 'oracle' needs sites to validate on; {where} has none (use train or worst_site)")
     if selection == "oracle" and not oracle_sites:
         raise ValueError(
             "selection 'oracle' validates on records where the shortcut does not hold; name them with "
