@@ -47,8 +47,11 @@ def mean_sd(values: Sequence[float]) -> str:
 
 
 def method_title(method: str) -> str:
-    """A human title in the words of table 2.3: ``No PPI`` for the baseline, ``With PPI`` otherwise."""
-    return "No PPI (baseline)" if method == "baseline" else f"With PPI ({method})"
+    """A human title in the words of table 2.3: ``No PPI`` for the baseline, ``With PPI`` for a PPI method; a
+    control or comparator (``random_erasing``, ``groupdro``, ``ppi_wbp+dfr``) by its name."""
+    if method == "baseline":
+        return "No PPI (baseline)"
+    return f"With PPI ({method})" if method.startswith("ppi_") and "+" not in method else method
 
 
 def _fmt(value: float, digits: int = 3, p_value: bool = False) -> str:

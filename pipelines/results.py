@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ppi_med.ppi import method_fields
+from ppi_med.methods import method_settings
 from ppi_med.saliency import METHODS
 from ppi_med.stats import auc_ci, delong_test
 from ppi_med.tracking import ensure_experiment, git_commit
@@ -207,10 +207,18 @@ def _tracked_run(out: Path, job: str, experiment: str) -> list[str]:
 
 
 def _ppi_args(method: str, mask: str = "soft") -> list[str]:
-    fields = method_fields(method, METHODS)
-    if fields.get("enabled", True) and mask != "soft":
-        fields["mask"] = mask
-    return [arg for k, v in fields.items() for arg in (f"--ppi#{k}", v if isinstance(v, str) else json.dumps(v))]
+    """The bundle overrides of a method name (PPI's fields, and the comparator's when it names one)."""
+    settings = method_settings(method, METHODS)
+    if settings["ppi"].get("enabled", True) and mask != "soft":
+        settings["ppi"]["mask"] = mask
+    if settings["robust"]["method"] == "erm":  # the bundle's own default: the command line stays as before
+        del settings["robust"]
+    return [
+        arg
+        for part, fields in settings.items()
+        for k, v in fields.items()
+        for arg in (f"--{part}#{k}", v if isinstance(v, str) else json.dumps(v))
+    ]
 
 
 def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: str) -> list[Job]:

@@ -12,7 +12,7 @@ and on all off-diagonal cases pooled.
 Methods: ``baseline`` (``ppi#enabled false``), ``ppi_<saliency>`` (e.g. ``ppi_wbp``, ``ppi_gradcam``),
 ``ppi_<saliency>_<mask>`` (e.g. ``ppi_wbp_box``), ``ppi_<saliency>_<guide>`` (e.g. ``ppi_wbp_partner``) and the
 controls ``random_mask`` (PPI's interventions at random places) and ``random_erasing`` (augmentation only); the
-names are those of :func:`ppi_med.ppi.method_fields`.
+names are those of :func:`ppi_med.methods.method_settings` (PPI names, controls and comparators).
 
 MLflow: one parent run per invocation in ``--experiment``; each trained cell is the bundle's own run, made a
 child of the parent through the ``mlflow.parentRunId`` tag, named ``cv-<method>-<site>-s<seed>-<key>``, with

@@ -26,6 +26,7 @@ from monai.handlers import CheckpointSaver, MLFlowHandler, StatsHandler
 
 from .held_out import HeldOutTestHandler
 from .reference import LinearReferenceHandler
+from .robust import DFRHandler
 
 __all__ = ["WRITERS", "for_this_rank", "rank"]
 
@@ -37,6 +38,7 @@ WRITERS: tuple[type, ...] = (
     ProgressBar,
     HeldOutTestHandler,
     LinearReferenceHandler,
+    DFRHandler,  # refits and writes the chosen model, which only rank 0's held-out test reads
 )
 
 

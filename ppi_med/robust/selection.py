@@ -17,9 +17,7 @@ from .groups import record_group
 __all__ = ["WorstGroupAccuracy", "check_selection", "oracle_records", "validation_metrics", "worst_group_accuracy"]
 
 
-def check_selection(
-    selection: str, oracle_sites: Sequence[str] | str | None = None, where: str | None = None
-) -> str:
+def check_selection(selection: str, oracle_sites: Sequence[str] | str | None = None, where: str | None = None) -> str:
     """``selection`` if valid.
 
     Args:
