@@ -73,6 +73,17 @@ def _bundle_parts(study: dict):
     return parser.get_parsed_content("network_def"), parser.get_parsed_content("preprocessing")
 
 
+def _cell_checkpoint(attempt: Path, checkpoint: str) -> Path:
+    """The checkpoint a cell scored as ``best`` or ``final`` (its ``cell.json``: DFR's refitted model for a DFR
+    cell), else ``models/model_<checkpoint>.pt``."""
+    record = attempt / "cell.json"
+    if record.is_file():
+        relative = json.loads(record.read_text()).get(f"checkpoint_{checkpoint}")
+        if relative:
+            return attempt / relative
+    return attempt / "models" / f"model_{checkpoint}.pt"
+
+
 def cue_effect(cv_dir: str | Path, checkpoint: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Score every eye of a site-CV study and its watermark twin with every cell; write the tables.
 
@@ -114,8 +125,8 @@ def cue_effect(cv_dir: str | Path, checkpoint: str | None = None, progress: bool
     eyes = []
     cells = [c for c in study["cells"] if c.get("status") in ("trained", "reused")]
     for cell in tqdm(cells, desc="cells", unit="cell", disable=not progress):
-        models = cv_dir / "cells" / cell["key"] / f"attempt-{cell['attempt']}" / "models"
-        path = models / f"model_{checkpoint}.pt"
+        attempt = cv_dir / "cells" / cell["key"] / f"attempt-{cell['attempt']}"
+        path = _cell_checkpoint(attempt, checkpoint)
         if not path.is_file():
             raise SiteCVError(f"cell {cell['key']} ({cell['method']}, site {cell['train_site']}): {path} is missing")
         probs = predict_probabilities(network, preprocessing, images, device, 16, {checkpoint: path}, torch, cache)

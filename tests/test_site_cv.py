@@ -724,3 +724,13 @@ def test_a_bundle_without_the_ids_site_cv_uses_is_refused_naming_them(tmp_path, 
     err = capsys.readouterr().err
     assert f"{lidc} lacks the bundle ids site CV reads or sets: val_fraction, train_sites, val_sites" in err
     assert not (tmp_path / "cv").exists()  # refused before anything is written
+
+
+def test_cue_effect_scores_the_model_each_cell_scored(tmp_path):
+    """A DFR cell's ``best`` model is its refitted ``model_dfr.pt`` (``cell.json``), for the cue effect as for the
+    tables; a cell without the record falls back to ``models/model_best.pt``."""
+    from pipelines.cue_effect import _cell_checkpoint
+
+    (tmp_path / "cell.json").write_text(json.dumps({"checkpoint_best": "models/model_dfr.pt"}))
+    assert _cell_checkpoint(tmp_path, "best") == tmp_path / "models" / "model_dfr.pt"
+    assert _cell_checkpoint(tmp_path / "other", "final") == tmp_path / "other" / "models" / "model_final.pt"
