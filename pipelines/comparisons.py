@@ -153,6 +153,8 @@ def _shortcut_markdown(label: str, cue: str, table: pd.DataFrame) -> list[str]:
     lines = [
         f"#### Cue `{cue}`, selection `{label}`" + (" (an oracle)" if label == "oracle" else ""),
         "",
+        "AUC mean ± sd over seeds; against a reference: the mean paired difference and the paired t-test's p.",
+        "",
         "| method | aligned AUC | reversed AUC | cue-free AUC | reversed vs baseline (p) | reversed vs `ppi` (p) "
         "| cue-free vs baseline (p) |",
         "|---|---|---|---|---|---|---|",
@@ -175,6 +177,10 @@ def _site_markdown(label: str, table: pd.DataFrame) -> list[str]:
     head += ["out vs baseline (DeLong p)", "out vs `ppi_wbp` (DeLong p)"] + (["cue effect"] if has_cue else [])
     lines = [
         f"#### Selection `{label}`" + (" (an oracle)" if label == "oracle" else ""),
+        "",
+        "AUC columns: mean (± sd) over seeds of each seed's AUC; the site columns the seed mean. The columns "
+        "against a reference are the AUC difference of the scores averaged over seeds per record, with DeLong's "
+        "paired p on those records; cue effect: the watermark's mean pull on P(GA) (`pipelines.cue_effect`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -215,6 +221,22 @@ def _plot(tables: dict[str, pd.DataFrame], metric: str, ylabel: str, path: Path)
     return path
 
 
+def _provenance(shortcut: dict[str, Path], sites: dict[str, Path]) -> list[str]:
+    """What made each folder: the benchmark's command line, the site study's header (bundle, methods, git)."""
+    lines = ["Made by `python -m pipelines.comparisons` from:", ""]
+    for label, folder in sites.items():
+        head = (folder / "summary.md").read_text().splitlines()[:9] if (folder / "summary.md").is_file() else []
+        facts = [x.removeprefix("- ") for x in head if x.startswith("- ") and not x.startswith("- MLflow")]
+        lines.append(f"- site study `{label}` (`{folder}`): " + "; ".join(facts))
+    for label, folder in shortcut.items():
+        report = folder / "report.md"
+        made = [x for x in report.read_text().splitlines() if x.startswith("Produced by")] if report.is_file() else []
+        lines.append(
+            f"- shortcut `{label}` (`{folder}`): " + (made[0].split(". Digits")[0] if made else "no report.md")
+        )
+    return lines
+
+
 def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Path) -> Path:
     """``out/README.md`` with every table, the CSVs beside it and one figure per study.
 
@@ -227,7 +249,7 @@ def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Pa
         FileNotFoundError: a folder without the results it should hold (named).
     """
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Which fix works here: the comparators beside PPI", ""]
+    lines = ["# Which fix works here: the comparators beside PPI", "", *_provenance(shortcut, sites), ""]
     if sites:
         lines += ["## Site study", ""]
         tables = {}
