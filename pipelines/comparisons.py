@@ -4,6 +4,7 @@ Reads what the studies wrote and tests each method against both references:
 
 - a shortcut benchmark folder (``pipelines.shortcut --out DIR``: ``DIR/<cue>/results.csv``): reversed-cue and
   cue-free AUC, mean +- sd over seeds, paired t-tests across seeds;
+- ``make results``' GA jobs (``--ga OUT``): held-out test AUC, DeLong per seed;
 - a site-CV folder (``pipelines.site_cv --out DIR``: ``DIR/predictions.csv``, and ``DIR/cue_effect/cue_effect.csv``
   when :mod:`pipelines.cue_effect` has run): the training site's own held-out AUC and the pooled out-of-site
   AUC (every other site's records in one ROC) per seed, mean +- sd, with DeLong's paired test on the
@@ -31,7 +32,7 @@ from scipy.stats import ttest_rel
 
 from ppi_med.stats import delong_test
 
-__all__ = ["best_line", "main", "shortcut_comparison", "site_comparison"]
+__all__ = ["best_line", "ga_comparison", "main", "shortcut_comparison", "site_comparison", "write_comparisons"]
 
 SHORTCUT_REFERENCES = ("baseline", "ppi")
 SITE_REFERENCES = ("baseline", "ppi_wbp")
@@ -128,6 +129,55 @@ def site_comparison(
             row["cue_effect"] = float(cue[cue["method"] == method].groupby("seed")["effect"].mean().mean())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def ga_comparison(jobs_dir: Path, references: Sequence[str] = SITE_REFERENCES) -> pd.DataFrame:
+    """One row per method of ``make results``' GA jobs (``jobs_dir/ga-<method>-s<seed>/runs/*/test_predictions.csv``):
+    held-out test AUC (``out``: mean, sd over seeds), the mean paired difference against each reference and the
+    largest of the seeds' DeLong p (``out_p_<ref>``: every seed must show the difference)."""
+    import re
+
+    found: dict[str, dict[int, pd.DataFrame]] = {}
+    for path in sorted(jobs_dir.glob("ga-*-s*/runs/*/test_predictions.csv")):
+        m = re.fullmatch(r"ga-(.+)-s(\d+)", path.parents[2].name)
+        if m:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = pd.read_csv(path)
+    rows = []
+    for method, seeds in found.items():
+        aucs = [_pooled_auc(d.rename(columns={"prob": "score"})) for d in seeds.values()]
+        row = {"method": method, "seeds": len(seeds), "out_mean": float(np.mean(aucs)), "out_sd": _sd(aucs)}
+        for ref in references:
+            if ref == method or ref not in found:
+                continue
+            diffs, ps = [], []
+            for seed, d in seeds.items():
+                r = found[ref].get(seed)
+                if r is None:
+                    continue
+                both = d.merge(r, on="image", suffixes=("", "_ref"))
+                res = delong_test(both["label"].to_numpy(), both["prob"].to_numpy(), both["prob_ref"].to_numpy())
+                diffs.append(res.auc_a - res.auc_b)
+                ps.append(res.p_value)
+            if diffs:
+                row[f"out_diff_{ref}"], row[f"out_p_{ref}"] = float(np.mean(diffs)), float(max(ps))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _ga_markdown(table: pd.DataFrame) -> list[str]:
+    lines = [
+        "Held-out test AUC (the bundle's `test_fraction` 0.25), mean ± sd over seeds; against a reference: the "
+        "mean paired difference over seeds and the largest of the seeds' DeLong p.",
+        "",
+        "| method | test AUC | vs baseline (largest p) | vs `ppi_wbp` (largest p) |",
+        "|---|---|---|---|",
+    ]
+    for _, r in table.iterrows():
+        cells = [f"`{r['method']}`", _ms(r["out_mean"], r["out_sd"])]
+        cells += [_vs(r, f"out_diff_{ref}", f"out_p_{ref}") for ref in ("baseline", "ppi_wbp")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", best_line(table, "out", "ppi_wbp", "held-out test AUC"), ""]
+    return lines
 
 
 def best_line(table: pd.DataFrame, metric: str, ppi: str, what: str) -> str:
@@ -237,19 +287,26 @@ def _provenance(shortcut: dict[str, Path], sites: dict[str, Path]) -> list[str]:
     return lines
 
 
-def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Path) -> Path:
+def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Path, ga: Path | None = None) -> Path:
     """``out/README.md`` with every table, the CSVs beside it and one figure per study.
 
     Args:
         shortcut: selection label -> shortcut benchmark folder.
         sites: selection label -> site-CV folder.
         out: where the report goes.
+        ga: a ``make results`` folder whose GA jobs give the pooled GA table.
 
     Raises:
         FileNotFoundError: a folder without the results it should hold (named).
     """
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Which fix works here: the comparators beside PPI", "", *_provenance(shortcut, sites), ""]
+    if ga is not None:
+        table = ga_comparison(ga / "jobs")
+        if table.empty:
+            raise FileNotFoundError(f"{ga}: no jobs/ga-<method>-s<seed>/runs/*/test_predictions.csv")
+        table.to_csv(out / "ga_pooled.csv", index=False)
+        lines += ["## GA, pooled training", "", *_ga_markdown(table)]
     if sites:
         lines += ["## Site study", ""]
         tables = {}
@@ -300,13 +357,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.comparisons", description=__doc__.split("\n\n")[0])
     p.add_argument("--shortcut", action="append", help="SELECTION=FOLDER of a shortcut benchmark (repeatable)")
     p.add_argument("--sites", action="append", help="SELECTION=FOLDER of a site-CV study (repeatable)")
+    p.add_argument("--ga", type=Path, help="a make-results folder: its GA jobs' held-out test predictions")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     shortcut, sites = _labelled(args.shortcut, "--shortcut"), _labelled(args.sites, "--sites")
-    if not shortcut and not sites:
-        p.error("give at least one --shortcut or --sites folder")
+    if not shortcut and not sites and args.ga is None:
+        p.error("give at least one --ga, --shortcut or --sites folder")
     try:
-        path = write_comparisons(shortcut, sites, args.out)
+        path = write_comparisons(shortcut, sites, args.out, args.ga)
     except FileNotFoundError as err:
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2

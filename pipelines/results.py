@@ -759,10 +759,11 @@ def _comparators_section(out: Path, fig_dir: Path) -> list[str]:
     shortcut = {sel: out / "jobs" / f"shortcut-comparators-{sel}" / "out" for sel in SELECTIONS}
     sites = {k: v for k, v in sites.items() if (v / "predictions.csv").is_file()}
     shortcut = {k: v for k, v in shortcut.items() if any(v.glob("*/results.csv"))}
+    ga = out if any((out / "jobs").glob("ga-*-s*/runs/*/test_predictions.csv")) else None
     if not sites and not shortcut:
         return []
     folder = fig_dir / "comparators"
-    report = write_comparisons(shortcut, sites, folder).read_text().splitlines()
+    report = write_comparisons(shortcut, sites, folder, ga).read_text().splitlines()
     intro = (
         "GroupDRO, JTT and DFR (docs/DESIGN.md section 9) beside PPI and its controls on the confounded study "
         "(trained on site D alone) and on the shortcut benchmark's four cues, under each model-selection rule: "
