@@ -271,9 +271,16 @@ def _plot(tables: dict[str, pd.DataFrame], metric: str, ylabel: str, path: Path)
     return path
 
 
-def _provenance(shortcut: dict[str, Path], sites: dict[str, Path]) -> list[str]:
-    """What made each folder: the benchmark's command line, the site study's header (bundle, methods, git)."""
+def _provenance(shortcut: dict[str, Path], sites: dict[str, Path], ga: Path | None = None) -> list[str]:
+    """What made each folder: the benchmark's command line, the site study's header (bundle, methods, git), the
+    GA jobs' commits."""
+    import json
+
     lines = ["Made by `python -m pipelines.comparisons` from:", ""]
+    if ga is not None:
+        done = [json.loads(p.read_text()) for p in sorted((ga / "jobs").glob("ga-*-s*/done.json"))]
+        commits = sorted({d.get("commit", "?")[:12] for d in done})
+        lines.append(f"- GA pooled (`{ga}`): {len(done)} `make results` GA jobs at commit(s) {', '.join(commits)}")
     for label, folder in sites.items():
         head = (folder / "summary.md").read_text().splitlines()[:9] if (folder / "summary.md").is_file() else []
         facts = [x.removeprefix("- ") for x in head if x.startswith("- ") and not x.startswith("- MLflow")]
@@ -300,7 +307,7 @@ def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Pa
         FileNotFoundError: a folder without the results it should hold (named).
     """
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Which fix works here: the comparators beside PPI", "", *_provenance(shortcut, sites), ""]
+    lines = ["# Which fix works here: the comparators beside PPI", "", *_provenance(shortcut, sites, ga), ""]
     if ga is not None:
         table = ga_comparison(ga / "jobs")
         if table.empty:
