@@ -145,7 +145,7 @@ _TINY_GA = (
 _TINY_SITES = (*_TINY_GA, "--sites", "A,B,D", "--synthetic#sites", "['A','B','D']", "--min-steps", "0")
 
 PROFILES = {
-    "full": Profile(seeds=3),
+    "full": Profile(seeds=5),
     "quick": Profile(
         seeds=1,
         ga=_TINY_GA,

@@ -40,6 +40,8 @@ class PPIIteration:
         amp_dtype: ``"bfloat16"`` or ``"float16"`` to force the AMP precision; ``None`` chooses as above.
         robust: a comparator's loss (:class:`ppi_med.robust.RobustLoss`: GroupDRO, JTT) that replaces the
             trainer's ``loss_function`` as ``L_cls``; ``None``: the trainer's own.
+        max_grad_norm: the gradient's total norm is clipped to this before each step (``None``: not clipped).
+            The norm before clipping is reported every step as ``grad_norm`` either way.
     """
 
     def __init__(
@@ -47,8 +49,12 @@ class PPIIteration:
         ppi: PPIConfig | dict[str, Any] | None = None,
         amp_dtype: str | None = None,
         robust: RobustLoss | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         self.objective = PPIObjective(ppi)
+        if max_grad_norm is not None and not float(max_grad_norm) > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         if amp_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"amp_dtype must be 'bfloat16', 'float16' or None, got {amp_dtype!r}")
         self.amp_dtype = amp_dtype
@@ -65,6 +71,14 @@ class PPIIteration:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float16
         return torch.bfloat16
+
+    def _clip(self, parameters: Any) -> torch.Tensor:
+        """The gradient's total norm before clipping (clipped to ``max_grad_norm`` when set); no device sync."""
+        grads = [p for p in parameters if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
+        return torch.nn.utils.clip_grad_norm_(grads, limit).detach()
 
     @staticmethod
     def study_fields(batchdata: Any, device: torch.device) -> dict[str, Any]:
@@ -108,14 +122,16 @@ class PPIIteration:
         engine.state.output.update(out.terms)
         engine.state.output[Keys.LOSS] = out.terms["loss"]
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.amp and engine.scaler is not None and autocast["dtype"] == torch.float16:
-            engine.scaler.scale(out.loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        scaled = engine.amp and engine.scaler is not None and autocast["dtype"] == torch.float16
+        (engine.scaler.scale(out.loss) if scaled else out.loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if scaled:
+            engine.scaler.unscale_(engine.optimizer)
+        engine.state.output["grad_norm"] = self._clip(engine.network.parameters())
+        if scaled:
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            out.loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -128,7 +144,7 @@ class EpochLossAverages:
     puts ``loss``, ``loss_cls``, ``loss_con`` ... into MLflow once per epoch.
 
     Args:
-        keys: which output entries to average (default: every key starting with ``loss``).
+        keys: which output entries to average (default: every key starting with ``loss``, and ``grad_norm``).
     """
 
     def __init__(self, keys: list[str] | None = None) -> None:
@@ -150,7 +166,7 @@ class EpochLossAverages:
         output = engine.state.output
         if not isinstance(output, dict):
             return
-        keys = self.keys or [k for k in output if isinstance(k, str) and k.startswith("loss")]
+        keys = self.keys or [k for k in output if isinstance(k, str) and (k.startswith("loss") or k == "grad_norm")]
         for k in keys:
             if k in output:  # summed where they are (tensors stay on the device): read once an epoch
                 v = output[k]

@@ -130,3 +130,39 @@ def test_epoch_metrics_take_the_evaluators_only_when_it_validated_this_epoch():
     assert epoch_metrics(trainer, evaluator) == {"loss": 0.5, "val_auc": 0.9}
     evaluator.state.epoch = 3  # validated last epoch (val_interval > 1): its AUC is not this epoch's
     assert epoch_metrics(trainer, evaluator) == {"loss": 0.5}
+
+
+def test_gradient_norm_is_reported_and_clipped_before_the_step():
+    # SGD without momentum: the step is -lr * gradient, so the applied gradient can be read off the weights
+    seen: list[float] = []
+
+    def applied(trainer: SupervisedTrainer, store: list[float]) -> None:
+        before: dict[str, torch.Tensor] = {}
+        net = trainer.network
+
+        def keep(_):
+            before.update({n: p.detach().clone() for n, p in net.named_parameters()})
+
+        def measure(_):
+            step = torch.cat([(before[n] - p.detach()).flatten() for n, p in net.named_parameters()])
+            store.append(float(step.norm()) / 0.01)
+
+        trainer.add_event_handler(Events.ITERATION_STARTED, keep)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, measure)
+
+    trainer, outputs = _trainer(PPIIteration(PPIConfig(warmup_epochs=0)))
+    applied(trainer, seen)
+    trainer.run()
+    norms = [float(o["grad_norm"]) for o in outputs]
+    assert all(n > 0 for n in norms)
+    assert seen == pytest.approx(norms, rel=1e-4)  # unclipped: the step is the reported gradient
+
+    limit = min(norms) / 2
+    clipped_seen: list[float] = []
+    trainer, outputs = _trainer(PPIIteration(PPIConfig(warmup_epochs=0), max_grad_norm=limit))
+    applied(trainer, clipped_seen)
+    trainer.run()
+    assert all(float(o["grad_norm"]) > limit for o in outputs)  # the norm before clipping
+    assert clipped_seen == pytest.approx([limit] * len(outputs), rel=1e-4)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        PPIIteration(max_grad_norm=0.0)

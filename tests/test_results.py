@@ -82,8 +82,8 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
     jobs = build_jobs(tmp_path, PROFILES["full"], ["ga", "saliency", "lidc", "sites", "shortcut", "cost"], "sqlite://")
     names = {j.name for j in jobs}
     ga = {n for n in names if n.startswith("ga-")}
-    # baseline, five saliencies, the three controls of docs/DESIGN.md section 4.5 and four comparators, 3 seeds
-    assert len(ga) == 13 * 3 and {"ga-ppi_gradcam-s2", "ga-random_mask-s0", "ga-ppi_wbp_partner_zero-s1"} <= ga
+    # baseline, five saliencies, the three controls of docs/DESIGN.md section 4.5 and four comparators, 5 seeds
+    assert len(ga) == 13 * 5 and {"ga-ppi_gradcam-s2", "ga-random_mask-s0", "ga-ppi_wbp_partner_zero-s1"} <= ga
     assert {"ga-groupdro-s0", "ga-jtt-s1", "ga-dfr-s2", "ga-ppi_wbp+dfr-s0"} <= ga
     # the confounded study under each selection rule, the oracle on the cue-reversed site, each with its cue effect
     by_name = {j.name: j for j in jobs}
