@@ -181,7 +181,11 @@ def _ga_markdown(table: pd.DataFrame) -> list[str]:
 
 
 def best_line(table: pd.DataFrame, metric: str, ppi: str, what: str) -> str:
-    """The sentence under a table: the best method by ``metric`` and PPI against each other method."""
+    """The sentence under a table: the best method by ``metric`` and PPI against each other method.
+
+    PPI "beats" or "loses to" a method only where the table's test of the two gives p < 0.05, in the direction
+    of the difference that test measured; otherwise they do not differ significantly.
+    """
     best = table.loc[table[f"{metric}_mean"].idxmax()]
     line = f"Best {what}: `{best['method']}` ({best[f'{metric}_mean']:.3f})."
     if ppi in set(table["method"]):
@@ -191,8 +195,16 @@ def best_line(table: pd.DataFrame, metric: str, ppi: str, what: str) -> str:
         for m, r in p_ref.iterrows():
             if m in (ppi, "baseline"):
                 continue
-            p = r.get(f"{'reversed' if metric == 'reversed' else 'out'}_p_{ppi}", math.nan)
-            word = "beats" if ppi_value > r[f"{metric}_mean"] else "does not beat"
+            test = "reversed" if metric == "reversed" else "out"
+            p = r.get(f"{test}_p_{ppi}", math.nan)
+            # the sign of the difference the p-value tests (other method minus PPI), where the table has it
+            diff = r.get(f"{test}_diff_{ppi}", r.get(f"{test}_delta_{ppi}", math.nan))
+            if not np.isfinite(diff):
+                diff = r[f"{metric}_mean"] - ppi_value
+            if np.isfinite(p) and p < 0.05:
+                word = "beats" if diff < 0 else "loses to"
+            else:
+                word = "does not differ significantly from"
             verdicts.append(f"{word} `{m}` ({ppi_value:.3f} against {r[f'{metric}_mean']:.3f}, p {_fmt_p(p)})")
         if verdicts:
             line += f" `{ppi}` " + "; ".join(verdicts) + "."

@@ -31,7 +31,7 @@ def test_shortcut_table_is_mean_sd_and_paired_t_across_seeds():
     assert table.loc["dfr", "reversed_p_ppi"] == pytest.approx(ttest_rel(rev["dfr"], rev["ppi"]).pvalue)
     assert table.loc["dfr", "reversed_delta_baseline"] == pytest.approx((rev["dfr"] - rev["baseline"]).mean())
     line = best_line(table.reset_index(), "reversed", "ppi", "reversed-cue AUC")
-    assert line.startswith("Best reversed-cue AUC: `dfr`") and "`ppi` does not beat `dfr`" in line
+    assert line.startswith("Best reversed-cue AUC: `dfr`") and "`ppi` loses to `dfr`" in line
 
 
 def _site_predictions(rng: np.random.Generator) -> pd.DataFrame:
@@ -87,3 +87,19 @@ def test_ga_table_reads_the_held_out_predictions_of_each_seed(tmp_path):
 def test_a_folder_without_results_is_named(tmp_path, capsys):
     assert main(["--sites", f"train={tmp_path}", "--out", str(tmp_path / "r")]) == 2
     assert "no predictions.csv" in capsys.readouterr().err
+
+
+def test_verdict_needs_a_significant_test_in_its_direction():
+    table = pd.DataFrame(
+        [
+            {"method": "baseline", "out_mean": 0.50},
+            {"method": "ppi_wbp", "out_mean": 0.58},
+            # higher seed mean than PPI but, on the records the test compares, lower and not significant
+            {"method": "dfr", "out_mean": 0.60, "out_diff_ppi_wbp": -0.01, "out_p_ppi_wbp": 0.4},
+            {"method": "jtt", "out_mean": 0.51, "out_diff_ppi_wbp": -0.07, "out_p_ppi_wbp": 0.01},
+            {"method": "groupdro", "out_mean": 0.65, "out_diff_ppi_wbp": 0.08, "out_p_ppi_wbp": 0.02},
+        ]
+    )
+    line = best_line(table, "out", "ppi_wbp", "pooled out-of-site AUC")
+    assert "does not differ significantly from `dfr`" in line
+    assert "beats `jtt`" in line and "loses to `groupdro`" in line
