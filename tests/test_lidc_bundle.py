@@ -75,3 +75,54 @@ def test_lidc_bundle_trains_on_the_phantom(tmp_path):
     oracle = [*cmd, "--selection", "oracle"]
     done = subprocess.run(oracle, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "the LIDC bundle has none" in done.stdout + done.stderr
+
+
+def test_lidc_outlines_follow_the_images_spatial_transforms(tmp_path):
+    """Each nodule outline reaches the PPI step on the image's grid and flipped/rotated with it."""
+    import itertools
+
+    import numpy as np
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    write_phantom(tmp_path / "dicom", TEST_PATIENTS, slice_step=TEST_SLICE_STEP, progress=False)
+    preprocess(tmp_path / "dicom", tmp_path / "patches", patients=list(TEST_PATIENTS), folds=2, progress=False)
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / "lidc_ppi.json"))
+    parser["dataset_dir"] = str(tmp_path / "patches")
+    parser["val_fold"] = 0
+    records = parser.get_parsed_content("train#datalist")
+    fixed = parser.get_parsed_content("preprocessing_transforms") + parser.get_parsed_content(
+        "train#outline_transforms"
+    )
+    random_part = parser.get_parsed_content("train#augmentation")
+    assert records and all(r.get("mask") for r in records)
+
+    def spatial_variants(x: np.ndarray):
+        for flips in itertools.product((False, True), repeat=3):
+            y = x
+            for axis, flip in enumerate(flips):
+                y = np.flip(y, axis + 1) if flip else y
+            for k in range(4):
+                yield np.rot90(y, k, axes=(1, 2))
+
+    set_determinism(seed=0)
+    checked = 0
+    for record in records[:6]:
+        base = dict(record)
+        for t in fixed:
+            base = t(base)
+        image0, ann0 = np.asarray(base["image"]), np.asarray(base["annotation"])
+        assert bool(base["annotated"]) and ann0.shape == image0.shape and ann0.max() > 0.5
+        for _ in range(3):
+            out = dict(base)
+            for t in random_part:
+                out = t(out)
+            image1, ann1 = np.asarray(out["image"]), np.asarray(out["annotation"])
+            errors = [np.abs(v - image1).mean() for v in spatial_variants(image0)]
+            best = int(np.argmin(errors))
+            assert errors[best] < 0.02  # the image's own flips and rotation (plus its small noise)
+            expected = list(spatial_variants(ann0))[best]
+            np.testing.assert_allclose(ann1, expected, atol=1e-6)
+            checked += 1
+    assert checked == 3 * min(6, len(records))
