@@ -19,6 +19,8 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
 
+from .flags import as_bool
+
 __all__ = ["PreciseBatchNorm", "recompute_batch_norm"]
 
 
@@ -111,7 +113,7 @@ class PreciseBatchNorm:
         self.network = network
         self.loader = loader
         self.device = device
-        self.enabled = bool(enabled)
+        self.enabled = as_bool(enabled, "precise_bn")
         self.image_key = image_key
 
     def attach(self, engine: Engine) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from ignite.engine import Engine, Events
 
+from .flags import as_bool
 from .tracking import log_batch
 
 __all__ = ["REFERENCE_MODEL", "LinearReferenceHandler", "ReferenceResult", "linear_reference", "voxel_matrix"]
@@ -198,7 +199,7 @@ class LinearReferenceHandler:
         self.preprocessing = preprocessing
         self.tracker = tracker
         self.seed = int(seed)
-        self.enabled = bool(enabled)
+        self.enabled = as_bool(enabled, "linear_reference")
         self.result: ReferenceResult | None = None
 
     def attach(self, engine: Engine) -> None:

@@ -54,7 +54,8 @@ def test_handler_runs_at_epoch_end_and_empty_loader_is_refused():
     torch.testing.assert_close(net[0].running_mean, torch.cat([b["image"] for b in batches]).mean(0))
 
     off = nn.Sequential(nn.BatchNorm1d(5))
-    PreciseBatchNorm(off, batches, "cpu", enabled=False).attach(trainer)
+    # "--precise_bn false" on the command line arrives as a string
+    PreciseBatchNorm(off, batches, "cpu", enabled="false").attach(trainer)
     trainer.run([0], max_epochs=1)
     assert torch.equal(off[0].running_mean, torch.zeros(5))
 
@@ -62,3 +63,8 @@ def test_handler_runs_at_epoch_end_and_empty_loader_is_refused():
     with pytest.raises(ValueError, match="empty loader"):
         recompute_batch_norm(net, [], "cpu")
     torch.testing.assert_close(net[0].running_mean, before)
+
+
+def test_a_misspelt_switch_is_refused():
+    with pytest.raises(ValueError, match="precise_bn must be true or false, got 'flase'"):
+        PreciseBatchNorm(nn.BatchNorm1d(2), [], "cpu", enabled="flase")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..flags import as_bool
 from ..saliency import frozen_buffers, make_tracer, plain
 from .guides import SitePrototypes, annotation_regions, site_regions
 from .interventions import FILLS, fill_values, intervene, random_erase, relocate
@@ -62,17 +63,7 @@ DEFAULT_FILL = "other_class"
 
 
 def _as_bool(value: Any, name: str) -> bool:
-    # command-line overrides arrive as strings ("--ppi#enabled false")
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"PPI {name} must be true or false, got '{value}'")
-    if isinstance(value, (bool, int)) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"PPI {name} must be true or false, got {value!r}")
+    return as_bool(value, f"PPI {name}")
 
 
 @dataclass
