@@ -74,11 +74,13 @@ class PPIIteration:
 
     def _clip(self, parameters: Any) -> torch.Tensor:
         """The gradient's total norm before clipping (clipped to ``max_grad_norm`` when set); no device sync."""
-        grads = [p for p in parameters if p.grad is not None]
-        if not grads:
+        with_grad = [p for p in parameters if p.grad is not None]
+        if not with_grad:
             return torch.zeros(())
-        limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        return torch.nn.utils.clip_grad_norm_(grads, limit).detach()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        if self.max_grad_norm is not None:  # unclipped steps leave the gradients untouched
+            torch.nn.utils.clip_grads_with_norm_(with_grad, self.max_grad_norm, norm)
+        return norm.detach()
 
     @staticmethod
     def study_fields(batchdata: Any, device: torch.device) -> dict[str, Any]:
