@@ -27,7 +27,8 @@ Its ids: ``checkpoint`` (shared with ``export``), ``eval_dir`` (default: a new `
 ``eval_methods`` (all five), ``eval_ks`` (100 ... 10000), ``eval_target`` (``label``), ``eval_fill``
 (``min``), ``eval_tolerance_mm`` (0), ``eval_run_id`` (``null``: a new run ``saliency-eval-...`` in the
 bundle's experiment; else the training run to add the scores to), ``eval_datalist`` (``@validate#datalist``),
-and ``evaluate_saliency_job``, the call itself. MLflow: the bundle's ``tracking_uri``.
+and ``evaluate_saliency_job``, the call itself (its ``spec`` is the
+:class:`~ppi_med.saliency_spec.SaliencySpec`, the one export takes too). MLflow: the bundle's ``tracking_uri``.
 """
 
 from __future__ import annotations
@@ -41,14 +42,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import Compose
 from scipy import ndimage as ndi
 from torch import nn
 
-from .cases import CasePipeline, check_methods, find_loader, parse_targets, resolve_cases
+from .cases import find_loader
 from .image_grid import ensure_new, read_source, resample_to_grid, same_grid
-from .saliency import METHODS
-from .weights import load_checkpoint
+from .saliency_spec import SaliencySpec
 
 __all__ = [
     "DEFAULT_KS",
@@ -397,16 +396,10 @@ def _check_run(tracking_uri: str | None, run_id: str) -> None:
 
 
 def evaluate_saliency(
-    network: nn.Module,
-    preprocessing: Compose,
-    data: str | Path | Mapping | Sequence,
+    spec: SaliencySpec,
     out_dir: str | Path,
     *,
-    methods: Sequence[str] = METHODS,
-    checkpoint: str | Path | None = None,
-    require_checkpoint: bool = False,
     ks: Sequence[float] = DEFAULT_KS,
-    target: str | int = "label",
     fill: str | float = "min",
     threshold: float = 0.5,
     tolerance: float = 0.0,
@@ -416,14 +409,9 @@ def evaluate_saliency(
     run_id: str | None = None,
     run_name: str | None = None,
     log_mlflow: bool = True,
-    device: str | torch.device | None = None,
-    image_key: str = "image",
-    mask_key: str = "mask",
-    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
-    progress: bool = True,
 ) -> pd.DataFrame:
-    """Deletion and localisation for every method over a datalist; CSV, plots and MLflow.
+    """Deletion and localisation for every method of ``spec`` over its records; CSV, plots and MLflow.
 
     Writes into ``out_dir`` (refusing existing files): ``deletion.csv`` (one row per case, method and k),
     ``localisation.csv`` (one row per case with a non-empty mask and method), ``summary.csv`` (one row per
@@ -431,15 +419,11 @@ def evaluate_saliency(
     ``dice_best``, case counts), ``deletion_curves.png``, ``localisation.png`` and ``config.json``.
 
     Args:
-        network: the classifier.
-        preprocessing: the bundle's ``preprocessing``.
-        data: a datalist JSON, records, or image paths.
+        spec: the network, preprocessing, records, checkpoint, methods to compare, the one target (the class
+            explained: ``label``, ``predicted`` or a class index), device, method options and record keys
+            (:class:`ppi_med.saliency_spec.SaliencySpec`).
         out_dir: the output folder.
-        methods: saliency methods to compare.
-        checkpoint: weights for ``network``.
-        require_checkpoint: refuse to run without one (the bundle sets it).
         ks: deletion sizes, counts or fractions.
-        target: the class explained: ``label`` (default), ``predicted`` or a class index.
         fill: the deletion value, see :func:`delete_topk`.
         threshold: the fixed threshold of ``dice_fixed``.
         tolerance: the pointing game's tolerance (mm).
@@ -449,25 +433,19 @@ def evaluate_saliency(
         run_id: log into this existing run instead of a new one.
         run_name: name of a new run.
         log_mlflow: log at all.
-        device: where to run (default: the network's device).
-        image_key, mask_key: record keys.
-        method_kwargs: options per method, e.g. ``{"gradcam": {"layer": "backbone.layer4"}}``.
         seed: seed of the random reference.
-        progress: show a progress bar.
 
     Returns:
         The summary table.
 
     Raises:
         FileExistsError: an output exists.
-        ValueError: bad options or cases (named).
+        ValueError: bad options (several targets, a bad fill, an unknown MLflow run) or cases (named).
     """
-    if require_checkpoint and not checkpoint:
-        raise ValueError("no checkpoint given: pass --checkpoint PATH (e.g. runs/<run>/models/model_best.pt)")
-    methods = check_methods(methods)
-    if isinstance(target, (list, tuple)):
-        raise ValueError(f"one target choice, please (got {target!r})")
-    spec = parse_targets(target)[0]
+    target = spec.single_target()
+    methods = list(spec.method_names)
+    if random_reference and RANDOM in methods:
+        raise ValueError(f"a method named '{RANDOM}' would be mixed up with the random reference: rename it")
     _fill_values(torch.zeros(1, 1), fill)  # validates fill before any work
     if log_mlflow and run_id:
         _check_run(tracking_uri, run_id)
@@ -481,20 +459,19 @@ def evaluate_saliency(
         "config.json",
     ]
     paths = {n: ensure_new(out_dir / n) for n in names}
-    records = resolve_cases(data, image_key)
-    if checkpoint:
-        load_checkpoint(network, checkpoint)
-    pipeline = CasePipeline(network, preprocessing, device=device, image_key=image_key, method_kwargs=method_kwargs)
-    loader = find_loader(preprocessing, image_key)
+    records = spec.records()
+    pipeline = spec.pipeline()
+    network = pipeline.network
+    loader = find_loader(spec.preprocessing, spec.image_key)
     gen = torch.Generator().manual_seed(seed)
 
     deletion_rows: list[dict] = []
     loc_rows: list[dict] = []
-    for case in pipeline.cases(records, desc="saliency evaluation", progress=progress):
-        cls = case.target(spec)
+    for case in pipeline.cases(records, desc="saliency evaluation", progress=spec.progress):
+        cls = case.target(target)
         n_vox = math.prod(case.x.shape[2:])
         counts = [resolve_k(k, n_vox) for k in ks]
-        maps = {m: pipeline.saliency(case, m, cls) for m in methods}
+        maps = {name: pipeline.saliency(case, m, cls) for name, m in spec.named_methods.items()}
         if random_reference:
             maps[RANDOM] = torch.rand(case.x.shape, generator=gen).to(case.x.device)
         for m, s in maps.items():
@@ -512,7 +489,7 @@ def evaluate_saliency(
                         "drop": float(probs[0]) - p,
                     }
                 )
-        mask = _case_mask(case.record, mask_key, loader, case.id)
+        mask = _case_mask(case.record, spec.mask_key, spec.image_key, loader, case.id)
         if mask is None:
             continue
         src_shape, src_affine, mask_arr = mask
@@ -547,12 +524,12 @@ def evaluate_saliency(
     config = {
         "methods": list(methods),
         "ks": list(ks),
-        "target": spec,
+        "target": target,
         "fill": fill,
         "threshold": threshold,
         "tolerance_mm": tolerance,
         "random_reference": random_reference,
-        "checkpoint": str(checkpoint or ""),
+        "checkpoint": spec.checkpoint or "",
         "n_cases": len(records),
         "n_localised": int(loc["case_id"].nunique()) if len(loc) else 0,
         "seed": seed,
@@ -574,14 +551,14 @@ def evaluate_saliency(
     return summary
 
 
-def _case_mask(rec: Mapping[str, Any], key: str, loader, cid: str):
+def _case_mask(rec: Mapping[str, Any], key: str, image_key: str, loader, cid: str):
     """(image shape, image affine, mask on the image grid) for a record with a non-empty mask, else None."""
     if not rec.get(key):
         return None
     mask = read_source(rec[key], loader)
     if not (mask.array > 0.5).any():
         return None
-    image = read_source(rec["image"] if "image" in rec else rec[key], loader)
+    image = read_source(rec[image_key] if image_key in rec else rec[key], loader)
     arr = mask.array
     if not same_grid(mask.shape, mask.affine, image.shape, image.affine):
         arr = resample_to_grid(mask.array, mask.affine, image.shape, image.affine, order=0)

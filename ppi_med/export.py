@@ -26,11 +26,16 @@ Per case, :class:`SaliencyExporter` writes into ``OUT/<case>/``:
 
 ``OUT/index.csv`` lists every case, method and target with label, prediction, probabilities and paths, and
 ``OUT/export.json`` the methods, targets and checkpoint (by which the review finds the training run in
-MLflow). Several methods go into one export with ``method="wbp,gradcam"`` (or a list). Nothing is ever
-overwritten: every output path is checked before any work starts, and each write refuses an existing file.
+MLflow). Nothing is ever overwritten: every output path is checked before any work starts, and each write
+refuses an existing file.
 
-Targets: ``"predicted"`` (the model's class), ``"label"`` (the record's label), a class index, or a list of
-these (e.g. ``["predicted", 1]``) for several overlays per case.
+What is exported is a :class:`ppi_med.saliency_spec.SaliencySpec` (shared with saliency evaluation): several
+methods go into one export with ``methods="wbp,gradcam"`` (or a list); its ``targets`` are ``"predicted"``
+(the model's class), ``"label"`` (the record's label), a class index, or a list of these (e.g.
+``["predicted", 1]``) for several overlays per case::
+
+    spec = SaliencySpec(network, preprocessing, "datalist.json", checkpoint="model_best.pt", methods="wbp,gradcam")
+    export_saliency(spec, "exports/ga", montage=False)
 
 Open a case (ITK-SNAP / 3D Slicer)::
 
@@ -51,34 +56,22 @@ Its ids: ``checkpoint`` (default: the newest ``runs/ga-*/models/model_best.pt``,
 ``export_target`` (``predicted``; ``label``, a class index, or ``"['predicted',1]"``; ``export_method`` takes
 several methods as ``wbp,gradcam``), ``export_datalist``
 (default ``@validate#datalist``; a datalist JSON's ``training`` list, records, or one image path / DICOM folder),
-``export_interp`` (``linear``), ``export_montage`` (``true``), and ``export_job``, the call itself.
+``export_interp`` (``linear``), ``export_montage`` (``true``), and ``export_job``, the call itself
+(its ``spec`` is the :class:`~ppi_med.saliency_spec.SaliencySpec`).
 """
 
 from __future__ import annotations
 
 import csv
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
-from monai.transforms import Compose
-from torch import nn
 
-from .cases import (
-    Case,
-    CasePipeline,
-    SaliencyFn,
-    case_ids,
-    check_methods,
-    file_stem,
-    find_loader,
-    parse_targets,
-    resolve_cases,
-)
+from .cases import Case, case_ids, file_stem, find_loader
 from .dicom_overlay import DicomSeriesError, read_source_series, write_parametric_map
 from .image_grid import (
     SourceImage,
@@ -91,7 +84,7 @@ from .image_grid import (
     write_nifti,
 )
 from .montage import peak_index, save_montage
-from .weights import load_checkpoint
+from .saliency_spec import SaliencySpec
 
 __all__ = ["INDEX_COLUMNS", "SaliencyExporter", "export_saliency"]
 
@@ -126,83 +119,52 @@ class SaliencyExporter:
     """Computes saliency per case, maps it to the original scan and writes overlays, montages and an index.
 
     Args:
-        network: the classifier (logits ``(N, M)``).
-        preprocessing: the bundle's ``preprocessing`` (a ``Compose`` of invertible MONAI transforms).
-        method: a method name of :func:`ppi_med.saliency.compute` (``wbp``, ``gradient``,
-            ``input_x_gradient``, ``gradcam``, ``lrp``), a :data:`SaliencyFn`, or several of these (a list or
-            ``"wbp,gradcam"``): one overlay per method and target.
-        targets: ``"predicted"``, ``"label"``, a class index, or a list of these.
-        checkpoint: weights to load into ``network`` first (``None``: use it as it is).
-        device: where to run (default: the network's device).
+        spec: the network, preprocessing, records, checkpoint, methods (one overlay per method and target),
+            targets, device, method options and record keys (:class:`ppi_med.saliency_spec.SaliencySpec`);
+            its checkpoint is loaded into its network here.
         interp: interpolation of the inverse resampling, see :func:`ppi_med.cases.to_original_grid`.
         normalise: divide each overlay by its maximum absolute value.
         montage: write the PNG montages.
         signed_montage: diverging colours for the signed map; default: only for methods whose maps are
             signed (all but ``gradcam``).
-        image_key, mask_key, scan_key, label_key: record keys.
+        scan_key: the record key of the whole scan a patch was cut from.
         scan_dicom_key: the record key naming the DICOM series folder of ``scan_image``.
-        method_kwargs: options for the method (e.g. ``layer`` for gradcam); with several methods, keyed by
-            method name (``{"gradcam": {"layer": "backbone.layer4"}}``).
         copy_sources: copy a NIfTI source and scan into the export too (a DICOM one is always written).
         dicom: write DICOM Parametric Maps where the scan came from a DICOM series.
-        progress: show a progress bar.
 
     Raises:
-        ValueError: an unknown method or target choice, a method named twice, or ``method_kwargs`` not keyed
-            by method name with several methods.
+        ValueError: an unknown ``interp``.
     """
 
     def __init__(
         self,
-        network: nn.Module,
-        preprocessing: Compose,
+        spec: SaliencySpec,
         *,
-        method: str | SaliencyFn | Sequence[str | SaliencyFn] = "wbp",
-        targets: str | int | Sequence[str | int] = "predicted",
-        checkpoint: str | Path | None = None,
-        device: str | torch.device | None = None,
         interp: str = "linear",
         normalise: bool = True,
         montage: bool = True,
         signed_montage: bool | None = None,
-        image_key: str = "image",
-        mask_key: str = "mask",
         scan_key: str = "scan_image",
-        label_key: str = "label",
         scan_dicom_key: str = "scan_dicom",
-        method_kwargs: Mapping[str, Any] | None = None,
         copy_sources: bool = True,
         dicom: bool = True,
-        progress: bool = True,
     ) -> None:
-        methods = _parse_methods(method)
-        names = [m if isinstance(m, str) else getattr(m, "__name__", "custom") for m in methods]
-        if len(set(names)) != len(names):
-            raise ValueError(f"a saliency method is named twice: {names}")
         if interp not in ("linear", "nearest", "trace"):
             raise ValueError(f"interp must be 'linear', 'nearest' or 'trace', got '{interp}'")
-        if checkpoint is not None:
-            load_checkpoint(network, checkpoint)
-        self.methods = list(zip(names, methods))
-        self.targets = parse_targets(targets)
+        self.spec = spec
+        self.methods = list(spec.named_methods.items())
+        self.targets = list(spec.targets)
         self.normalise = normalise
         self.montage = montage
         self.signed_montage = signed_montage
-        self.image_key, self.mask_key, self.scan_key, self.label_key = image_key, mask_key, scan_key, label_key
-        self.scan_dicom_key = scan_dicom_key
-        self.pipeline = CasePipeline(
-            network,
-            preprocessing,
-            device=device,
-            image_key=image_key,
-            method_kwargs=_kwargs_per_method(method_kwargs, names),
-            interp=interp,
-        )
+        self.image_key, self.mask_key, self.label_key = spec.image_key, spec.mask_key, spec.label_key
+        self.scan_key, self.scan_dicom_key = scan_key, scan_dicom_key
+        self.pipeline = spec.pipeline(interp)
         self.copy_sources = copy_sources
         self.dicom = dicom
-        self.checkpoint = None if checkpoint is None else str(checkpoint)
-        self.progress = progress
-        self.loader = find_loader(preprocessing, image_key)
+        self.checkpoint = spec.checkpoint
+        self.progress = spec.progress
+        self.loader = find_loader(spec.preprocessing, spec.image_key)
         self._scan_cache: tuple[str, SourceImage, Path] | None = None
         self._series_cache: dict[str, Any] = {}
 
@@ -236,11 +198,10 @@ class SaliencyExporter:
         return out_dir / "scans" / f"{file_stem(scan)}.nii.gz"
 
     # -- running ---------------------------------------------------------------------------------------------
-    def run(self, data: str | Path | Mapping | Sequence, out_dir: str | Path) -> Path:
-        """Export every case of ``data`` into ``out_dir`` and write ``out_dir/index.csv``.
+    def run(self, out_dir: str | Path) -> Path:
+        """Export every case of the spec's ``data`` into ``out_dir`` and write ``out_dir/index.csv``.
 
         Args:
-            data: a datalist JSON, a list of records (or image paths), one record, or one image path.
             out_dir: the output folder (created; existing files in it are never replaced).
 
         Returns:
@@ -251,7 +212,7 @@ class SaliencyExporter:
             FileNotFoundError, ValueError: a bad case, named.
         """
         out_dir = Path(out_dir)
-        records = resolve_cases(data, self.image_key)
+        records = self.spec.records()
         ids = case_ids(records, self.image_key)
         plans = [self._case_paths(out_dir, cid, rec) for cid, rec in zip(ids, records)]
         index = ensure_new(out_dir / "index.csv")
@@ -400,45 +361,6 @@ class SaliencyExporter:
         return rows
 
 
-def _parse_methods(method: str | SaliencyFn | Sequence[str | SaliencyFn]) -> list[str | SaliencyFn]:
-    """The methods to export: a name, ``"wbp,gradcam"``, a callable, or a list of these.
-
-    Raises:
-        ValueError: an unknown name, something that is neither a name nor a callable, or none at all.
-    """
-    if isinstance(method, str):
-        items: list = [m.strip() for m in method.split(",") if m.strip()]
-    elif callable(method):
-        items = [method]
-    else:
-        items = list(method)
-    if not items:
-        raise ValueError("no saliency method given")
-    names = [m for m in items if isinstance(m, str)]
-    if names:
-        check_methods(names)
-    for m in items:
-        if not isinstance(m, str) and not callable(m):
-            raise ValueError(f"method must be a name or a callable, got {type(m).__name__}")
-    return items
-
-
-def _kwargs_per_method(kwargs: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Options per method: with one method, ``kwargs`` are its options; with several, a mapping from method
-    name to options (``{"gradcam": {"layer": "backbone.layer4"}}``).
-
-    Raises:
-        ValueError: several methods and a key that is not one of them.
-    """
-    kwargs = dict(kwargs or {})
-    if len(names) == 1:
-        return {names[0]: kwargs}
-    unknown = [k for k in kwargs if k not in names]
-    if unknown:
-        raise ValueError(f"with several methods, method_kwargs must be keyed by method name; unknown: {unknown}")
-    return {n: dict(kwargs.get(n) or {}) for n in names}
-
-
 def _is_dicom(path: str | Path) -> bool:
     """A DICOM series folder or a ``.dcm`` file (what MONAI's loader reads as DICOM)."""
     p = Path(path)
@@ -476,46 +398,22 @@ def _dicom_map(
         raise ValueError(f"case {cid}: no DICOM overlay over {series}: {err}") from err
 
 
-def export_saliency(
-    network: nn.Module,
-    preprocessing: Compose,
-    data: str | Path | Mapping | Sequence,
-    out_dir: str | Path,
-    *,
-    checkpoint: str | Path | None = None,
-    require_checkpoint: bool = False,
-    method: str | SaliencyFn = "wbp",
-    targets: str | int | Sequence[str | int] = "predicted",
-    device: str | torch.device | None = None,
-    **kwargs: Any,
-) -> Path:
-    """Export saliency overlays of ``data`` into ``out_dir``; the bundle's ``export`` run calls this.
+def export_saliency(spec: SaliencySpec, out_dir: str | Path, **options: Any) -> Path:
+    """Export saliency overlays of the spec's records into ``out_dir``; the bundle's ``export`` run calls this.
 
     Args:
-        network: the classifier.
-        preprocessing: the bundle's ``preprocessing``.
-        data: a datalist JSON, records, image paths, or one image path.
+        spec: what to explain and how (:class:`ppi_med.saliency_spec.SaliencySpec`).
         out_dir: the output folder.
-        checkpoint: weights for ``network``.
-        require_checkpoint: refuse to run without a checkpoint (the bundle sets it: an untrained network's
-            saliency is noise that looks like a result).
-        method: see :class:`SaliencyExporter`.
-        targets: see :class:`SaliencyExporter`.
-        device: see :class:`SaliencyExporter`.
-        **kwargs: more :class:`SaliencyExporter` options.
+        **options: the output options of :class:`SaliencyExporter` (``interp``, ``montage``, ...).
 
     Returns:
         The index CSV's path.
 
     Raises:
-        ValueError: ``require_checkpoint`` without a checkpoint, and see :meth:`SaliencyExporter.run`.
+        ValueError: a bad option, and see :meth:`SaliencyExporter.run`.
     """
-    if require_checkpoint and not checkpoint:
-        raise ValueError("no checkpoint given: pass --checkpoint PATH (e.g. runs/<run>/models/model_best.pt)")
-    exporter = SaliencyExporter(
-        network, preprocessing, method=method, targets=targets, checkpoint=checkpoint, device=device, **kwargs
-    )
-    index = exporter.run(data, out_dir)
+    exporter = SaliencyExporter(spec, **options)
+    index = exporter.run(out_dir)
     names = ", ".join(n for n, _ in exporter.methods)
     print(f"saliency overlays ({names}) written to {Path(out_dir)}; index: {index}", flush=True)
     return index

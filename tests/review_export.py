@@ -12,6 +12,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, Res
 from torch import nn
 
 from ppi_med.export import export_saliency
+from ppi_med.saliency_spec import SaliencySpec
 
 __all__ = ["LesionNet", "make_export"]
 
@@ -71,5 +72,7 @@ def make_export(folder: Path, methods: str = "gradient,input_x_gradient") -> Pat
         ]
     )
     out = folder / "export"
-    export_saliency(LesionNet(), preprocessing, records, out, method=methods, montage=False, progress=False)
+    export_saliency(
+        SaliencySpec(LesionNet(), preprocessing, records, methods=methods, progress=False), out, montage=False
+    )
     return out

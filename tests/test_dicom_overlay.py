@@ -25,6 +25,7 @@ from ppi_med.data import load_datalist
 from ppi_med.dicom_overlay import DicomSeriesError, read_source_series, slice_affine_ras, write_parametric_map
 from ppi_med.export import export_saliency
 from ppi_med.image_grid import read_source, resample_to_grid
+from ppi_med.saliency_spec import SaliencySpec
 
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
@@ -81,9 +82,8 @@ def test_lidc_export_writes_a_parametric_map_on_the_scans_series(lidc, tmp_path)
         ]
     )
     out = tmp_path / "export"
-    index = export_saliency(
-        LesionNet(), preprocessing, [rec], out, method="input_x_gradient", montage=False, progress=False
-    )
+    spec = SaliencySpec(LesionNet(), preprocessing, [rec], methods="input_x_gradient", progress=False)
+    index = export_saliency(spec, out, montage=False)
     with open(index, newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["dicom_overlay"].endswith("input_x_gradient_pred_in_scan.dcm")

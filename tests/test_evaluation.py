@@ -29,6 +29,7 @@ from ppi_med.evaluation import (
 )
 from ppi_med.networks import MVCNN
 from ppi_med.saliency import METHODS, compute
+from ppi_med.saliency_spec import SaliencySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,9 +191,8 @@ def test_driver_writes_csv_plots_and_logs_into_a_given_mlflow_run(ga_records, ml
     run_id = client.create_run(exp, run_name="training-run").info.run_id
     out = tmp_path / "eval"
     ks = [0.01, 0.05, 0.2]
-    summary = evaluate_saliency(
-        net, _preprocessing(), records, out, ks=ks, tracking_uri=uri, run_id=run_id, progress=False
-    )
+    spec = SaliencySpec(net, _preprocessing(), records, methods=METHODS, targets="label", progress=False)
+    summary = evaluate_saliency(spec, out, ks=ks, tracking_uri=uri, run_id=run_id)
     assert list(summary["method"]) == [*METHODS, "random"]
     deletion = pd.read_csv(out / "deletion.csv")
     loc = pd.read_csv(out / "localisation.csv")
@@ -238,37 +238,24 @@ def test_driver_writes_csv_plots_and_logs_into_a_given_mlflow_run(ga_records, ml
     assert len(client.search_runs([exp])) == 1  # no new run
     # never overwrite
     with pytest.raises(FileExistsError, match="deletion.csv"):
-        evaluate_saliency(net, _preprocessing(), records, out, ks=ks, log_mlflow=False, progress=False)
+        evaluate_saliency(spec, out, ks=ks, log_mlflow=False)
 
 
 def test_driver_rejects_bad_options(ga_records, mlflow_uri, tmp_path):
     _, _, records = ga_records
     net = MVCNN(width=4)
     with pytest.raises(ValueError, match="unknown saliency method"):
-        evaluate_saliency(net, _preprocessing(), records, tmp_path / "a", methods=["wbp", "smoothgrad"])
+        SaliencySpec(net, _preprocessing(), records, methods=["wbp", "smoothgrad"])
+    gradient = SaliencySpec(net, _preprocessing(), records, methods=["gradient"], progress=False)
     with pytest.raises(ValueError, match="cannot delete"):
-        evaluate_saliency(
-            net,
-            _preprocessing(),
-            records,
-            tmp_path / "b",
-            methods=["gradient"],
-            ks=[10**6],
-            log_mlflow=False,
-            progress=False,
-        )
+        evaluate_saliency(gradient, tmp_path / "b", ks=[10**6], log_mlflow=False)
+    one = SaliencySpec(net, _preprocessing(), records[:1], methods=["gradient"], progress=False)
     with pytest.raises(ValueError, match="not found"):
-        evaluate_saliency(
-            net,
-            _preprocessing(),
-            records[:1],
-            tmp_path / "c",
-            methods=["gradient"],
-            ks=[0.1],
-            tracking_uri=mlflow_uri,
-            run_id="0" * 32,
-            progress=False,
-        )
+        evaluate_saliency(one, tmp_path / "c", ks=[0.1], tracking_uri=mlflow_uri, run_id="0" * 32)
+    two_targets = SaliencySpec(net, _preprocessing(), records, methods="gradient", targets=["label", 1])
+    with pytest.raises(ValueError, match="one target choice"):
+        evaluate_saliency(two_targets, tmp_path / "d", log_mlflow=False)
+    assert not any((tmp_path / d).exists() for d in "bcd")
 
 
 def test_bundle_evaluate_saliency_run_id(ga_records, mlflow_uri, tmp_path):

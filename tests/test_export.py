@@ -38,6 +38,7 @@ from ppi_med.data import ga_split
 from ppi_med.export import SaliencyExporter, export_saliency
 from ppi_med.image_grid import resample_to_grid, voxel_to_world, world_centroid
 from ppi_med.montage import montage_slices
+from ppi_med.saliency_spec import SaliencySpec
 from ppi_med.weights import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,9 +185,8 @@ def test_dicom_series_overlay_lands_on_the_marker(tmp_path):
     expected = np.mean([_dicom_world_ras(3, r, c, **geo) for r in range(5, 8) for c in range(7, 10)], axis=0)
 
     out = tmp_path / "out"
-    index = export_saliency(
-        MeanNet(), _ct_preprocessing(), str(tmp_path / "series"), out, method=blob_at_marker, montage=True
-    )
+    spec = SaliencySpec(MeanNet(), _ct_preprocessing(), str(tmp_path / "series"), methods=blob_at_marker)
+    index = export_saliency(spec, out, montage=True)
     row = _read_index(index)[0]
     image, overlay = nib.load(row["image"]), nib.load(row["overlay"])
     # the DICOM series comes with a NIfTI of itself; both share one grid
@@ -226,7 +226,7 @@ def test_dicom_series_overlay_lands_on_the_marker(tmp_path):
 def test_nifti_overlay_keeps_the_header_and_lands_on_the_marker(tmp_path, name, affine):
     shape, marker = (18, 14, 9), (11, 4, 6)
     src = _save_nifti(tmp_path / f"{name}.nii.gz", _marker_volume(shape, marker), affine)
-    index = export_saliency(MeanNet(), _ct_preprocessing(), src, tmp_path / "out", method=blob_at_marker)
+    index = export_saliency(SaliencySpec(MeanNet(), _ct_preprocessing(), src, methods=blob_at_marker), tmp_path / "out")
     row = _read_index(index)[0]
     original, overlay = nib.load(src), nib.load(row["overlay"])
     # the source is copied into the export (a review page reads only there), header and values unchanged
@@ -255,9 +255,8 @@ def test_ga_style_resize_is_inverted_onto_the_oct_grid(tmp_path, interp):
     vol = np.zeros(shape, dtype=np.float32)
     vol[1:4, 23:28, 7:12] = 1.0
     src = _save_nifti(tmp_path / "eye.nii.gz", vol, oct_affine)
-    index = export_saliency(
-        MeanNet(), _ga_preprocessing(), src, tmp_path / "out", method=blob_at_marker, interp=interp, montage=False
-    )
+    spec = SaliencySpec(MeanNet(), _ga_preprocessing(), src, methods=blob_at_marker)
+    index = export_saliency(spec, tmp_path / "out", interp=interp, montage=False)
     overlay = nib.load(_read_index(index)[0]["overlay"])
     assert overlay.shape == shape and np.allclose(overlay.affine, oct_affine)
     got = world_centroid(np.asarray(overlay.dataobj), overlay.affine)
@@ -283,9 +282,8 @@ def test_patch_overlay_is_placed_in_the_whole_scan(tmp_path):
     scan = _save_nifti(tmp_path / "scan.nii.gz", ball(scan_shape, scan_affine), scan_affine)
     patch = _save_nifti(tmp_path / "patch.nii.gz", ball(patch_shape, patch_affine), patch_affine)
     record = {"image": str(patch), "scan_image": str(scan), "label": 1, "patient_id": "LIDC-0001", "nodule_index": 2}
-    index = export_saliency(
-        MeanNet(), _ct_preprocessing(size=(16, 16, 16)), [record], tmp_path / "out", method=blob_at_marker
-    )
+    spec = SaliencySpec(MeanNet(), _ct_preprocessing(size=(16, 16, 16)), [record], methods=blob_at_marker)
+    index = export_saliency(spec, tmp_path / "out")
     row = _read_index(index)[0]
     assert row["case_id"] == "LIDC-0001_nodule2"
     assert row["scan_image"] == str(tmp_path / "out" / "scans" / "scan.nii.gz")
@@ -329,7 +327,8 @@ def test_two_targets_index_and_no_overwrite(tmp_path):
     out = tmp_path / "out"
     net = MeanNet()
     rec = {"image": str(src), "mask": str(mask_path), "label": 1}
-    index = export_saliency(net, _ct_preprocessing(), [rec], out, method="input_x_gradient", targets=["predicted", 1])
+    two = SaliencySpec(net, _ct_preprocessing(), [rec], methods="input_x_gradient", targets=["predicted", 1])
+    index = export_saliency(two, out)
     rows = _read_index(index)
     assert [r["target"] for r in rows] == ["predicted", "1"]
     with torch.no_grad():
@@ -348,17 +347,19 @@ def test_two_targets_index_and_no_overwrite(tmp_path):
     assert meta["methods"] == ["input_x_gradient"] and meta["targets"] == ["predicted", "1"]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     with pytest.raises(FileExistsError, match="index.csv"):
-        export_saliency(net, _ct_preprocessing(), [rec], out, method="input_x_gradient", targets=["predicted", 1])
+        export_saliency(two, out)
     (out / "index.csv").rename(tmp_path / "moved.csv")
     with pytest.raises(FileExistsError, match="a/image.nii.gz"):
-        export_saliency(net, _ct_preprocessing(), [rec], out, method="input_x_gradient")
+        export_saliency(SaliencySpec(net, _ct_preprocessing(), [rec], methods="input_x_gradient"), out)
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert {p: t for p, t in before.items() if p.name != "index.csv"} == after
 
 
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.nii.gz"):
-        export_saliency(MeanNet(), _ct_preprocessing(), [{"image": str(tmp_path / "nothere.nii.gz")}], tmp_path / "o")
+        export_saliency(
+            SaliencySpec(MeanNet(), _ct_preprocessing(), [{"image": str(tmp_path / "nothere.nii.gz")}]), tmp_path / "o"
+        )
     bad = tmp_path / "bad.pt"
     torch.save({"head.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(ValueError, match="bad.pt"):
@@ -368,9 +369,11 @@ def test_bad_inputs_are_named(tmp_path):
     assert parse_targets(["predicted", "1", 1]) == ["predicted", 1]
     src = _save_nifti(tmp_path / "a.nii.gz", _marker_volume((8, 8, 4), (4, 4, 2)), np.eye(4))
     with pytest.raises(ValueError, match="no label"):
-        export_saliency(MeanNet(), _ct_preprocessing(), src, tmp_path / "o2", method=blob_at_marker, targets="label")
+        export_saliency(
+            SaliencySpec(MeanNet(), _ct_preprocessing(), src, methods=blob_at_marker, targets="label"), tmp_path / "o2"
+        )
     with pytest.raises(ValueError, match="no checkpoint"):
-        export_saliency(MeanNet(), _ct_preprocessing(), src, tmp_path / "o3", require_checkpoint=True)
+        SaliencySpec(MeanNet(), _ct_preprocessing(), src, require_checkpoint=True)
 
 
 def test_a_spatial_step_outside_the_trace_is_caught(tmp_path):
@@ -387,7 +390,7 @@ def test_a_spatial_step_outside_the_trace_is_caught(tmp_path):
     )
     src = _save_nifti(tmp_path / "a.nii.gz", _marker_volume((12, 8, 4), (6, 4, 2)), np.eye(4))
     with pytest.raises(ValueError, match="does not land on the source grid|could not be fully inverted"):
-        SaliencyExporter(MeanNet(), pre, method=blob_at_marker, montage=False).run(src, tmp_path / "o")
+        SaliencyExporter(SaliencySpec(MeanNet(), pre, src, methods=blob_at_marker), montage=False).run(tmp_path / "o")
 
 
 def test_montage_slices_always_include_the_peak():
@@ -481,8 +484,12 @@ def test_a_checkpoint_of_another_network_names_the_file_and_the_keys(tmp_path):
 def test_a_2d_or_4d_image_is_refused_before_anything_is_written(tmp_path):
     flat = _save_nifti(tmp_path / "flat.nii.gz", np.zeros((16, 16), np.float32), np.eye(4))
     with pytest.raises(ValueError, match=r"case 0: .*flat.nii.gz: a 2D image of shape \(16, 16\)"):
-        export_saliency(MeanNet(), _ct_preprocessing(), [flat], tmp_path / "out", method="input_x_gradient")
+        export_saliency(
+            SaliencySpec(MeanNet(), _ct_preprocessing(), [flat], methods="input_x_gradient"), tmp_path / "out"
+        )
     series = _save_nifti(tmp_path / "series.nii.gz", np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
     with pytest.raises(ValueError, match=r"series.nii.gz: a 4D image of shape \(8, 8, 8, 2\)"):
-        export_saliency(MeanNet(), _ct_preprocessing(), series, tmp_path / "out", method="input_x_gradient")
+        export_saliency(
+            SaliencySpec(MeanNet(), _ct_preprocessing(), series, methods="input_x_gradient"), tmp_path / "out"
+        )
     assert not (tmp_path / "out").exists()
