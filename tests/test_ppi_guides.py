@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ppi_med.annotations import Outlined, keep_outlines
-from ppi_med.ppi import GUIDES, MASKS, PPIConfig, PPIObjective, method_fields
+from ppi_med.ppi import GUIDES, MASKS, PPIConfig, PPIObjective, variant_fields
 from ppi_med.ppi.guides import SitePrototypes, annotation_regions, site_regions
 from ppi_med.ppi.interventions import FILLS, fill_values, intervene, other_class_donors, random_erase, relocate
 from ppi_med.saliency import METHODS
@@ -173,7 +173,7 @@ def test_ramp_raises_the_weights_linearly_after_the_warm_up() -> None:
     assert cfg.weights(9) == cfg.weights(6)
 
 
-def test_method_names_round_trip_through_method_fields() -> None:
+def test_method_names_round_trip_through_the_variant_grammar() -> None:
     configs = [
         PPIConfig(enabled=False),
         PPIConfig(enabled=False, random_erasing=0.5),
@@ -185,12 +185,12 @@ def test_method_names_round_trip_through_method_fields() -> None:
         PPIConfig(guide="partner", fill="blur", control="random_mask"),
     ]
     for cfg in configs:
-        fields = method_fields(cfg.method, METHODS)
+        fields = variant_fields(cfg.method, METHODS)
         assert PPIConfig(**{**fields}).method == cfg.method
-    assert method_fields("random_mask", METHODS) == {"enabled": True, "control": "random_mask"}
-    for bad in ("ppi_nope", "ppi_wbp_sideways", "ppi", "baseline_x"):
+    assert variant_fields("random_mask", METHODS) == {"enabled": True, "control": "random_mask"}
+    for bad in ("ppi_nope", "ppi_wbp_sideways", "pp", "baseline_x"):
         with pytest.raises(ValueError, match="unknown method"):
-            method_fields(bad, METHODS)
+            variant_fields(bad, METHODS)
     assert set(GUIDES) >= {"study", "partner"} and "soft" in MASKS
 
 

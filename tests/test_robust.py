@@ -218,7 +218,18 @@ def test_worst_group_accuracy_is_the_lowest_groups():
 
 @pytest.mark.parametrize(
     "name",
-    ["baseline", "ppi_wbp", "groupdro", "jtt", "dfr", "ppi_wbp+dfr", "ppi_wbp_random_mask+jtt", "ppi_wbp_zero+dfr"],
+    [
+        "baseline",
+        "ppi_wbp",
+        "groupdro",
+        "jtt",
+        "dfr",
+        "ppi_wbp+dfr",
+        "random_mask+jtt",
+        "ppi_gradcam_random_mask+jtt",
+        "ppi_wbp_zero+dfr",
+        "ppi_wbp:mode=detached,partner=roll+dfr",
+    ],
 )
 def test_a_method_name_reads_back_into_the_settings_that_name_it(name):
     settings = method_settings(name, METHODS)

@@ -1,4 +1,5 @@
-"""Proactive Pseudo-Intervention: causal masks from saliency and the contrastive training objective."""
+"""Proactive Pseudo-Intervention: causal masks from saliency, the contrastive training objective, and the grammar
+that names its variants."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .masks import (
     soft_mask,
     topk_mask,
 )
-from .objective import GUIDES, PPIConfig, PPIObjective, PPIOutput, adversarial_partners, contrast_loss, method_fields
+from .objective import GUIDES, PPIConfig, PPIObjective, PPIOutput, adversarial_partners, contrast_loss
+from .variants import VariantError, variant, variant_fields, variant_label
 
 __all__ = [
     "GUIDES",
@@ -21,6 +23,7 @@ __all__ = [
     "PPIConfig",
     "PPIObjective",
     "PPIOutput",
+    "VariantError",
     "adaptive_sigma",
     "adversarial_partners",
     "box_mask",
@@ -28,8 +31,10 @@ __all__ = [
     "dilate",
     "hard_point_mask",
     "make_mask",
-    "method_fields",
     "normalize",
     "soft_mask",
     "topk_mask",
+    "variant",
+    "variant_fields",
+    "variant_label",
 ]

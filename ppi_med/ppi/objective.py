@@ -48,7 +48,6 @@ __all__ = [
     "PPIObjective",
     "adversarial_partners",
     "contrast_loss",
-    "method_fields",
     "no_harm_loss",
 ]
 
@@ -215,70 +214,18 @@ class PPIConfig:
 
     @property
     def method(self) -> str:
-        """The method's name, as runs are tagged and site CV spells it.
+        """The variant's label, as runs are tagged: :func:`ppi_med.ppi.variants.recipe_label`.
 
-        ``baseline``, ``random_erasing``, or ``ppi_<saliency>`` followed by ``_<mask>`` when the mask is not
-        the soft one, ``_<guide>`` when the guide is not ``study``, ``_<fill>`` when the fill is not
-        :data:`DEFAULT_FILL` and ``_random_mask`` for that control (``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner``,
-        ``ppi_wbp_zero``, ``ppi_wbp_random_mask``).
+        The fields that differ from the defaults, in the grammar of :mod:`ppi_med.ppi.variants` (``baseline``,
+        ``random_erasing``, ``random_mask``, ``ppi_wbp``, ``ppi_wbp_box``, ``ppi_wbp_partner_zero:mode=detached``),
+        with the recipe's own warm-up, ramp and contrast classes left out (the GA bundle's default is ``ppi_wbp``).
         """
-        if not self.enabled:
-            return "random_erasing" if self.random_erasing else "baseline"
-        parts = [f"ppi_{self.saliency}"]
-        parts += [] if self.mask == "soft" else [self.mask]
-        parts += [] if self.guide == "study" else [self.guide]
-        parts += [] if self.fill == DEFAULT_FILL else [self.fill]
-        parts += [] if self.control == "none" else [self.control]
-        return "_".join(parts)
+        from .variants import recipe_label  # the grammar reads PPIConfig, so it is imported when used
+
+        return recipe_label(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def method_fields(name: str, saliencies: Sequence[str]) -> dict[str, Any]:
-    """The :class:`PPIConfig` fields a method name stands for: the inverse of :attr:`PPIConfig.method`.
-
-    Args:
-        name: ``baseline``, ``random_erasing``, ``random_mask`` (the default PPI with its masks moved to random
-            places), or ``ppi_<saliency>[_<mask>][_<guide>][_<fill>][_random_mask]``.
-        saliencies: the saliency method names.
-
-    Raises:
-        ValueError: a name that is none of these.
-    """
-    if name == "baseline":
-        return {"enabled": False}
-    if name == "random_erasing":
-        return {"enabled": False, "random_erasing": 0.5}
-    if name == "random_mask":
-        return {"enabled": True, "control": "random_mask"}
-    rest = name.removeprefix("ppi_") if name.startswith("ppi_") else None
-    for saliency in sorted(saliencies, key=len, reverse=True):
-        if rest is None or not (rest == saliency or rest.startswith(saliency + "_")):
-            continue
-        fields_ = {"enabled": True, "saliency": saliency}
-        tail = rest[len(saliency) + 1 :]
-        if tail.endswith("random_mask"):
-            fields_["control"], tail = "random_mask", tail.removesuffix("random_mask").rstrip("_")
-        for fill in FILLS:
-            if fill != DEFAULT_FILL and (tail == fill or tail.endswith("_" + fill)):
-                fields_["fill"], tail = fill, tail.removesuffix(fill).rstrip("_")
-                break
-        for guide in GUIDES:
-            if tail == guide or tail.endswith("_" + guide):
-                fields_["guide"], tail = guide, tail.removesuffix(guide).rstrip("_")
-                break
-        if tail in MASKS:
-            fields_["mask"], tail = tail, ""
-        if not tail:
-            return fields_
-    raise ValueError(
-        f"unknown method '{name}': use baseline, random_erasing, random_mask or "
-        f"ppi_<saliency>[_<mask>][_<guide>][_<fill>][_random_mask] with saliency one of {', '.join(saliencies)}, "
-        f"mask one of {', '.join(MASKS)}, guide one of {', '.join(GUIDES)}, "
-        f"fill one of {', '.join(f for f in FILLS if f != DEFAULT_FILL)} "
-        "(e.g. ppi_wbp, ppi_wbp_box, ppi_wbp_partner_zero, ppi_wbp_zero)"
-    )
 
 
 @dataclass
