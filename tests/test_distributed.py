@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bundle_files import GA_BUNDLE, MULTI_GPU, config_list, workdir
 from ignite.engine import Events
 from monai.data import DistributedSampler
 from monai.engines import SupervisedTrainer
@@ -23,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ppi_med.engine import PPIIteration
 from ppi_med.ppi import PPIConfig, PPIObjective
+
+pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, PER_RANK, N, EPOCHS = 2, 4, 16, 2
@@ -133,8 +136,7 @@ def test_the_ga_bundle_under_torchrun_writes_one_run_once(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
         "-m", "monai.bundle", "run",
-        "--config_file", f"['{ROOT / 'bundles' / 'ga_ppi.json'}','{ROOT / 'bundles' / 'multi_gpu.json'}']",
-        "--bundle_root", str(ROOT / "bundles"),
+        "--config_file", config_list(GA_BUNDLE, MULTI_GPU),
         "--default_dataset_dir", str(tmp_path / "data"), "--dataset_dir", str(tmp_path / "data"),
         "--synthetic#sites", "['A','B']", "--synthetic#subjects_per_site", "8", "--synthetic#n_bscans", "4",
         "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "B",
@@ -143,7 +145,7 @@ def test_the_ga_bundle_under_torchrun_writes_one_run_once(tmp_path):
         "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(cmd, cwd=workdir(tmp_path), capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()  # the data set built once, one run folder
     models = run_dir / "models"

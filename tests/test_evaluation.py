@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from bundle_files import GA_BUNDLE, SALIENCY
 from monai.transforms import Compose, EnsureTyped, LoadImaged, ScaleIntensityRangePercentilesd
 from torch import nn
 
@@ -270,8 +271,7 @@ def test_bundle_evaluate_saliency_run_id(ga_records, mlflow_uri, tmp_path):
     out = tmp_path / "eval"
     run(
         "evaluate_saliency",
-        config_file=str(ROOT / "bundles" / "ga_ppi.json"),
-        bundle_root=str(ROOT / "bundles"),
+        config_file=[str(GA_BUNDLE), str(SALIENCY)],
         dataset_dir=str(Path(datalist).parent),
         spatial_size=[4, 32, 48],
         **{"network_def#width": 4},

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_files import GA_BUNDLE, SALIENCY, config_list, workdir
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -421,8 +422,7 @@ def test_ga_bundle_export_run(tmp_path):
     out = tmp_path / "export"
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "export",
-        "--config_file", str(ROOT / "bundles" / "ga_ppi.json"),
-        "--bundle_root", str(ROOT / "bundles"),
+        "--config_file", config_list(GA_BUNDLE, SALIENCY),
         "--default_dataset_dir", str(tmp_path / "data"), "--dataset_dir", str(tmp_path / "data"),
         "--synthetic#sites", "['A']", "--synthetic#subjects_per_site", "4", "--synthetic#n_bscans", "4",
         "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "A",
@@ -430,7 +430,7 @@ def test_ga_bundle_export_run(tmp_path):
         "--runs_dir", str(tmp_path / "runs"),
         "--checkpoint", str(ckpt), "--export_dir", str(out), "--export_target", "['predicted',1]",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=workdir(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _read_index(out / "index.csv")
     # by default the bundle's validation records, each with the two targets asked for

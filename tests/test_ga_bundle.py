@@ -10,9 +10,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from bundle_files import GA_BUNDLE as BUNDLE
+from bundle_files import GA_INFERENCE, ROOT, config_list, workdir
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "ga_ppi.json"
+pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess or reads the runs of one
 
 
 def _tiny(tmp_path: Path) -> list[str]:
@@ -35,7 +36,6 @@ def _run_bundle(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
         "--config_file", str(BUNDLE),
-        "--bundle_root", str(ROOT / "bundles"),
         *_tiny(tmp_path),
         "--batch_size", "4",
         "--max_epochs", "2",
@@ -43,7 +43,7 @@ def _run_bundle(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         *overrides,
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=workdir(tmp_path), capture_output=True, text=True, timeout=300)
 
 
 def _runs(tmp_path: Path):
@@ -126,12 +126,12 @@ def test_inference_override_writes_predictions(two_runs):
     best = sorted((tmp / "runs").glob("ga-ppi_wbp-*/models/model_best.pt"))[0]
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", f"['{BUNDLE}','{ROOT / 'bundles' / 'ga_inference.json'}']",
+        "--config_file", config_list(BUNDLE, GA_INFERENCE),
         *_tiny(tmp),
         "--runs_dir", str(tmp / "infer_runs"),
         "--checkpoint", str(best),
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=workdir(tmp), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (csv,) = (tmp / "infer_runs").glob("ga-inference-*/predictions.csv")
     rows = [line.split(",") for line in csv.read_text().splitlines()]
@@ -141,9 +141,9 @@ def test_inference_override_writes_predictions(two_runs):
 
 def test_held_out_test_part_is_scored_with_the_chosen_checkpoint(tmp_path):
     """With ``test_fraction`` the best checkpoint is scored once on eyes that neither trained nor chose it."""
-    from monai.bundle import ConfigParser
     from sklearn.metrics import roc_auc_score
 
+    from pipelines.bundle_config import open_config
     from ppi_med.held_out import predict_records
     from ppi_med.networks import MVCNN
 
@@ -163,11 +163,8 @@ def test_held_out_test_part_is_scored_with_the_chosen_checkpoint(tmp_path):
     assert roc_auc_score(labels, probs) == pytest.approx(metrics["test_auc"])
     assert "test_predictions.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
     # the probabilities are the best checkpoint's, not the final weights'
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE))
-    parser["network_def#width"] = 4
-    parser["spatial_size"] = [4, 32, 48]
-    preprocessing = parser.get_parsed_content("preprocessing")
+    parser = open_config(BUNDLE, {"network_def#width": 4, "spatial_size": [4, 32, 48]})
+    preprocessing = parser.get_parsed_content("common#preprocessing")
     records = [{"image": r[0], "label": int(r[1])} for r in rows[1:]]
     (best,) = (tmp_path / "runs").glob("ga-baseline-*/models/model_best.pt")
     net = parser.get_parsed_content("network_def")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from bundle_files import LIDC_BUNDLE, workdir
 
 from data_prep.lidc import preprocess
 from data_prep.lidc_phantom import TEST_PATIENTS, TEST_SLICE_STEP, write_phantom
@@ -30,9 +31,7 @@ def test_lidc_bundle_trains_on_the_phantom(tmp_path):
         "monai.bundle",
         "run",
         "--config_file",
-        str(ROOT / "bundles" / "lidc_ppi.json"),
-        "--bundle_root",
-        str(ROOT / "bundles"),
+        str(LIDC_BUNDLE),
         "--dataset_dir",
         str(tmp_path / "patches"),
         "--network_def#width",
@@ -50,7 +49,7 @@ def test_lidc_bundle_trains_on_the_phantom(tmp_path):
         "--tracking_uri",
         f"sqlite:///{tmp_path / 'mlflow.db'}",
     ]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=workdir(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("lidc_ppi").experiment_id])
@@ -65,7 +64,7 @@ def test_lidc_bundle_trains_on_the_phantom(tmp_path):
     # the comparators run in this bundle too: DFR refits the head of the chosen checkpoint, which the test scores
     dfr = [*cmd, "--ppi#enabled", "false", "--robust#method", "dfr", "--robust#dfr_draws", "2",
            "--selection", "worst_site"]  # fmt: skip
-    done = subprocess.run(dfr, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(dfr, cwd=workdir(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (models,) = (tmp_path / "runs").glob("lidc-dfr-*/models")
     best = torch.load(models / "model_best.pt", map_location="cpu", weights_only=True)
@@ -73,7 +72,7 @@ def test_lidc_bundle_trains_on_the_phantom(tmp_path):
     changed = {k for k in best if not torch.equal(best[k], refit[k])}
     assert changed and all(k.startswith(("fc.", "head.", "classifier.")) for k in changed), changed
     oracle = [*cmd, "--selection", "oracle"]
-    done = subprocess.run(oracle, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(oracle, cwd=workdir(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "the LIDC bundle has none" in done.stdout + done.stderr
 
 
@@ -82,15 +81,13 @@ def test_lidc_outlines_follow_the_images_spatial_transforms(tmp_path):
     import itertools
 
     import numpy as np
-    from monai.bundle import ConfigParser
     from monai.utils import set_determinism
+
+    from pipelines.bundle_config import open_config
 
     write_phantom(tmp_path / "dicom", TEST_PATIENTS, slice_step=TEST_SLICE_STEP, progress=False)
     preprocess(tmp_path / "dicom", tmp_path / "patches", patients=list(TEST_PATIENTS), folds=2, progress=False)
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / "lidc_ppi.json"))
-    parser["dataset_dir"] = str(tmp_path / "patches")
-    parser["val_fold"] = 0
+    parser = open_config(LIDC_BUNDLE, {"dataset_dir": str(tmp_path / "patches"), "val_fold": 0})
     records = parser.get_parsed_content("train#datalist")
     fixed = parser.get_parsed_content("preprocessing_transforms") + parser.get_parsed_content(
         "train#outline_transforms"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_ga_bundle import BUNDLE, ROOT, _tiny
+from bundle_files import workdir
+from test_ga_bundle import BUNDLE, _tiny
 from test_site_cv import TINY
 
 from pipelines.site_cv import main as site_cv_main
@@ -81,13 +82,13 @@ def mlflow_server(root: Path) -> Iterator[Server]:
 
 def _bundle(tmp: Path, uri: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE), "--bundle_root",
-        str(ROOT / "bundles"), *_tiny(tmp), "--batch_size", "4", "--max_epochs", "2", "--runs_dir", str(tmp / "runs"),
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE), *_tiny(tmp),
+        "--batch_size", "4", "--max_epochs", "2", "--runs_dir", str(tmp / "runs"),
         "--linear_reference", "false", "--tracking_uri", uri, *overrides,
     ]  # fmt: skip
     run_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     run_env.update(OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=run_env)
+    return subprocess.run(cmd, cwd=workdir(tmp), capture_output=True, text=True, timeout=600, env=run_env)
 
 
 def _local_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -105,6 +106,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         yield srv
 
 
+@pytest.mark.server
 def test_bundle_logs_run_metrics_and_artifacts_over_http(server, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=server.uri)
     # an experiment made elsewhere without the kind tag (as MONAI's own handler makes it) gets the tag
@@ -131,6 +133,7 @@ def test_bundle_logs_run_metrics_and_artifacts_over_http(server, tmp_path):
     assert f"tracking store: {server.uri}" in done.stdout
 
 
+@pytest.mark.server
 def test_site_cv_logs_parent_and_nested_runs_over_http(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -160,6 +163,7 @@ def test_site_cv_logs_parent_and_nested_runs_over_http(server, tmp_path, monkeyp
         assert "model_best.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow
 def test_a_server_that_is_down_stops_before_any_training(tmp_path, monkeypatch, capsys):
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     done = _bundle(tmp_path, uri)
@@ -177,6 +181,7 @@ def test_a_server_that_is_down_stops_before_any_training(tmp_path, monkeypatch, 
     assert not (tmp_path / "cv").exists()
 
 
+@pytest.mark.server
 def test_a_server_lost_mid_run_leaves_training_finished_and_metrics_kept(tmp_path):
     with mlflow_server(tmp_path / "server") as srv:
         # the server dies (SIGKILL of its process group) when the first epoch has been logged

@@ -12,8 +12,6 @@ lose against the baseline here.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -115,11 +113,11 @@ def fixed_evidence() -> tuple[_Records, dict]:
 
 def _ga_default() -> dict:
     """The GA bundle's PPI settings, resolved for this set's epochs."""
-    from monai.bundle import ConfigParser
+    from bundle_files import GA_BUNDLE
 
-    parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "ga_ppi.json"))
-    parser["max_epochs"] = EPOCHS
+    from pipelines.bundle_config import open_config
+
+    parser = open_config(GA_BUNDLE, {"max_epochs": EPOCHS})
     return dict(parser.get_parsed_content("ppi"))
 
 

@@ -240,13 +240,11 @@ def test_outlined_gives_every_record_the_same_fields() -> None:
 def test_ga_bundle_batches_carry_outlines_on_the_image_grid_and_sites(tmp_path, share: float) -> None:
     """The GA bundle's own training pipeline: each batch has the outline resized with the image, the flag,
     and the site; with ``annotation_share`` 0.5 half the training eyes of each class keep their outline."""
-    from pathlib import Path
+    from bundle_files import GA_BUNDLE
 
-    from monai.bundle import ConfigParser
+    from pipelines.bundle_config import open_config
 
-    parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "ga_ppi.json"))
-    for key, value in {
+    overrides = {
         "default_dataset_dir": str(tmp_path / "data"),
         "dataset_dir": str(tmp_path / "data"),
         "synthetic": {
@@ -260,14 +258,14 @@ def test_ga_bundle_batches_carry_outlines_on_the_image_grid_and_sites(tmp_path, 
         "spatial_size": [4, 32, 48],
         "annotation_share": share,
         "batch_size": 64,
-    }.items():
-        parser[key] = value
+    }
+    parser = open_config(GA_BUNDLE, overrides)
     records = parser.get_parsed_content("train#datalist")
     outlined = [r for r in records if "mask" in r]
     for label in (0, 1):
         n = sum(r["label"] == label for r in records)
         assert sum(r["label"] == label for r in outlined) == round(share * n)
-    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    batch = next(iter(parser.get_parsed_content("common#train_loader")))
     assert batch["annotation"].shape == batch["image"].shape == (len(records), 1, 4, 32, 48)
     assert int(batch["annotated"].sum()) == len(outlined)
     assert set(batch["site"]) == {"A", "B"}

@@ -14,19 +14,18 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from bundle_files import GA_BUNDLE as BUNDLE
+from bundle_files import workdir
 from ignite.engine import Engine
 
 from ppi_med.resume import TrainingProgress, latest_epoch_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "ga_ppi.json"
 EPOCHS = 8
 
 
 def _cmd(tmp: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE),
-        "--bundle_root", str(ROOT / "bundles"),
         "--default_dataset_dir", str(tmp / "data"), "--dataset_dir", str(tmp / "data"),
         "--synthetic#sites", "['A','B']", "--synthetic#subjects_per_site", "8", "--synthetic#n_bscans", "4",
         "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "B",
@@ -39,7 +38,7 @@ def _cmd(tmp: Path, *extra: str) -> list[str]:
 def _kill_after_epoch(tmp: Path, epoch: int) -> Path:
     """Start a run, SIGKILL it once its checkpoint of ``epoch`` exists; returns the run folder."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(_cmd(tmp), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(_cmd(tmp), cwd=workdir(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -66,11 +65,12 @@ def killed_and_resumed(tmp_path_factory):
     # a write the kill interrupted leaves a temporary file beside the checkpoints: it must be ignored
     (run_dir / "models" / "tmpkilledwrite").write_bytes(b"\x80\x02partial")
     resumed = subprocess.run(
-        _cmd(tmp, "--resume_from", str(run_dir)), cwd=tmp, capture_output=True, text=True, timeout=300
+        _cmd(tmp, "--resume_from", str(run_dir)), cwd=workdir(tmp), capture_output=True, text=True, timeout=300
     )
     return dict(tmp=tmp, run_dir=run_dir, killed_at=killed_at, before=before, resumed=resumed, client=client)
 
 
+@pytest.mark.slow
 def test_the_kill_left_an_unfinished_run_and_a_readable_checkpoint(killed_and_resumed):
     k = killed_and_resumed
     assert k["before"].info.status == "RUNNING"  # killed: MLflow never heard it end
@@ -81,6 +81,7 @@ def test_the_kill_left_an_unfinished_run_and_a_readable_checkpoint(killed_and_re
     assert state["progress"]["epoch"] == epoch
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run_without_repeating_or_losing_epochs(killed_and_resumed):
     k = killed_and_resumed
     res = k["resumed"]
@@ -100,11 +101,12 @@ def test_resume_continues_the_same_run_without_repeating_or_losing_epochs(killed
     assert not (models / "tmpkilledwrite").exists()  # the interrupted write's leftover is cleared
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_names_the_folder(tmp_path):
     empty = tmp_path / "runs" / "ga-never-started"
     (empty / "models").mkdir(parents=True)
     res = subprocess.run(
-        _cmd(tmp_path, "--resume_from", str(empty)), cwd=tmp_path, capture_output=True, text=True, timeout=300
+        _cmd(tmp_path, "--resume_from", str(empty)), cwd=workdir(tmp_path), capture_output=True, text=True, timeout=300
     )
     assert res.returncode != 0
     assert f"nothing to resume in {empty / 'models'}" in res.stderr
