@@ -54,11 +54,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep.atomic import write_json_atomic
 from data_prep.ct_patches import LPS_TO_RAS, PatchGrid, VolumeGeometry, mask_centroid_lps, sample_volume
 from data_prep.dicom_series import DicomIndex, SeriesError, match_slice_positions, read_ct_series
 from data_prep.lidc_annotations import known_patient_ids, scan_nodules, scans_of_patient
 from data_prep.lidc_phantom import DEFAULT_PATIENTS, DEFAULT_SLICE_STEP, write_phantom
+from ppi_med.atomic import atomic_write_json
 from ppi_med.image_grid import write_nifti
 
 __all__ = [
@@ -507,13 +507,13 @@ def preprocess(
                 }
             )
             continue
-        write_json_atomic(done_dir / f"{key}.json", rec, indent=1)  # written last: the scan is finished
+        atomic_write_json(done_dir / f"{key}.json", rec, indent=1)  # written last: the scan is finished
         records[key] = rec
 
     ordered = [records[k] for s in scans if (k := _scan_key(s.patient_id, s.series_instance_uid)) in records]
     datalist = _assemble(ordered, failures, unknown, settings, policy, int(folds), int(seed))
     path = out_dir / DATALIST_NAME
-    write_json_atomic(path, datalist, indent=1)
+    atomic_write_json(path, datalist, indent=1)
     if failures:
         raise LidcPreprocessError(failures, path)
     return path

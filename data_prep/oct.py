@@ -68,8 +68,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.oct_nifti import oct_affine, save_oct_nifti
-
-from .atomic import write_json_atomic
+from ppi_med.atomic import atomic_write_json
 
 __all__ = [
     "DEFAULT_SPACING",
@@ -489,7 +488,7 @@ def build_datalist(
         "training": training,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(datalist_path, datalist)
+    atomic_write_json(datalist_path, datalist)
     return datalist_path
 
 

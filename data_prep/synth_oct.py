@@ -74,7 +74,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.atomic import write_json_atomic
 from data_prep.oct_nifti import oct_affine, save_oct_nifti
 from data_prep.oct_phantom import (
     PhantomParams,
@@ -83,6 +82,7 @@ from data_prep.oct_phantom import (
     render_subject,
     site_profile,
 )
+from ppi_med.atomic import atomic_write_json
 
 __all__ = [
     "DEFAULT",
@@ -355,7 +355,7 @@ def generate(
                         "pass overwrite=True (--overwrite) or choose another output folder"
                     )
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, config)
+    atomic_write_json(marker, config)
 
     bar = tqdm(total=len(entries), desc="synthetic OCT", unit="eye", disable=not progress)
     try:
@@ -386,7 +386,7 @@ def generate(
         "numTraining": len(training),
         "training": training,
     }
-    write_json_atomic(datalist_path, datalist)
+    atomic_write_json(datalist_path, datalist)
     marker.unlink(missing_ok=True)
     return datalist_path
 

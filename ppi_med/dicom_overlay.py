@@ -17,8 +17,6 @@ real-world value mapping.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from .atomic import atomic_path
 from .image_grid import ensure_new, resample_to_grid
 
 __all__ = ["DicomSeriesError", "SourceSeries", "read_source_series", "slice_affine_ras", "write_parametric_map"]
@@ -257,15 +256,6 @@ def write_parametric_map(
     # highdicom writes float maps uncompressed; deflating the dataset (a standard transfer syntax, read by
     # pydicom and DICOM toolkits as is) shrinks a map that is zero outside a nodule about a hundredfold
     pmap.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(suffix=".dcm", prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    pmap.save_as(tmp, enforce_file_format=True)
-    try:
-        os.link(tmp, path)  # fails instead of replacing a file that appeared in the meantime
-    except FileExistsError as err:
-        raise FileExistsError(f"refusing to overwrite existing output {path}") from err
-    finally:
-        tmp.unlink()
+    with atomic_path(path, overwrite=False) as tmp:
+        pmap.save_as(tmp, enforce_file_format=True)
     return path

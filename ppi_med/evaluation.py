@@ -33,7 +33,6 @@ and ``evaluate_saliency_job``, the call itself (its ``spec`` is the
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
+from .atomic import atomic_open, atomic_path, atomic_write_json
 from .cases import find_loader
 from .image_grid import ensure_new, read_source, resample_to_grid, same_grid
 from .saliency_spec import SaliencySpec
@@ -283,7 +283,8 @@ def plot_deletion(deletion: pd.DataFrame, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path, overwrite=False) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")  # by the name, not the temporary one
     return path
 
 
@@ -317,7 +318,8 @@ def plot_localisation(summary: pd.DataFrame, path: str | Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no case with a non-empty mask", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path, overwrite=False) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")  # by the name, not the temporary one
     return path
 
 
@@ -517,7 +519,7 @@ def evaluate_saliency(
     summary = _summarise(deletion, loc, list(methods) + ([RANDOM] if random_reference else []), ks)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, df in (("deletion.csv", deletion), ("localisation.csv", loc), ("summary.csv", summary)):
-        with open(paths[name], "x", newline="") as fh:
+        with atomic_open(paths[name], "w", newline="", overwrite=False) as fh:
             df.to_csv(fh, index=False)
     plot_deletion(deletion, paths["deletion_curves.png"])
     plot_localisation(summary[summary["method"] != RANDOM], paths["localisation.png"])
@@ -534,8 +536,7 @@ def evaluate_saliency(
         "n_localised": int(loc["case_id"].nunique()) if len(loc) else 0,
         "seed": seed,
     }
-    with open(paths["config.json"], "x") as fh:
-        json.dump(config, fh, indent=2)
+    atomic_write_json(paths["config.json"], config, indent=2, overwrite=False)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
     if log_mlflow:
         rid = log_to_mlflow(

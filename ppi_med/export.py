@@ -71,6 +71,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from .atomic import atomic_write_json
 from .cases import Case, case_ids, file_stem, find_loader
 from .dicom_overlay import DicomSeriesError, read_source_series, write_parametric_map
 from .image_grid import (
@@ -247,7 +248,6 @@ class SaliencyExporter:
 
     def _write_meta(self, path: Path, n_cases: int) -> None:
         """``export.json``: what was exported from which checkpoint (the review finds the MLflow run by it)."""
-        import json
         import time
 
         from .tracking import git_commit
@@ -260,8 +260,7 @@ class SaliencyExporter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": git_commit(Path(__file__).resolve().parent),
         }
-        with open(path, "x") as fh:
-            json.dump(meta, fh, indent=1)
+        atomic_write_json(path, meta, indent=1, overwrite=False)
 
     def _scan(self, scan_path: str | Path, out_dir: Path) -> tuple[SourceImage, Path]:
         key = str(scan_path)

@@ -9,8 +9,6 @@ reference line up by ``inv(dst_affine) @ src_affine``.
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage as ndi
+
+from .atomic import atomic_path
 
 __all__ = [
     "SourceImage",
@@ -189,24 +189,8 @@ def write_nifti(
     img.header.set_slope_inter(None, None)  # the stored values are the values: no scaling copied from `like`
     if description:
         img.header["descrip"] = description[:79].encode("ascii", "replace")
-    # write under a temporary name, then link it into place: link fails instead of replacing a file that
-    # appeared in the meantime
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # nibabel compresses by the name
-    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, overwrite=replace) as tmp:
         nib.save(img, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise stick to the output
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    except FileExistsError as err:
-        raise FileExistsError(f"refusing to overwrite existing output {path}") from err
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

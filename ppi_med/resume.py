@@ -1,10 +1,10 @@
 """Resuming a killed training run: what a checkpoint must hold beyond the weights, and loading the latest one.
 
 Every epoch the bundles' :class:`AtomicCheckpointSaver` writes ``checkpoint_epoch=N.pt``: to a temporary
-file first, renamed when complete, and the previous epoch's file is removed only after that, so a kill at any
-moment leaves a whole checkpoint behind (MONAI's own saver writes in place, and ignite removes the old file
-before writing the new one: a kill in between left none, or a truncated one, in our test). Beside the network
-and the optimiser it holds the learning-rate
+file first, renamed when complete (:mod:`ppi_med.atomic`), and the previous epoch's file is removed only
+after that, so a kill at any moment leaves a whole checkpoint behind (MONAI's own saver writes in place, and
+ignite removes the old file before writing the new one: a kill in between left none, or a truncated one, in
+our test). Beside the network and the optimiser it holds the learning-rate
 schedule and a :class:`TrainingProgress`: the trainer's counters (epoch, iteration), the best validation
 metric so far, the checkpoint it chose, and the random number generators. :class:`ResumeHandler` loads the
 newest of these files when the trainer starts, with MONAI's :class:`~monai.handlers.CheckpointLoader`
@@ -22,12 +22,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from .atomic import atomic_torch_save, stale_temporaries
 from .engine import epoch_metrics
 
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "ResumeHandler", "TrainingProgress", "latest_epoch_checkpoint"]
@@ -48,26 +50,29 @@ def latest_epoch_checkpoint(ckpt_dir: str | Path) -> Path | None:
 class AtomicDiskSaver(DiskSaver):
     """ignite's :class:`~ignite.handlers.DiskSaver` that never leaves a run without a whole checkpoint.
 
-    Each file is written to a temporary file and renamed when complete; a file the checkpointer asks to remove
-    is removed only once the next one is on disk (ignite asks before writing). With ``filename`` every
-    checkpoint goes to that one name (``model_best.pt``), replaced in one rename.
+    Each file goes to disk through :func:`ppi_med.atomic.atomic_torch_save` (a temporary file, fsync, one
+    rename); a file the checkpointer asks to remove is removed only once the next one is on disk (ignite asks
+    before writing). With ``filename`` every checkpoint goes to that one name (``model_best.pt``), replaced in
+    one rename. Only the process of rank ``save_on_rank`` writes, as with ignite's saver.
 
     Args:
         dirname: the checkpoint folder.
         filename: a fixed file name, or ``None`` for the names the checkpointer gives.
+        save_on_rank: the rank of the process that writes.
     """
 
-    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
-        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+    def __init__(self, dirname: str | Path, filename: str | None = None, save_on_rank: int = 0) -> None:
+        super().__init__(dirname=dirname, require_empty=False, save_on_rank=save_on_rank)
         self.filename = filename
         self._pending: list[str] = []
 
     def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
         written = self.filename or filename
-        super().__call__(checkpoint, written, metadata)
-        for old in self._pending:
-            if old != written:
-                (self.dirname / old).unlink(missing_ok=True)
+        if idist.get_rank() == self.save_on_rank:
+            atomic_torch_save(checkpoint, self.dirname / written)
+            for old in self._pending:
+                if old != written:
+                    (self.dirname / old).unlink(missing_ok=True)
         self._pending.clear()
 
     def remove(self, filename: str) -> None:
@@ -87,7 +92,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for checkpointer in vars(self).values():
             if isinstance(checkpointer, Checkpoint) and isinstance(checkpointer.save_handler, DiskSaver):
                 old = checkpointer.save_handler
-                checkpointer.save_handler = AtomicDiskSaver(old.dirname, getattr(old, "filename", None))
+                checkpointer.save_handler = AtomicDiskSaver(
+                    old.dirname, getattr(old, "filename", None), getattr(old, "save_on_rank", 0)
+                )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -221,9 +228,10 @@ class ResumeHandler:
             self.tracker.log_missing(metrics, step=epoch)
 
     def __call__(self, engine: Engine) -> None:
-        for stale in self.ckpt_dir.glob("tmp*"):  # temporary files of writes a kill cut short
-            if stale.is_file() and stale.suffix != ".pt":
-                stale.unlink()
+        # temporary files of writes a kill cut short (``tmp*``: ignite's saver, used by runs before ppi_med.atomic)
+        legacy = [p for p in self.ckpt_dir.glob("tmp*") if p.is_file() and p.suffix != ".pt"]
+        for stale in legacy + stale_temporaries(self.ckpt_dir):
+            stale.unlink()
         path = latest_epoch_checkpoint(self.ckpt_dir)
         if path is None:
             raise FileNotFoundError(

@@ -10,14 +10,14 @@ previous version or the new one, never half a file; a reader only ever writes th
 from __future__ import annotations
 
 import csv
-import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ppi_med.atomic import atomic_open
 
 from .cases import ReviewInputError
 
@@ -177,20 +177,11 @@ class GradeStore:
 
     def _save(self, reader: str, rows: Mapping[tuple[str, str, str], Mapping[str, str]]) -> None:
         path = self.path(reader)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{reader}-", suffix=".csv.tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=GRADE_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows.values())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)  # atomic: readers of the file see the old or the new version
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # atomic: readers of the file see the old or the new version
+        with atomic_open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=GRADE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows.values())
         self._stamp[reader] = _stamp(path)
 
 

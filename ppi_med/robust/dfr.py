@@ -11,8 +11,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from ..atomic import atomic_torch_save
 from ..weights import load_checkpoint
-from .files import save_torch
 from .groups import batch_groups
 
 __all__ = ["DFRHandler", "balanced_draws", "fit_last_layer", "last_linear", "penultimate_features"]
@@ -182,7 +182,7 @@ class DFRHandler:
                 head.bias.copy_(bias.to(head.bias))
         self.groups = sorted(set(groups))
         if self.output is not None:
-            save_torch({"model": self.network.state_dict()}, self.output)
+            atomic_torch_save({"model": self.network.state_dict()}, self.output)
         if engine is not None:
             engine.state.metrics["dfr_records"] = float(len(labels))
             engine.state.metrics["dfr_groups"] = float(len(self.groups))

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from .files import atomic_write_bytes, save_torch
+from ..atomic import atomic_torch_save, atomic_write_text
 
 __all__ = ["JTT", "JTTHandler", "training_errors"]
 
@@ -140,7 +140,7 @@ class JTTHandler:
     def _started(self, engine: Engine) -> None:
         if engine.state.epoch == 0:
             self._initial = self._state()
-            save_torch(self._initial, self.initial_file)
+            atomic_torch_save(self._initial, self.initial_file)
         elif engine.state.epoch < self.epochs:
             self._initial = torch.load(self.initial_file, map_location=self.device, weights_only=False)
         elif self.jtt.errors is None:
@@ -152,7 +152,7 @@ class JTTHandler:
     def _restart(self, engine: Engine) -> None:
         errors = training_errors(self.network, self.loader, self.device)
         lines = "case\n" + "".join(f"{c}\n" for c in errors)
-        atomic_write_bytes(self.error_file, lines.encode())
+        atomic_write_text(self.error_file, lines)
         self.jtt.errors = frozenset(errors)
         assert self._initial is not None
         self.network.load_state_dict(self._initial["network"])
