@@ -46,7 +46,8 @@ from torch import nn
 
 from .atomic import atomic_open, atomic_path, atomic_write_json
 from .cases import find_loader
-from .image_grid import ensure_new, read_source, resample_to_grid, same_grid
+from .image_grid import ensure_new, read_source
+from .masks import read_case_mask
 from .saliency_spec import SaliencySpec
 
 __all__ = [
@@ -491,14 +492,17 @@ def evaluate_saliency(
                         "drop": float(probs[0]) - p,
                     }
                 )
-        mask = _case_mask(case.record, spec.mask_key, spec.image_key, loader, case.id)
-        if mask is None:
+        if not case.record.get(spec.mask_key):
             continue
-        src_shape, src_affine, mask_arr = mask
-        spacing = np.linalg.norm(src_affine[:3, :3], axis=0)
+        image = read_source(case.record[spec.image_key], loader)
+        mask = read_case_mask(
+            case.record, image_key=spec.image_key, mask_key=spec.mask_key, image=image, loader=loader, case=case.id
+        )
+        if not mask.any():  # an empty mask has nothing to localise
+            continue
         for m in methods:
-            arr = pipeline.on_source_grid(case, maps[m], src_shape, src_affine)
-            scores = localisation(arr, mask_arr, threshold=threshold, tolerance=tolerance, spacing=spacing)
+            arr = pipeline.on_source_grid(case, maps[m], image.shape, image.affine)
+            scores = localisation(arr, mask, threshold=threshold, tolerance=tolerance, spacing=image.spacing)
             loc_rows.append({"case_id": case.id, "method": m, "target_class": cls, **scores})
 
     deletion = pd.DataFrame(deletion_rows)
@@ -550,22 +554,6 @@ def evaluate_saliency(
         )
         print(f"saliency evaluation logged to MLflow run {rid}; files in {out_dir}", flush=True)
     return summary
-
-
-def _case_mask(rec: Mapping[str, Any], key: str, image_key: str, loader, cid: str):
-    """(image shape, image affine, mask on the image grid) for a record with a non-empty mask, else None."""
-    if not rec.get(key):
-        return None
-    mask = read_source(rec[key], loader)
-    if not (mask.array > 0.5).any():
-        return None
-    image = read_source(rec[image_key] if image_key in rec else rec[key], loader)
-    arr = mask.array
-    if not same_grid(mask.shape, mask.affine, image.shape, image.affine):
-        arr = resample_to_grid(mask.array, mask.affine, image.shape, image.affine, order=0)
-        if not (arr > 0.5).any():
-            raise ValueError(f"case {cid}: the mask {rec[key]} does not overlap its image")
-    return image.shape, image.affine, arr
 
 
 def _summarise(deletion: pd.DataFrame, loc: pd.DataFrame, methods: list[str], ks: Sequence[float]) -> pd.DataFrame:

@@ -63,7 +63,6 @@ several methods as ``wbp,gradcam``), ``export_datalist``
 from __future__ import annotations
 
 import csv
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,10 +79,10 @@ from .image_grid import (
     is_nifti,
     read_source,
     resample_to_grid,
-    same_grid,
     voxel_to_world,
     write_nifti,
 )
+from .masks import read_case_mask
 from .montage import peak_index, save_montage
 from .saliency_spec import SaliencySpec
 
@@ -272,15 +271,6 @@ class SaliencyExporter:
             self._scan_cache = (key, scan, copy or Path(scan_path))
         return self._scan_cache[1], self._scan_cache[2]
 
-    def _mask_on(self, record: Mapping[str, Any], src: SourceImage, case: str) -> np.ndarray | None:
-        if not record.get(self.mask_key):
-            return None
-        m = read_source(record[self.mask_key], self.loader)
-        if same_grid(m.shape, m.affine, src.shape, src.affine):
-            return m.array
-        warnings.warn(f"case {case}: mask is on another grid than the image; resampled (nearest)", stacklevel=2)
-        return resample_to_grid(m.array, m.affine, src.shape, src.affine, order=0)
-
     def export_case(self, case: Case, plan: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
         """Export one case (all methods and targets); returns its index rows. See :meth:`run` for the layout."""
         record, cid, probs, pred = case.record, case.id, case.probs, case.predicted
@@ -290,9 +280,11 @@ class SaliencyExporter:
         if "image" in plan:
             _write_copy(plan["image"], src, "ppi-med: source image")
             image_path = plan["image"]
-        mask = self._mask_on(record, src, cid)
+        mask = read_case_mask(
+            record, image_key=self.image_key, mask_key=self.mask_key, image=src, loader=self.loader, case=cid
+        )
         if mask is not None and "mask" in plan:
-            write_nifti(plan["mask"], mask > 0.5, src.affine, like=src.header, dtype=np.uint8, description="mask")
+            write_nifti(plan["mask"], mask, src.affine, like=src.header, dtype=np.uint8, description="mask")
         scan = self._scan(record[self.scan_key], out_dir) if record.get(self.scan_key) else None
 
         rows = []
