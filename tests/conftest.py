@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite."""
+"""Fixtures and marker rules shared by the whole suite."""
 
 from __future__ import annotations
 
@@ -18,3 +18,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Tests that start a browser, several processes or a server are slow by nature: marking them `slow` here keeps
+# `-m "not slow"` (the fast loop) free of them without repeating the mark on each.
+IMPLIES_SLOW = ("browser", "distributed", "server")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Add the `slow` mark to every test marked browser, distributed or server.
+
+    Args:
+        config: The pytest configuration (unused; part of the hook's signature).
+        items: The collected tests, changed in place.
+    """
+    for item in items:
+        if any(item.get_closest_marker(name) for name in IMPLIES_SLOW) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

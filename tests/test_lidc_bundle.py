@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 from bundle_files import LIDC_BUNDLE, workdir
 
 from data_prep.lidc import preprocess
 from data_prep.lidc_phantom import TEST_PATIENTS, TEST_SLICE_STEP, write_phantom
+
+pytestmark = pytest.mark.slow  # each test writes and preprocesses the phantom download; the first trains
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow  # four Python processes that each import MLflow
 
 SCRIPT = """
 import sys
