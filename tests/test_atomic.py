@@ -125,6 +125,7 @@ def test_the_checkpoint_saver_writes_through_the_one_writer(tmp_path, monkeypatc
     assert torch.equal(state["model"]["weight"], net.weight) and "optimizer" in state
 
 
+@pytest.mark.slow
 def test_a_killed_write_leaves_the_target_and_a_temporary_that_is_found(tmp_path):
     target = tmp_path / "checkpoint_epoch=3.pt"
     target.write_bytes(b"whole")

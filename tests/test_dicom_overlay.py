@@ -68,6 +68,7 @@ def _frames_match_their_source_slices(pm: pydicom.Dataset, series_folder: Path) 
     return source
 
 
+@pytest.mark.slow
 def test_lidc_export_writes_a_parametric_map_on_the_scans_series(lidc, tmp_path):
     root, records = lidc
     rec = records[0]
@@ -108,6 +109,7 @@ def test_lidc_export_writes_a_parametric_map_on_the_scans_series(lidc, tmp_path)
     assert np.isclose(np.abs(pixels).max(), np.abs(values).max(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_scan_written_as_a_map_gives_back_each_slices_pixels(lidc, tmp_path):
     """The strongest geometry check: the scan itself (NIfTI, MONAI's reading of the series) written as a map
     must reproduce every slice's stored HU, pixel for pixel, in the frame that names that slice."""

@@ -181,6 +181,7 @@ def _preprocessing() -> Compose:
     )
 
 
+@pytest.mark.slow
 def test_driver_writes_csv_plots_and_logs_into_a_given_mlflow_run(ga_records, mlflow_uri, tmp_path):
     _, _, all_records = ga_records
     records = [next(r for r in all_records if r["label"] == lab) for lab in (1, 0)]  # one eye of each class
@@ -242,6 +243,7 @@ def test_driver_writes_csv_plots_and_logs_into_a_given_mlflow_run(ga_records, ml
         evaluate_saliency(spec, out, ks=ks, log_mlflow=False)
 
 
+@pytest.mark.slow  # the first use of the module's MLflow store creates its tables
 def test_driver_rejects_bad_options(ga_records, mlflow_uri, tmp_path):
     _, _, records = ga_records
     net = MVCNN(width=4)
@@ -259,6 +261,7 @@ def test_driver_rejects_bad_options(ga_records, mlflow_uri, tmp_path):
     assert not any((tmp_path / d).exists() for d in "bcd")
 
 
+@pytest.mark.slow
 def test_bundle_evaluate_saliency_run_id(ga_records, mlflow_uri, tmp_path):
     """``monai.bundle run evaluate_saliency`` on the GA bundle: a new run in the bundle's experiment."""
     from monai.bundle import run

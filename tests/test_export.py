@@ -413,6 +413,7 @@ def test_case_ids_are_unique_and_safe():
 # -- the GA bundle's export run id, through MONAI's CLI ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ga_bundle_export_run(tmp_path):
     from ppi_med.networks import MVCNN
 

@@ -88,6 +88,7 @@ def _mask_stats(path: Path) -> tuple[float, np.ndarray]:
     return len(idx) * abs(np.linalg.det(img.affine[:3, :3])), (ras * [-1, -1, 1]).mean(axis=0)
 
 
+@pytest.mark.slow
 def test_nodules_labels_and_masks_match_pylidc(phantom, processed):
     out, datalist = processed
     entries = datalist["training"]
@@ -120,6 +121,7 @@ def test_nodules_labels_and_masks_match_pylidc(phantom, processed):
     assert [e["nodule_index"] for e in excluded] == [4, 5]
 
 
+@pytest.mark.slow
 def test_patches_overlay_the_whole_scan(phantom, processed):
     out, datalist = processed
     for e in datalist["training"]:
@@ -146,6 +148,7 @@ def test_patches_overlay_the_whole_scan(phantom, processed):
     np.testing.assert_array_equal(np.asarray(scan_img.dataobj[:, :, kk]).T, ds.pixel_array.astype(np.int16) - 1024)
 
 
+@pytest.mark.slow
 def test_datalist_structure_and_patient_folds(processed):
     out, datalist = processed
     assert datalist["labeling"]["malignant_above"] == 3 and datalist["labeling"]["benign_below"] == 3
@@ -166,6 +169,7 @@ def test_datalist_structure_and_patient_folds(processed):
         assert nib.load(item["mask"]).get_fdata().max() == 1
 
 
+@pytest.mark.slow
 def test_relabel_reuses_patches_and_settings_must_match(phantom, processed, tmp_path):
     out, _ = processed
     patches = sorted((out / "patches").glob("*.nii.gz"))
@@ -185,6 +189,7 @@ def test_relabel_reuses_patches_and_settings_must_match(phantom, processed, tmp_
     preprocess(phantom, out, progress=False)  # back to the defaults for the other tests
 
 
+@pytest.mark.slow
 def test_series_found_by_uid_whatever_the_folder_names(phantom, processed, tmp_path):
     root = tmp_path / "download"
     for pid, dest in ((GOOD, "manifest-1/LIDC-IDRI/x/01-01-2000-NA-CT/3000.000000-NA-1"), (BAD, "elsewhere")):
@@ -235,6 +240,7 @@ def _truncated_file(folder: Path) -> str:
     return f"{victim.name}: not readable as DICOM"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [_missing, _duplicate, _not_found, _bad_pixels, _truncated_file])
 def test_bad_scan_is_reported_and_others_processed(phantom, tmp_path, corrupt):
     root = tmp_path / "dicom"
@@ -254,6 +260,7 @@ def test_bad_scan_is_reported_and_others_processed(phantom, tmp_path, corrupt):
     assert len(datalist["training"]) == 4
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_scans_and_cli_reports_failures(phantom, tmp_path, capsys):
     root = tmp_path / "dicom"
     shutil.copytree(phantom, root)

@@ -121,6 +121,7 @@ def _ga_default() -> dict:
     return dict(parser.get_parsed_content("ppi"))
 
 
+@pytest.mark.slow
 def test_default_ppi_does_not_lose_where_the_evidence_sits_in_one_place(fixed_evidence) -> None:
     train, test = fixed_evidence
     default = _ga_default()

@@ -58,6 +58,7 @@ def test_reference_needs_both_classes():
         linear_reference(one_class, _records(4, 1, 1.0), _identity)
 
 
+@pytest.mark.slow
 def test_handler_logs_into_the_trainer_run(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = RunTracker(

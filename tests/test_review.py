@@ -231,6 +231,7 @@ def _write_grades(export: Path, reader: str, answers: dict) -> None:
             )
 
 
+@pytest.mark.slow
 def test_summary_figures_and_mlflow(export, tmp_path, capsys):
     for f in (export / "review").glob("*.csv") if (export / "review").is_dir() else []:
         f.unlink()

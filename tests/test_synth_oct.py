@@ -168,6 +168,7 @@ def test_lesion_effect_grows_with_contrast_knob() -> None:
     assert drops[0] < drops[1] < drops[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("other_site", "cue_rate_other"), [("A", 0.0), ("B", 0.5)])
 def test_cue_is_exploitable_at_its_site_only(tmp_path: Path, other_site: str, cue_rate_other: float) -> None:
     n_bscans, height, width = 2, 24, 32
@@ -207,6 +208,7 @@ def test_cue_is_exploitable_at_its_site_only(tmp_path: Path, other_site: str, cu
         assert roc_auc_score(c, x[:, 0]) > 0.95
 
 
+@pytest.mark.slow
 def test_reversed_cue_site_flips_the_correlation_and_leaves_the_default_record_alone(tmp_path: Path) -> None:
     path = generate(
         tmp_path / "rev",
