@@ -22,6 +22,7 @@ def quick_study(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_report_from_its_own_runs(quick_study):
     out = quick_study
     text = (out / "RESULTS.md").read_text()
@@ -42,6 +43,7 @@ def test_quick_study_writes_the_report_from_its_own_runs(quick_study):
     assert (out / "results" / "deletion_curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_quick_study_logs_every_run_to_one_mlflow_store(quick_study):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{quick_study / 'mlflow.db'}")
     ga = client.get_experiment_by_name("results_ga")
@@ -53,6 +55,7 @@ def test_quick_study_logs_every_run_to_one_mlflow_store(quick_study):
     assert client.search_runs([client.get_experiment_by_name("results_saliency").experiment_id])
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_jobs_and_keeps_their_outputs(quick_study, capsys):
     out = quick_study
     before = {p: p.stat().st_mtime for p in (out / "jobs").glob("*/done.json")}
@@ -107,6 +110,7 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
     assert Path(jobs[-1].argv[1]).name == "bench_saliency_ppi.py"
 
 
+@pytest.mark.slow
 def test_report_lists_jobs_not_run_and_only_must_match(quick_study):
     out = quick_study
     argv = ["--out", str(out), "--profile", "quick", "--parts", "ga,saliency,lidc,cost", "--no-progress"]
@@ -118,6 +122,7 @@ def test_report_lists_jobs_not_run_and_only_must_match(quick_study):
     assert err.value.code == 2
 
 
+@pytest.mark.slow
 def test_quick_site_studies_report_their_own_numbers(tmp_path):
     assert main(["--out", str(tmp_path), "--profile", "quick", "--parts", "sites", "--no-progress"]) == 0
     text = (tmp_path / "RESULTS.md").read_text()

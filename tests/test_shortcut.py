@@ -78,6 +78,7 @@ def test_summary_pairs_seeds_and_tests_against_the_baseline():
     assert summary.loc["ppi", "free_auc_p"] == 1.0  # identical cue-free AUCs: no difference at all
 
 
+@pytest.mark.slow
 def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "bench"
@@ -114,6 +115,7 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
     assert (out / "report.md").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("spec", "outline_share"),
     [(PARTNER_FORM, 0.0), ("ppi", 1.0)],
@@ -141,6 +143,7 @@ def test_ppi_moves_the_model_off_the_shortcut(spec: str, outline_share: float):
     assert all(p < 0.6 * b for b, p in shares), shares  # the saliency leaves the marker
 
 
+@pytest.mark.slow
 def test_the_comparators_run_in_the_benchmark_with_their_groups_and_each_selection(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "bench"

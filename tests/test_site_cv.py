@@ -309,6 +309,7 @@ def cv_twice(tmp_path_factory):
                 second_seconds=second_seconds, runs_after_first=runs_after_first)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_matrices_and_report_files(cv_twice):
     out = cv_twice["tmp"] / "cv"
     for m in ("baseline", "ppi_wbp"):
@@ -337,6 +338,7 @@ def test_matrices_and_report_files(cv_twice):
     assert all(f"({name})" in md for name in pngs)
 
 
+@pytest.mark.slow
 def test_diagonal_uses_only_subjects_that_neither_trained_nor_chose_the_checkpoint(cv_twice):
     tmp = cv_twice["tmp"]
     preds = pd.read_csv(tmp / "cv" / "predictions.csv", dtype={"subject": str})
@@ -370,6 +372,7 @@ def test_diagonal_uses_only_subjects_that_neither_trained_nor_chose_the_checkpoi
         assert (rec_path.parent / rec["checkpoint_final"]).is_file()
 
 
+@pytest.mark.slow
 def test_mlflow_parent_and_children(cv_twice):
     tmp, first = cv_twice["tmp"], cv_twice["first"]
     client, exp_id = _client(tmp)
@@ -399,6 +402,7 @@ def test_mlflow_parent_and_children(cv_twice):
     assert seen == {(m, s) for m in ("baseline", "ppi_wbp") for s in ("A", "B")}
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_cell(cv_twice):
     tmp = cv_twice["tmp"]
     out = tmp / "cv"
@@ -418,6 +422,7 @@ def test_rerun_reuses_every_cell(cv_twice):
     assert len(list((out / "cells").glob("*/attempt-1/cell.json"))) == 4
 
 
+@pytest.mark.slow
 def test_an_unfinished_cell_is_retrained_beside_the_old_attempt(cv_twice, monkeypatch, capsys):
     tmp = cv_twice["tmp"]
     monkeypatch.chdir(tmp)
@@ -446,6 +451,7 @@ def test_an_unfinished_cell_is_retrained_beside_the_old_attempt(cv_twice, monkey
     assert by_method["baseline"]["run_id"] != victim["run_id"]
 
 
+@pytest.mark.slow
 def test_training_on_one_site_scores_every_site(cv_twice, monkeypatch):
     tmp = cv_twice["tmp"]
     monkeypatch.chdir(tmp)
@@ -460,6 +466,7 @@ def test_training_on_one_site_scores_every_site(cv_twice, monkeypatch):
     assert pooled["ppi_wbp"]["n_cases"] == 12  # every volume of B, scored by the models of A
 
 
+@pytest.mark.slow
 def test_comparators_with_oracle_selection_never_score_the_records_that_chose(cv_twice, tmp_path, monkeypatch):
     """GroupDRO and DFR as site-CV methods; ``--selection oracle --oracle-sites B`` chooses every checkpoint on
     half of B's subjects, and B is scored on the other half only (the same data as the study above)."""
@@ -485,6 +492,7 @@ def test_comparators_with_oracle_selection_never_score_the_records_that_chose(cv
         _overrides(SiteCVConfig(config_file=BUNDLE, selection="oracle"), BUNDLE, ["baseline"])
 
 
+@pytest.mark.slow
 def test_small_sites_train_for_enough_optimiser_steps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # 6 training eyes of site A in batches of 4: 2 steps an epoch, so 12 steps take 6 epochs, not the bundle's 2
@@ -501,6 +509,7 @@ def test_small_sites_train_for_enough_optimiser_steps(tmp_path, monkeypatch):
     assert main(_argv(tmp_path, "--min-steps", "-1")) == 2
 
 
+@pytest.mark.slow
 def test_clear_errors(cv_twice, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tmp = cv_twice["tmp"]
@@ -583,6 +592,7 @@ def test_predict_probabilities_names_a_checkpoint_of_another_network(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_a_site_with_one_class_is_reported_not_a_crash(cv_twice, tmp_path, monkeypatch, capsys):
     """Site B keeps only its label-0 eyes: not trained on, its column n/a with the reason, DeLong skipped."""
     monkeypatch.chdir(tmp_path)
@@ -623,6 +633,7 @@ def test_a_site_with_one_class_is_reported_not_a_crash(cv_twice, tmp_path, monke
     assert f"training site(s) B ({why}) of " in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shards_then_gather_equal_the_one_process_study(cv_twice, tmp_path, monkeypatch):
     """Two workers each run half the cells into one folder and store; the gathering run reuses them all."""
     monkeypatch.chdir(tmp_path)
@@ -644,6 +655,7 @@ def test_shards_then_gather_equal_the_one_process_study(cv_twice, tmp_path, monk
     assert main([*argv, "--shard", "one"]) == 2
 
 
+@pytest.mark.slow
 def test_cue_effect_scores_every_eye_and_its_watermark_twin(cv_twice, monkeypatch):
     tmp = cv_twice["tmp"]
     monkeypatch.chdir(tmp)
@@ -676,6 +688,7 @@ def test_cue_effect_scores_every_eye_and_its_watermark_twin(cv_twice, monkeypatc
     assert (kept / "cue_effect.csv").read_text() == first and (out / "cue_effect.csv").is_file()
 
 
+@pytest.mark.slow
 def test_a_watermark_twin_differs_from_its_eye_in_the_watermark_only(cv_twice, tmp_path):
     datalist = Path(json.loads((cv_twice["tmp"] / "cv" / "summary.json").read_text())["datalist"])
     rec = next(r for r in load_datalist(datalist) if r["site"] == "B" and int(r["cue"]) == 0)
@@ -695,6 +708,7 @@ def test_cue_effect_without_a_study_is_refused(tmp_path, capsys):
     assert str(tmp_path) in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_second_study_in_another_folder_of_the_same_store_finds_its_own_runs(cv_twice, monkeypatch):
     tmp = cv_twice["tmp"]
     monkeypatch.chdir(tmp)
