@@ -38,8 +38,9 @@ from data_prep.synth_oct import render_with_cue
 from ppi_med.data import load_datalist
 from ppi_med.tracking import metric_key
 
-from .cv_cells import TensorCache, predict_probabilities
-from .site_cv import SiteCVError
+from .bundle_config import open_config
+from .site_cv.config import SiteCVError
+from .site_cv.predict import TensorCache, predict_probabilities
 
 __all__ = ["cue_effect", "main"]
 
@@ -64,13 +65,8 @@ def _twins(datalist: Path, records: list[dict], folder: Path, progress: bool) ->
 
 
 def _bundle_parts(study: dict):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(study["config_file"])
-    for key, value in study.get("overrides", {}).items():
-        parser[key] = value
-    return parser.get_parsed_content("network_def"), parser.get_parsed_content("preprocessing")
+    parser = open_config(study["config_file"], study.get("overrides", {}))
+    return parser.get_parsed_content("network_def"), parser.get_parsed_content("common#preprocessing")
 
 
 def _cell_checkpoint(attempt: Path, checkpoint: str) -> Path:

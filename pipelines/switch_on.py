@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import mean_sd
+from .formatting import mean_sd
 
 __all__ = ["read_run", "summarise", "main"]
 

@@ -17,8 +17,17 @@ from sklearn.metrics import roc_auc_score
 
 from data_prep.synth_oct import render_with_cue
 from pipelines.cue_effect import main as cue_main
-from pipelines.cv_tables import add_row_stats, delong_matrix, pooled_offdiag, site_cv_tables
-from pipelines.site_cv import SiteCVConfig, SiteCVError, _overrides, main, method_overrides, parse_overrides
+from pipelines.site_cv import (
+    SiteCVConfig,
+    SiteCVError,
+    main,
+    method_labels,
+    method_overrides,
+    parse_overrides,
+    split_methods,
+    study_overrides,
+)
+from pipelines.site_cv.tables import add_row_stats, delong_matrix, pooled_offdiag, site_cv_tables
 from ppi_med.data import ga_split, load_datalist
 from ppi_med.ppi import PPIConfig
 from ppi_med.stats import delong_test
@@ -228,7 +237,13 @@ def test_methods_and_overrides_parse():
     assert method_overrides("ppi_wbp_box") == {"ppi#enabled": True, "ppi#saliency": "wbp", "ppi#mask": "box", **erm}
     assert method_overrides("dfr") == {"ppi#enabled": False, "robust#method": "dfr"}
     assert method_overrides("ppi_wbp+dfr") == {"ppi#enabled": True, "ppi#saliency": "wbp", "robust#method": "dfr"}
-    for bad in ("ppi", "ppi_foo", "ppi_wbp_circle", "PPI_wbp", "wbp", "ppi_wbp+irm"):
+    assert method_overrides("ppi:mode=detached,partner=roll+dfr") == {
+        "ppi#enabled": True,
+        "ppi#mode": "detached",
+        "ppi#partner": "roll",
+        "robust#method": "dfr",
+    }
+    for bad in ("pp", "ppi_foo", "ppi_wbp_circle", "PPI_wbp", "wbp", "ppi_wbp+irm"):
         with pytest.raises(SiteCVError, match="unknown method"):
             method_overrides(bad)
     got = parse_overrides(
@@ -258,6 +273,48 @@ def test_methods_and_overrides_parse():
         parse_overrides(["--max_epochs"])
     with pytest.raises(SiteCVError, match="unexpected argument 'stray'"):
         parse_overrides(["stray"])
+
+
+def test_methods_are_labelled_by_the_configuration_they_train_on_the_bundle():
+    ga = {"contrast_classes": [1], "warmup_epochs": 12, "ramp_epochs": 4, "guide": "study"}
+    short = {**ga, "warmup_epochs": 0}  # --ppi#warmup_epochs 0: the recipe's, not a variant
+    methods = ["baseline", "ppi", "ppi:mode=detached", "ppi:partner=roll", "random_mask", "groupdro", "ppi_wbp+dfr"]
+    assert method_labels(methods, ga, short) == [
+        "baseline",
+        "ppi_wbp",
+        "ppi_wbp:mode=detached",
+        "ppi_wbp:partner=roll",
+        "random_mask",
+        "groupdro",
+        "ppi_wbp+dfr",
+    ]
+    # a user's --ppi#mode detached is in every PPI method's label, not hidden behind ppi_wbp
+    assert method_labels(["baseline", "ppi_wbp"], ga, {**ga, "mode": "detached"}) == [
+        "baseline",
+        "ppi_wbp:mode=detached",
+    ]
+    with pytest.raises(SiteCVError, match="methods 'ppi_wbp' and 'ppi' train the same configuration .* \\(ppi_wbp\\)"):
+        method_labels(["ppi_wbp", "ppi"], ga, ga)
+    with pytest.raises(SiteCVError, match="PPI mode must be one of"):
+        method_labels(["ppi:mode=sideways"], ga, ga)
+    with pytest.raises(SiteCVError, match="its ppi is not a PPI configuration: unknown PPI field 'colour'"):
+        method_labels(["ppi"], {"colour": "red"}, ga)
+
+
+def test_a_methods_list_keeps_a_variants_fields_together():
+    assert split_methods("baseline,ppi:mode=detached,partner=roll,ppi_wbp+dfr") == [
+        "baseline",
+        "ppi:mode=detached,partner=roll",
+        "ppi_wbp+dfr",
+    ]
+    assert split_methods("ppi:contrast_classes=[0,1],dilate=2, groupdro") == [
+        "ppi:contrast_classes=[0,1],dilate=2",
+        "groupdro",
+    ]
+    with pytest.raises(SiteCVError, match="'mode=detached' follows no <method>:<field>=<value>"):
+        split_methods("baseline,mode=detached")
+    with pytest.raises(SiteCVError, match="expected a comma-separated list"):
+        split_methods(" , ")
 
 
 # ----- end to end ------------------------------------------------------------------------------------------
@@ -489,7 +546,30 @@ def test_comparators_with_oracle_selection_never_score_the_records_that_chose(cv
         assert not {str((tmp / "data" / c).resolve()) for c in b["case"]} & chose
     assert "checkpoint selection: **oracle**" in (tmp_path / "cv" / "summary.md").read_text()
     with pytest.raises(SiteCVError, match="oracle_sites"):
-        _overrides(SiteCVConfig(config_file=BUNDLE, selection="oracle"), BUNDLE, ["baseline"])
+        study_overrides(SiteCVConfig(config_file=BUNDLE, selection="oracle"), BUNDLE, ["baseline"])
+
+
+@pytest.mark.slow
+def test_a_variant_is_trained_and_named_by_its_fields_everywhere(tmp_path, monkeypatch, capsys):
+    """``ppi:mode=detached,partner=roll`` and the default differ only in mode and partner: two labels, in the
+    tables, the files, the cell runs' ``cv_method`` and the bundle's own ``method`` tag alike."""
+    monkeypatch.chdir(tmp_path)
+    methods = "ppi,ppi:partner=roll,mode=detached"
+    assert main(_argv(tmp_path, "--train-sites", "A", "--methods", methods, "--seeds", "1")) == 0
+    summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
+    variant_label = "ppi_wbp:mode=detached,partner=roll"
+    assert summary["methods"] == ["ppi_wbp", variant_label]
+    assert (tmp_path / "cv" / "auc_ppi_wbp-mode=detached,partner=roll.csv").is_file()
+    client, _ = _client(tmp_path)
+    for cell in summary["cells"]:
+        run = client.get_run(cell["run_id"])
+        assert run.data.tags["cv_method"] == run.data.tags["method"] == cell["method"]
+        detached = cell["method"] == variant_label
+        assert (run.data.params["ppi.mode"], run.data.params["ppi.partner"]) == (
+            ("detached", "roll") if detached else ("differentiable", "same_class")
+        )
+    assert main(_argv(tmp_path, "--methods", "ppi,ppi_wbp")) == 2
+    assert "methods 'ppi' and 'ppi_wbp' train the same configuration" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -531,7 +611,7 @@ def test_clear_errors(cv_twice, tmp_path, capsys, monkeypatch):
 def test_predict_probabilities_per_checkpoint(tmp_path):
     import torch
 
-    from pipelines.cv_cells import TensorCache, predict_probabilities
+    from pipelines.site_cv.predict import TensorCache, predict_probabilities
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
@@ -569,7 +649,7 @@ def test_predict_probabilities_per_checkpoint(tmp_path):
 def test_predict_probabilities_names_a_checkpoint_of_another_network(tmp_path):
     import torch
 
-    from pipelines.cv_cells import predict_probabilities
+    from pipelines.site_cv.predict import predict_probabilities
     from ppi_med.weights import CheckpointMismatchError
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
@@ -732,7 +812,7 @@ def test_a_method_name_makes_a_config_that_names_it_back(method):
 
 
 def test_a_bundle_without_the_ids_site_cv_uses_is_refused_naming_them(tmp_path, capsys):
-    lidc = ROOT / "bundles" / "lidc_ppi.json"  # no sites: the nodule bundle is not a site-CV bundle
+    lidc = ROOT / "bundles" / "lidc_ppi" / "configs" / "train.json"  # no sites: the nodule bundle has no site CV
     argv = ["--config_file", str(lidc), "--out", str(tmp_path / "cv"), "--no-progress"]
     assert main([*argv, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
     err = capsys.readouterr().err

@@ -23,20 +23,21 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from data_prep.atomic import write_json_atomic
-from ppi_med.methods import method_settings
-from ppi_med.saliency import METHODS as SALIENCY_METHODS
+from ppi_med.atomic import atomic_write_json
 from ppi_med.tracking import metric_key
 
-from .cv_tables import cell_auc
+from ..bundle_config import open_workflow
+from .config import SiteCVError
+from .methods import method_overrides
+from .predict import TensorCache, predict_probabilities
+from .tables import cell_auc
 
 __all__ = [
     "BUNDLE_READS",
@@ -45,26 +46,19 @@ __all__ = [
     "Cell",
     "CellRunner",
     "StudySettings",
-    "SiteCVError",
-    "TensorCache",
     "cell_key",
     "check_bundle",
-    "method_overrides",
-    "predict_probabilities",
     "sha256_file",
 ]
 
 CELL_FORMAT = 1
 
 
-class SiteCVError(ValueError):
-    """A bad request: unknown site or method, conflicting override, malformed option."""
-
-
 #: The contract between site CV and a bundle (docs/DESIGN.md section 5). Ids site CV reads from the bundle ...
 BUNDLE_READS = (
-    "datalist", "seed", "val_fraction", "tracking_uri", "max_epochs", "batch_size", "device", "network",
-    "preprocessing", "ckpt_dir", "train#datalist", "validate#datalist", "ppi",
+    "datalist", "seed", "val_fraction", "tracking_uri", "max_epochs", "batch_size", "device", "common#network",
+    "common#preprocessing", "common#ckpt_dir", "common#chosen_checkpoint", "train#datalist", "validate#datalist",
+    "ppi",
 )  # fmt: skip
 #: ... and ids it sets for every cell (``test#datalist`` is read when the bundle has a test part).
 BUNDLE_SETS = (
@@ -85,26 +79,6 @@ def check_bundle(parser: Any, config_file: Path) -> None:
             f"{config_file} lacks the bundle ids site CV reads or sets: {', '.join(missing)} "
             "(the contract is in docs/DESIGN.md section 5)"
         )
-
-
-def method_overrides(method: str) -> dict[str, Any]:
-    """The bundle overrides that make a method (the names of :func:`ppi_med.methods.method_settings`).
-
-    Args:
-        method: ``baseline``, ``random_erasing``, ``random_mask``, ``ppi_<saliency>[_<mask>][_<guide>]``, a
-            comparator (``groupdro``, ``jtt``, ``dfr``) or ``<PPI name>+<comparator>`` (``ppi_wbp+dfr``).
-
-    Returns:
-        ``ppi#<field>`` for each PPI field the name sets, and ``robust#method``.
-
-    Raises:
-        SiteCVError: an unknown method, saliency, mask, guide or comparator.
-    """
-    try:
-        settings = method_settings(method, SALIENCY_METHODS)
-    except ValueError as err:
-        raise SiteCVError(str(err)) from err
-    return {f"{part}#{k}": v for part, fields_ in settings.items() for k, v in fields_.items()}
 
 
 def sha256_file(path: Path) -> str:
@@ -251,7 +225,6 @@ class CellRunner:
     def train(self, cell: Cell) -> dict[str, Any]:
         """Train one cell with the bundle, score every test case, and write the attempt's record."""
         import torch
-        from monai.bundle import ConfigWorkflow
 
         attempts = self._attempts(cell)
         n = int(attempts[-1].name[len("attempt-") :]) + 1 if attempts else 1
@@ -284,8 +257,8 @@ class CellRunner:
         logging_file = None if self.study.bundle_logging else False
         try:
             with _quiet_monai(not self.study.bundle_logging):
-                wf = ConfigWorkflow(
-                    config_file=str(self.study.config_file),
+                wf = open_workflow(
+                    self.study.config_file,
                     meta_file=str(self.study.meta_file) if self.study.meta_file else None,
                     logging_file=logging_file,
                     workflow_type="train",
@@ -299,17 +272,17 @@ class CellRunner:
             train_list, selection = parse("train#datalist"), parse("validate#datalist")
             # the diagonal: the bundle's test part when it has one, else the part that chose the checkpoint
             heldout = (parse("test#datalist") if "test" in wf.parser.config else None) or selection
-            ckpt_dir = Path(parse("ckpt_dir"))
-            # the bundle names its chosen model when it is not model_best.pt (DFR's retrained head)
-            best = Path(parse("chosen_checkpoint")) if "chosen_checkpoint" in wf.parser else ckpt_dir / "model_best.pt"
+            ckpt_dir = Path(parse("common#ckpt_dir"))
+            # the model the bundle chose: model_best.pt, or DFR's retrained head
+            best = Path(parse("common#chosen_checkpoint"))
             ckpts = {"best": best, "final": ckpt_dir / "model_final.pt"}
             for name, path in ckpts.items():
                 if not path.is_file():
                     raise FileNotFoundError(f"{cell.label}: the bundle wrote no {name} checkpoint at {path}")
             cases = self._test_cases(cell.site, heldout, selection)
             scores = predict_probabilities(
-                parse("network"),
-                parse("preprocessing"),
+                parse("common#network"),
+                parse("common#preprocessing"),
                 [c["image"] for c in cases],
                 parse("device"),
                 int(parse("batch_size")),
@@ -362,7 +335,7 @@ class CellRunner:
             "seconds": round(time.perf_counter() - t0, 2),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        write_json_atomic(attempt / "cell.json", rec, default=str)  # written last: marks a complete attempt
+        atomic_write_json(attempt / "cell.json", rec, default=str)  # written last: marks a complete attempt
         return rec
 
     def _epochs(self, parser: Any) -> tuple[int, int]:
@@ -458,87 +431,3 @@ def _quiet_monai(quiet: bool):
     finally:
         for n, level in levels.items():
             logging.getLogger(n).setLevel(level)
-
-
-class TensorCache:
-    """Preprocessed images by path, up to a memory budget (beyond it, images are preprocessed every time).
-
-    Args:
-        max_bytes: the budget (4 GiB by default).
-    """
-
-    def __init__(self, max_bytes: int = 4 * 2**30) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._items: dict[str, Any] = {}
-
-    def get(self, key: str) -> Any:
-        """The tensor stored for ``key``, or ``None``."""
-        return self._items.get(key)
-
-    def put(self, key: str, tensor: Any) -> None:
-        """Keep ``tensor`` if it fits in the budget."""
-        size = tensor.element_size() * tensor.nelement()
-        if key not in self._items and self.nbytes + size <= self.max_bytes:
-            self._items[key] = tensor
-            self.nbytes += size
-
-
-def _same_weights(a: Mapping[str, Any], b: Mapping[str, Any], torch: Any) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def predict_probabilities(
-    network: Any,
-    preprocessing: Any,
-    images: Sequence[str],
-    device: Any,
-    batch_size: int,
-    checkpoints: Mapping[str, Path],
-    torch: Any,
-    cache: TensorCache | None = None,
-) -> dict[str, np.ndarray]:
-    """Softmax probability of class 1 of every image, with each checkpoint's weights loaded in turn.
-
-    Args:
-        network: the bundle's network (on ``device``).
-        preprocessing: the bundle's evaluation transforms, applied to ``{"image": path}``.
-        images: image paths.
-        device: the network's device.
-        batch_size: images per forward pass.
-        checkpoints: name -> checkpoint file (a state dict, or ``{"model": state dict, ...}``); a checkpoint
-            with the same weights as an earlier one (best = final epoch) reuses its scores.
-        torch: the torch module (imported by the caller, which keeps this module light to import).
-        cache: preprocessed tensors by image path, filled and read here; share it only between calls with
-            the same (deterministic) preprocessing.
-
-    Returns:
-        name -> probabilities, in the order of ``images``.
-
-    Raises:
-        ppi_med.weights.CheckpointMismatchError: a checkpoint of another network (keys and shapes named).
-    """
-    from ppi_med.cases import class1_probabilities, preprocess_case
-    from ppi_med.weights import load_state, read_checkpoint
-
-    cache = TensorCache() if cache is None else cache
-    tensors = []
-    for image in images:
-        x = cache.get(image)
-        if x is None:
-            x = preprocess_case({"image": image}, preprocessing, invertible=False)
-            cache.put(image, x)
-        tensors.append(x)
-    out: dict[str, np.ndarray] = {}
-    seen: list[tuple[dict[str, Any], np.ndarray]] = []
-    for name, path in checkpoints.items():
-        # weights only; {"model": ..., "optimizer": ...} as CheckpointSaver writes it is unwrapped
-        state = read_checkpoint(path, map_location=device)
-        earlier = next((scores for st, scores in seen if _same_weights(st, state, torch)), None)
-        if earlier is not None:
-            out[name] = earlier
-            continue
-        load_state(network, state, path)  # names the checkpoint and every mismatching key or shape
-        out[name] = class1_probabilities(network, tensors, device, batch_size)
-        seen.append((state, out[name]))
-    return out

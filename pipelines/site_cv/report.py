@@ -1,0 +1,358 @@
+"""Site-CV report: the tables as files, on the console and in ``summary.md``, with the figures and the cells.
+
+:func:`write_study_report` writes a study's whole report into its output folder (moving an earlier one to
+``history/<time>/``) and into its MLflow parent run. A method's label enters file names through
+:func:`pipelines.site_cv.text.file_stem`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ppi_med.tracking import git_commit, metric_key
+
+from .config import SiteCVConfig
+from .figures import plot_auc_heatmaps, plot_pvalue_heatmap, plot_roc_grids
+from .tables import SiteCVTables
+from .text import file_stem, format_matrix, format_value, markdown_matrix, method_title
+
+if TYPE_CHECKING:  # the study imports this module to write its report
+    from .study import Study
+
+__all__ = [
+    "REPORT_MARKER",
+    "archive_previous_report",
+    "console_report",
+    "markdown_report",
+    "write_study_report",
+    "write_tables",
+]
+
+#: the report's record; its presence marks a finished report in an output folder
+REPORT_MARKER = "summary.json"
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _frame_json(df: pd.DataFrame) -> dict:
+    return {
+        str(r): {str(c): (None if not math.isfinite(float(df.loc[r, c])) else float(df.loc[r, c])) for c in df.columns}
+        for r in df.index
+    }
+
+
+def write_tables(tables: SiteCVTables, out_dir: str | Path) -> list[Path]:
+    """CSV and JSON of every matrix, and the pooled comparisons, in ``out_dir``.
+
+    Files: ``auc_<method>.{csv,json}`` (seed mean with Mean/STD), ``auc_<method>_seed<s>.csv``,
+    ``pvalue_<method>_vs_<ref>.{csv,json}``, ``aucdiff_<method>_vs_<ref>.csv``,
+    ``pvalue_<method>_vs_<ref>_seed<s>.csv``, ``pooled_offdiag.{csv,json}``, ``tables.json`` (all of it).
+
+    Returns:
+        The paths written.
+    """
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+
+    def save(df: pd.DataFrame, stem: str, with_json: bool = True) -> None:
+        stem = file_stem(stem)
+        df.to_csv(out_dir / f"{stem}.csv")
+        written.append(out_dir / f"{stem}.csv")
+        if with_json:
+            (out_dir / f"{stem}.json").write_text(json.dumps(_frame_json(df), indent=2))
+            written.append(out_dir / f"{stem}.json")
+
+    for m, df in tables.auc.items():
+        save(df, f"auc_{m}")
+        if len(tables.auc_by_seed[m]) > 1:
+            for s, sdf in tables.auc_by_seed[m].items():
+                save(sdf, f"auc_{m}_seed{s}", with_json=False)
+    ref = tables.reference
+    for m, df in tables.pvalues.items():
+        save(df, f"pvalue_{m}_vs_{ref}")
+        save(tables.auc_diff[m], f"aucdiff_{m}_vs_{ref}", with_json=False)
+        if len(tables.pvalues_by_seed[m]) > 1:
+            for s, sdf in tables.pvalues_by_seed[m].items():
+                save(sdf, f"pvalue_{m}_vs_{ref}_seed{s}", with_json=False)
+    if tables.pooled:
+        pooled = pd.DataFrame([p.to_dict() for p in tables.pooled.values()]).set_index("method")
+        pooled.to_csv(out_dir / "pooled_offdiag.csv")
+        (out_dir / "pooled_offdiag.json").write_text(
+            json.dumps({m: tables.to_dict()["pooled"][m] for m in tables.pooled}, indent=2)
+        )
+        written += [out_dir / "pooled_offdiag.csv", out_dir / "pooled_offdiag.json"]
+    (out_dir / "tables.json").write_text(json.dumps(tables.to_dict(), indent=2))
+    written.append(out_dir / "tables.json")
+    return written
+
+
+def _pooled_rows(tables: SiteCVTables) -> pd.DataFrame:
+    rows = {
+        m: {
+            "cases": p.n_cases,
+            f"AUC {m}": p.auc,
+            f"AUC {p.reference}": p.auc_reference,
+            "pooled diff": p.auc_diff,
+            "mean cell diff": p.mean_cell_diff,
+            "z": p.z,
+            "p": p.p_value,
+        }
+        for m, p in tables.pooled.items()
+    }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def console_report(tables: SiteCVTables) -> str:
+    """The AUC matrices, p-value matrices and pooled comparisons as aligned plain text."""
+    parts = []
+    seeds = (
+        f" (mean of {len(tables.seeds)} seeds: {', '.join(map(str, tables.seeds))})" if len(tables.seeds) > 1 else ""
+    )
+    parts.append(f"AUC, rows = training site, columns = test site{seeds}")
+    for m, df in tables.auc.items():
+        parts += ["", format_matrix(df, method_title(m))]
+    for m, df in tables.pvalues.items():
+        parts += ["", f"DeLong p-values, {m} vs {tables.reference} (paired, same cases)"]
+        parts.append(format_matrix(df, m, p_value=True))
+    if tables.pooled:
+        parts += ["", "Pooled off-diagonal comparison (all cross-site cases concatenated; paired DeLong)"]
+        for m, p in tables.pooled.items():
+            parts.append(
+                f"  {m}: AUC {format_value(p.auc)} vs {p.reference} {format_value(p.auc_reference)} "
+                f"over {p.n_cases} cases "
+                f"(pooled diff {p.auc_diff:+.3f}, mean cell diff {p.mean_cell_diff:+.3f}), "
+                f"z = {format_value(p.z, 2)}, p = {format_value(p.p_value, 4, True)}"
+            )
+    return "\n".join(parts)
+
+
+def markdown_report(
+    tables: SiteCVTables,
+    header: Sequence[str],
+    figures: Sequence[Path],
+    cells: pd.DataFrame | None = None,
+    notes: Sequence[str] = (),
+    base: Path | None = None,
+) -> str:
+    """``summary.md``: the run's context, the tables, the pooled comparison, figures and the cells.
+
+    Args:
+        tables: the tables.
+        header: Markdown lines describing the invocation (put under the title).
+        figures: figure paths, linked relative to ``base``.
+        cells: one row per (method, site, seed) cell with its MLflow run and status.
+        notes: remarks appended at the end.
+        base: folder the summary lives in (for relative links).
+
+    Returns:
+        The Markdown text.
+    """
+    lines = ["# Site-wise cross-validation", "", *header, ""]
+    seeds = f" Each cell is the mean over seeds {', '.join(map(str, tables.seeds))}." if len(tables.seeds) > 1 else ""
+    lines += [
+        "## AUC",
+        "",
+        "Rows: training site; columns: test site (diagonal, in bold: the training site's held-out subjects). "
+        f"Mean and STD (sample, ddof = 1) along each row, as in table 2.3.{seeds}",
+        "",
+    ]
+    for m, df in tables.auc.items():
+        lines += [markdown_matrix(df, method_title(m)), ""]
+    if tables.pvalues:
+        lines += ["## DeLong tests against the baseline", ""]
+        for m, df in tables.pvalues.items():
+            lines += [f"p-values, {m} vs {tables.reference} (paired DeLong, same cases):", ""]
+            lines += [markdown_matrix(df, m, p_value=True), ""]
+            lines += [f"AUC difference, {m} - {tables.reference}:", ""]
+            lines += [markdown_matrix(tables.auc_diff[m], m), ""]
+    if tables.pooled:
+        lines += [
+            "## Pooled off-diagonal comparison",
+            "",
+            "All cross-site cases concatenated per method (a case counts once per model trained elsewhere); "
+            "paired DeLong test; mean cell diff = mean over off-diagonal cells of the AUC difference.",
+            "",
+        ]
+        pooled = _pooled_rows(tables)
+        cols = list(pooled.columns)
+        lines.append("| method | " + " | ".join(cols) + " |")
+        lines.append("| --- | " + " | ".join("---:" for _ in cols) + " |")
+        for m, row in pooled.iterrows():
+            cells_txt = [
+                str(int(row[c])) if c == "cases" else format_value(row[c], 4 if c == "p" else 3, c == "p") for c in cols
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells_txt) + " |")
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""]
+        for f in figures:
+            rel = f.relative_to(base) if base is not None and f.is_relative_to(base) else f
+            lines.append(f"- [{f.name}]({rel})")
+        lines.append("")
+    if cells is not None and not cells.empty:
+        lines += ["## Cells", "", "| " + " | ".join(cells.columns) + " |", "|" + " --- |" * len(cells.columns)]
+        for _, row in cells.iterrows():
+            lines.append("| " + " | ".join(str(v) for v in row.to_numpy()) + " |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(lines)
+
+
+def archive_previous_report(out_dir: Path) -> Path | None:
+    """Move an earlier invocation's report files to ``history/<its time>/`` so nothing is overwritten.
+
+    Returns:
+        The folder they went to, or ``None`` when ``out_dir`` held no report.
+    """
+    marker = out_dir / REPORT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        old = json.loads(marker.read_text())
+    except ValueError:
+        old = {}
+    base = out_dir / "history" / str(old.get("stamp", time.strftime("%Y%m%d-%H%M%S")))
+    dest, k = base, 1
+    while dest.exists():  # two invocations in the same second
+        k += 1
+        dest = base.with_name(f"{base.name}-{k}")
+    dest.mkdir(parents=True)
+    names = set(old.get("files", [])) | {REPORT_MARKER}
+    for name in sorted(names):
+        src = out_dir / name
+        if src.is_file() and src.parent == out_dir:
+            shutil.move(str(src), dest / name)
+    return dest
+
+
+def _notes(study: Study, cfg: SiteCVConfig, tables: SiteCVTables) -> list[str]:
+    """Caveats for the summary: what the diagonal means, missing tests, undefined cells."""
+    where = f"Diagonal cells use the training site's held-out subjects (val_fraction {study.val_fraction}); "
+    if cfg.checkpoint == "best":
+        notes = [
+            where + "they also chose the best checkpoint (best validation AUC), so the diagonal is optimistic; "
+            "--checkpoint final scores the last epoch's weights instead."
+        ]
+    else:
+        notes = [where + "the final checkpoint is scored, so they did not select the model."]
+    if tables.reference is None:
+        notes.append("No 'baseline' among the methods: no DeLong tests.")
+    notes += study.notes
+    undefined: dict[str, list[str]] = {}
+    for m, df in tables.auc.items():
+        for r in df.index:
+            for c in study.sites:
+                if not math.isfinite(float(df.loc[r, c])):
+                    why = f"site {c} has {study.one_class[c]}" if c in study.one_class else "a class missing"
+                    undefined.setdefault(why, []).append(f"{m} {r}->{c}")
+    for why, cells in undefined.items():
+        notes.append(f"AUC undefined ({why}; no DeLong test there) in: {', '.join(cells)}")
+    return notes
+
+
+def write_study_report(
+    study: Study,
+    cfg: SiteCVConfig,
+    tables: SiteCVTables,
+    preds: pd.DataFrame,
+    cells: pd.DataFrame,
+    t_start: float,
+) -> list[Path]:
+    """Files, figures and summary in the output folder, the same in the parent run, the tables on the console.
+
+    Args:
+        study: the study (its output folder, sites, methods and MLflow parent run).
+        cfg: the invocation.
+        tables: the matrices.
+        preds: every case's score.
+        cells: one row per cell.
+        t_start: ``time.perf_counter()`` at the start of the invocation (for the wall time).
+
+    Returns:
+        The files written (also logged as the parent run's artifacts).
+    """
+    out_dir = study.out_dir
+    archived = archive_previous_report(out_dir)
+    files = write_tables(tables, out_dir)
+    preds.to_csv(out_dir / "predictions.csv", index=False)
+    cells.to_csv(out_dir / "cells.csv", index=False)
+    files += [out_dir / "predictions.csv", out_dir / "cells.csv"]
+    figures = plot_auc_heatmaps(tables, out_dir)
+    pfig = plot_pvalue_heatmap(tables, out_dir)
+    figures += [pfig] if pfig is not None else []
+    figures += plot_roc_grids(preds, tables, out_dir)
+    files += figures
+
+    seconds = time.perf_counter() - t_start
+    n_trained = int((cells["status"] == "trained").sum())
+    header = [
+        f"- bundle: `{study.config_file}`; datalist: `{study.datalist}`",
+        f"- sites: {', '.join(study.sites)} (trained on {', '.join(study.train_sites)}); "
+        f"methods: {', '.join(study.methods)}; "
+        f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
+        f"- checkpoint selection: **{cfg.selection}**"
+        + (
+            f" (an oracle: chosen on half of {', '.join(cfg.oracle_sites or [])}'s subjects, which are not scored)"
+            if cfg.selection == "oracle"
+            else ""
+        ),  # fmt: skip
+        f"- bundle overrides: `{json.dumps(dict(cfg.overrides), default=str)}`",
+        f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, store `{study.tracking_uri}`",
+        f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
+        f"wall time {seconds:.1f} s; git {git_commit(_REPO)[:12]}",
+    ]
+    md = markdown_report(tables, header, figures, cells.drop(columns=["key"]), _notes(study, cfg, tables), base=out_dir)
+    (out_dir / "summary.md").write_text(md)
+    files.append(out_dir / "summary.md")
+    summary = {
+        "stamp": study.stamp,
+        "command": sys.argv,
+        "config_file": str(study.config_file),
+        "datalist": str(study.datalist),
+        "sites": study.sites,
+        "methods": study.methods,
+        "seeds": study.seeds,
+        "checkpoint": cfg.checkpoint,
+        "overrides": dict(cfg.overrides),
+        "tracking_uri": study.tracking_uri,
+        "experiment": cfg.experiment,
+        "parent_run_id": study.parent_id,
+        "n_trained": n_trained,
+        "n_reused": len(cells) - n_trained,
+        "wall_seconds": round(seconds, 2),
+        "previous_report": str(archived) if archived else None,
+        "summary_metrics": tables.to_dict()["summary_metrics"],
+        "cells": cells.to_dict(orient="records"),
+        "files": [f.name for f in files] + [REPORT_MARKER],
+    }
+    (out_dir / REPORT_MARKER).write_text(json.dumps(summary, indent=2, default=str))
+    files.append(out_dir / REPORT_MARKER)
+
+    client, run_id = study.client, study.parent_id
+    for name, value in tables.summary_metrics().items():
+        if math.isfinite(value):
+            client.log_metric(run_id, metric_key(name), value)
+    client.log_metric(run_id, "n_trained_cells", n_trained)
+    client.log_metric(run_id, "wall_seconds", seconds)
+    for f in files:
+        top = f.name in ("summary.md", REPORT_MARKER)
+        client.log_artifact(
+            run_id, str(f), artifact_path="figures" if f.suffix == ".png" else None if top else "tables"
+        )
+    print("\n" + console_report(tables))
+    print(f"\nreport: {out_dir / 'summary.md'}")
+    if cfg.out_dir is None:
+        print(f"  to resume or extend this study (more seeds, methods), run again with --out {out_dir}")
+    print(f"MLflow parent run {run_id} in experiment '{cfg.experiment}' ({study.tracking_uri})")
+    if study.tracking_uri.startswith("sqlite:///"):
+        print(f"  open it with: mlflow ui --backend-store-uri {study.tracking_uri}")
+    return files
