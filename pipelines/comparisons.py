@@ -34,7 +34,8 @@ from ppi_med.stats import delong_test
 
 __all__ = ["best_line", "ga_comparison", "main", "shortcut_comparison", "site_comparison", "write_comparisons"]
 
-SHORTCUT_REFERENCES = ("baseline", "ppi")
+#: the shortcut benchmark names its methods by their labels (``ppi`` is reported as ``ppi_wbp``)
+SHORTCUT_REFERENCES = ("baseline", "ppi_wbp")
 SITE_REFERENCES = ("baseline", "ppi_wbp")
 
 
@@ -217,18 +218,18 @@ def _shortcut_markdown(label: str, cue: str, table: pd.DataFrame) -> list[str]:
         "",
         "AUC mean ± sd over seeds; against a reference: the mean paired difference and the paired t-test's p.",
         "",
-        "| method | aligned AUC | reversed AUC | cue-free AUC | reversed vs baseline (p) | reversed vs `ppi` (p) "
+        "| method | aligned AUC | reversed AUC | cue-free AUC | reversed vs baseline (p) | reversed vs `ppi_wbp` (p) "
         "| cue-free vs baseline (p) |",
         "|---|---|---|---|---|---|---|",
     ]
     for _, r in table.iterrows():
         cells = [f"`{r['method']}`"] + [_ms(r[f"{t}_mean"], r[f"{t}_sd"]) for t in ("aligned", "reversed", "free")]
         cells += [
-            _vs(r, f"{t}_delta_{ref}", f"{t}_p_{ref}") for t, ref in (("reversed", "baseline"), ("reversed", "ppi"))
+            _vs(r, f"{t}_delta_{ref}", f"{t}_p_{ref}") for t, ref in (("reversed", "baseline"), ("reversed", "ppi_wbp"))
         ]
         cells.append(_vs(r, "free_delta_baseline", "free_p_baseline"))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", best_line(table, "reversed", "ppi", "reversed-cue AUC"), ""]
+    lines += ["", best_line(table, "reversed", "ppi_wbp", "reversed-cue AUC"), ""]
     return lines
 
 

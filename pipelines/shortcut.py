@@ -17,8 +17,13 @@ Each (method, seed) pair trains a small ReLU CNN with MONAI's ``SupervisedTraine
 cue draw, the initial weights and the batch order, so the methods of one seed differ only in the
 objective; the table compares each method with the baseline by a paired t-test across seeds.
 
-Methods are spelled ``baseline``, ``ppi`` (the project's default :class:`~ppi_med.ppi.PPIConfig`) or
-``ppi:<field>=<value>,...`` for a variant (``ppi:saliency=gradcam``, ``ppi:mode=detached,partner=roll``).
+Methods are those of :mod:`ppi_med.methods`: a PPI variant of :mod:`ppi_med.ppi.variants` (``baseline``, ``ppi``
+for the project's default :class:`~ppi_med.ppi.PPIConfig`, ``ppi:<field>=<value>,...`` such as
+``ppi:saliency=gradcam`` or ``ppi:mode=detached,partner=roll``, ``ppi_wbp_box``, the controls ``random_mask`` and
+``random_erasing``), a comparator (``groupdro``, ``jtt``, ``dfr``) or ``<variant>+<comparator>`` (``ppi+dfr``).
+Each is named in the tables, figures and MLflow by its label on ``--ppi-base`` (:func:`method_label`: ``ppi`` ->
+``ppi_wbp``, ``ppi:partner=roll,mode=detached`` -> ``ppi_wbp:mode=detached,partner=roll``); two methods with one
+label are refused.
 ``--grid`` picks a prepared list: ``default`` (baseline, PPI and the method's own form), ``ablation``
 (one ingredient of the default removed at a time), ``attempts`` (the other variants tried), ``saliency``,
 ``mode``, ``mask``, ``partner``, or ``full`` (every saliency method, mode, mask and partner).
@@ -41,14 +46,13 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import json
 import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +64,13 @@ from tqdm import tqdm
 
 from ppi_med.annotations import choose_outlined
 from ppi_med.cues import CUE_KINDS, SpuriousCue, cue_flags
-from ppi_med.ppi import PPIConfig
+from ppi_med.methods import split_comparator
+from ppi_med.ppi import PPIConfig, VariantError, variant, variant_label
 from ppi_med.ppi.interventions import FILLS
 from ppi_med.ppi.masks import MASKS
 from ppi_med.ppi.objective import GUIDES, MODES, PARTNERS
-from ppi_med.robust import COMPARATORS, SELECTIONS, RobustConfig
+from ppi_med.ppi.variants import parse_value, split_fields
+from ppi_med.robust import SELECTIONS, RobustConfig
 from ppi_med.saliency import METHODS
 from ppi_med.tracking import metric_key
 
@@ -78,6 +84,7 @@ __all__ = [
     "grid_methods",
     "make_data",
     "method_config",
+    "method_label",
     "parse_fields",
     "run_benchmark",
     "summarise",
@@ -86,14 +93,6 @@ __all__ = [
 ]
 
 TEST_SETS = ("aligned", "reversed", "free")
-
-
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        low = text.lower()
-        return {"true": True, "false": False}.get(low, text)
 
 
 class ShortcutError(ValueError):
@@ -108,7 +107,8 @@ class ShortcutConfig:
         cue: kind of spurious cue, one of :data:`ppi_med.cues.CUE_KINDS`.
         strength: cue amplitude as a fraction of the image's intensity range.
         train_p_pos, train_p_neg: share of positive / negative training digits that carry the cue.
-        methods: method specs (see the module docstring).
+        methods: method specs (see the module docstring); kept as their labels (:func:`method_label`), the
+            baseline first when not listed.
         seeds: seeds 0 .. seeds-1.
         epochs, batch_size, learning_rate: the training recipe (Adam).
         width: channels of the CNN's first layer (then 2x, 4x).
@@ -148,10 +148,14 @@ class ShortcutConfig:
             raise ShortcutError(f"norm must be 'none' or 'batch', got '{self.norm}'")
         if self.seeds < 1 or self.epochs < 1:
             raise ShortcutError(f"seeds and epochs must be >= 1, got {self.seeds} and {self.epochs}")
-        if "baseline" not in self.methods:
-            self.methods = ["baseline", *self.methods]
-        for spec in self.methods:
-            method_config(spec, self.ppi_base)  # fail before any training
+        specs = self.methods if "baseline" in self.methods else ["baseline", *self.methods]
+        labels: dict[str, str] = {}
+        for spec in specs:  # every spec checked and named before any training
+            label = method_label(spec, self.ppi_base)
+            if label in labels:
+                raise ShortcutError(f"methods '{labels[label]}' and '{spec}' are one configuration ({label})")
+            labels[label] = spec
+        self.methods = list(labels)
 
     @property
     def first_selectable(self) -> int:
@@ -171,81 +175,92 @@ def grid_methods(name: str) -> list[str]:
 
 
 def parse_fields(text: str, where: str = "--ppi-base") -> dict[str, Any]:
-    """``field=value,...`` as a dict of :class:`PPIConfig` fields (values read as Python literals).
+    """``field=value,...`` as a dict of :class:`PPIConfig` fields, values read by each field's type
+    (:func:`ppi_med.ppi.variants.parse_value`).
 
     Raises:
-        ShortcutError: an item that is not ``<field>=<value>`` with a PPIConfig field.
+        ShortcutError: an item that is not ``<field>=<value>`` with a PPIConfig field and a value of its type.
     """
-    known = {f.name for f in fields(PPIConfig)}
     out: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
+    for item in split_fields(text):
         key, eq, value = item.partition("=")
-        if not eq or key not in known:
+        if not eq:
             raise ShortcutError(f"{where}: '{item}' is not <field>=<value> with a PPIConfig field")
-        out[key] = _literal(value)
+        try:
+            out[key.strip()] = parse_value(key.strip(), value)
+        except VariantError as err:
+            raise ShortcutError(f"{where}: {err}") from None
     return out
 
 
-def split_comparator(spec: str) -> tuple[str, str]:
-    """A spec's PPI part and comparator: ``groupdro`` -> (``baseline``, ``groupdro``), ``ppi+dfr`` ->
-    (``ppi``, ``dfr``), ``ppi:fill=zero`` -> (``ppi:fill=zero``, ``erm``).
-
-    Raises:
-        ShortcutError: an unknown comparator after ``+``.
-    """
-    if spec in COMPARATORS[1:]:
-        return "baseline", spec
-    head, plus, comparator = spec.rpartition("+")
-    if not plus:
-        return spec, "erm"
-    if comparator not in COMPARATORS[1:]:
-        raise ShortcutError(f"method '{spec}': after '+' comes one of {', '.join(COMPARATORS[1:])}")
-    return head, comparator
+def _split(spec: str) -> tuple[str, str]:
+    try:
+        return split_comparator(spec)
+    except ValueError as err:
+        raise ShortcutError(str(err)) from None
 
 
 def robust_config(spec: str, epochs: int) -> RobustConfig:
     """The comparator a spec names, with JTT's first stage a quarter of the ``epochs`` (as in the GA bundle)."""
-    return RobustConfig(method=split_comparator(spec)[1], jtt_epochs=max(1, epochs // 4))
+    return RobustConfig(method=_split(spec)[1], jtt_epochs=max(1, epochs // 4))
 
 
 def method_config(spec: str, base: dict[str, Any] | None = None) -> PPIConfig:
     """The :class:`PPIConfig` a method spec stands for (its PPI part; a comparator alone trains as the baseline).
 
     Args:
-        spec: ``baseline``, ``ppi``, ``ppi:<field>=<value>,...``, a control (``random_mask``,
-            ``random_erasing``), a comparator (``groupdro``, ``jtt``, ``dfr``), or any of the first four followed
-            by ``+<comparator>`` (``ppi+dfr``).
-        base: fields applied to every PPI method before the spec's own.
+        spec: a method of :mod:`ppi_med.methods` (module docstring): ``baseline``, ``ppi``,
+            ``ppi:<field>=<value>,...``, a control, a comparator, or a variant followed by ``+<comparator>``.
+        base: fields applied to every PPI method before the spec's own (a method without PPI ignores them: its
+            PPI fields do nothing).
 
     Raises:
         ShortcutError: an unknown method, field or value.
     """
-    spec = split_comparator(spec)[0]
-    if spec in NAMED:
-        return PPIConfig(**NAMED[spec]) if spec == "baseline" else PPIConfig(**{**(base or {}), **NAMED[spec]})
-    name, _, rest = spec.partition(":")
-    if name != "ppi":
-        raise ShortcutError(
-            f"unknown method '{spec}': use {', '.join(NAMED)}, ppi or ppi:<field>=<value>,..., a comparator "
-            f"({', '.join(COMPARATORS[1:])}), or one of those followed by +<comparator>"
-        )
-    overrides = {**(base or {}), **parse_fields(rest, spec)}
+    ppi_part = _split(spec)[0]
     try:
-        return PPIConfig(**overrides)
+        cfg = variant(ppi_part, base)
+        return cfg if cfg.enabled else variant(ppi_part)
+    except VariantError as err:
+        raise ShortcutError(str(err)) from None
+
+
+def method_label(spec: str, base: dict[str, Any] | None = None) -> str:
+    """The name a method spec is reported under: its configuration's label on ``base``
+    (:func:`ppi_med.ppi.variant_label`), then its comparator (``ppi`` -> ``ppi_wbp``, ``ppi+dfr`` ->
+    ``ppi_wbp+dfr``, ``groupdro`` -> ``groupdro``).
+
+    Raises:
+        ShortcutError: an unknown method, field or value.
+    """
+    try:
+        label = variant_label(method_config(spec, base), PPIConfig(**(base or {})))
     except (TypeError, ValueError) as err:
-        raise ShortcutError(f"method '{spec}': {err}") from err
+        raise ShortcutError(f"--ppi-base {base}: {err}") from None
+    return RobustConfig(method=_split(spec)[1]).method_name(label)
 
 
 #: the method's own formulation: partner = the batch rolled by one, x* loses the whole salient region, no warm-up
 METHOD_FORM = "ppi:guide=partner,partner=roll,exclusive=False,warmup_epochs=0,fill=zero"
 #: the project's default before the guides (same-class partner, exclusive negative contrast)
 PARTNER_FORM = "ppi:guide=partner,fill=zero"
-#: methods named without fields: the baseline and the two controls of docs/DESIGN.md section 4.5
-NAMED: dict[str, dict[str, Any]] = {
-    "baseline": {"enabled": False},
-    "random_mask": {"control": "random_mask"},
-    "random_erasing": {"enabled": False, "random_erasing": 0.5},
-}
+
+
+def _and(spec: str, extra: str) -> str:
+    """``spec`` with the fields of ``extra`` (``<field>=<value>,...``), which replace its own of the same name."""
+    name, _, rest = spec.partition(":")
+    items = dict(item.split("=", 1) for item in split_fields(rest))
+    items.update(item.split("=", 1) for item in split_fields(extra))
+    return f"{name}:" + ",".join(f"{k}={v}" for k, v in items.items())
+
+
+def _distinct(specs: Sequence[str]) -> list[str]:
+    """Each configuration of ``specs`` once, under its first spec."""
+    first: dict[str, str] = {}
+    for spec in specs:
+        first.setdefault(method_label(spec), spec)
+    return list(first.values())
+
 
 GRIDS: dict[str, list[str]] = {
     "default": ["baseline", "ppi", METHOD_FORM, PARTNER_FORM, "random_mask", "random_erasing"],
@@ -261,23 +276,20 @@ GRIDS: dict[str, list[str]] = {
     "saliency": ["baseline"] + [f"ppi:saliency={m}" for m in METHODS],
     "mode": ["baseline"] + [f"ppi:mode={m}" for m in MODES],
     "mask": ["baseline"] + [f"ppi:mask={m}" for m in MASKS],
-    "partner": ["baseline"] + [f"{PARTNER_FORM},partner={p}" for p in PARTNERS],
+    "partner": ["baseline"] + [_and(PARTNER_FORM, f"partner={p}") for p in PARTNERS],
 }
 # what was tried on the way to the partner form (the default before the guides): one ingredient removed at a time,
 # other masks and thresholds, the adversarial term alone, heavier adversarial weight, the regulariser off,
 # magnitude masks and wider dilation
 GRIDS["attempts"] = (
     ["baseline", METHOD_FORM, PARTNER_FORM]
-    + [f"{PARTNER_FORM},{c}" for c in ("partner=roll", "exclusive=False", "mode=detached", "warmup_epochs=0")]
-    + [f"{METHOD_FORM},{c}" for c in ("w_con=0", "w_con=0,partner=same_class", "mask=soft_adaptive", "sigma=0.1")]
-    + [f"{METHOD_FORM},{c}" for c in ("mask=hard,k_std=2", "w_con=0.25,w_ad=2,partner=same_class")]
-    + [f"{PARTNER_FORM},{c}" for c in ("w_reg=0", "mask=soft_adaptive", "w_ad=2", "absolute=True", "dilate=2")]
+    + [_and(PARTNER_FORM, c) for c in ("partner=roll", "exclusive=False", "mode=detached", "warmup_epochs=0")]
+    + [_and(METHOD_FORM, c) for c in ("w_con=0", "w_con=0,partner=same_class", "mask=soft_adaptive", "sigma=0.1")]
+    + [_and(METHOD_FORM, c) for c in ("mask=hard,k_std=2", "w_con=0.25,w_ad=2,partner=same_class")]
+    + [_and(PARTNER_FORM, c) for c in ("w_reg=0", "mask=soft_adaptive", "w_ad=2", "absolute=True", "dilate=2")]
 )
-GRIDS["full"] = [  # every saliency method, mode, mask and partner, each distinct configuration once
-    m
-    for m in dict.fromkeys(m for name in ("default", "saliency", "mode", "mask", "partner") for m in GRIDS[name])
-    if m in ("baseline", "ppi") or method_config(m) != PPIConfig()
-]
+# every saliency method, mode, mask and partner, each distinct configuration once
+GRIDS["full"] = _distinct([m for name in ("default", "saliency", "mode", "mask", "partner") for m in GRIDS[name]])
 
 
 def digit_cnn(width: int = 16, norm: str = "none", num_classes: int = 2) -> nn.Module:
@@ -607,7 +619,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _metric_name(spec: str) -> str:
-    """A method spec as MLflow accepts it in a metric name (``ppi:contrast_classes=[1]`` has brackets)."""
+    """A method label as MLflow accepts it in a metric name (``ppi_wbp:contrast_classes=[1]`` has brackets)."""
     return metric_key(spec.replace(":", "_").replace("=", "-").replace(",", "_"))
 
 
@@ -803,7 +815,9 @@ def write_report(summaries: dict[str, pd.DataFrame], cfgs: dict[str, ShortcutCon
         f"Produced by `{command}` at commit `{git_commit(Path(__file__).parent)}` "
         f"on {time.strftime('%Y-%m-%d')}. Digits >= 5 vs < 5 (scikit-learn's handwritten digits), "
         "a small ReLU CNN trained with MONAI's SupervisedTrainer and the PPI iteration of the bundles. "
-        f"Methods: `ppi` is the project's default `PPIConfig()`; `{METHOD_FORM}` is the method's own form.",
+        f"Methods: `ppi_wbp` is the project's default `PPIConfig()`; `{method_label(METHOD_FORM)}` "
+        f"(`{METHOD_FORM}`) is the method's own form; every other label names the fields in which a method differs "
+        "from the default (or from `--ppi-base`).",
         "",
     ]
     for cue, summary in summaries.items():

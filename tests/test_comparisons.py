@@ -14,7 +14,7 @@ from ppi_med.stats import delong_test
 
 def _shortcut_results(rng: np.random.Generator) -> pd.DataFrame:
     rows = []
-    for method, shift in (("baseline", 0.0), ("ppi", 0.05), ("dfr", 0.4)):
+    for method, shift in (("baseline", 0.0), ("ppi_wbp", 0.05), ("dfr", 0.4)):
         for seed in range(4):
             for test in ("aligned", "reversed", "free"):
                 auc = 0.1 + shift + rng.uniform(0, 0.05) if test == "reversed" else 0.8 + rng.uniform(0, 0.1)
@@ -28,10 +28,10 @@ def test_shortcut_table_is_mean_sd_and_paired_t_across_seeds():
     rev = results[results.test == "reversed"].pivot(index="seed", columns="method", values="auc")
     assert table.loc["dfr", "reversed_mean"] == pytest.approx(rev["dfr"].mean())
     assert table.loc["dfr", "reversed_sd"] == pytest.approx(rev["dfr"].std(ddof=1))
-    assert table.loc["dfr", "reversed_p_ppi"] == pytest.approx(ttest_rel(rev["dfr"], rev["ppi"]).pvalue)
+    assert table.loc["dfr", "reversed_p_ppi_wbp"] == pytest.approx(ttest_rel(rev["dfr"], rev["ppi_wbp"]).pvalue)
     assert table.loc["dfr", "reversed_delta_baseline"] == pytest.approx((rev["dfr"] - rev["baseline"]).mean())
-    line = best_line(table.reset_index(), "reversed", "ppi", "reversed-cue AUC")
-    assert line.startswith("Best reversed-cue AUC: `dfr`") and "`ppi` loses to `dfr`" in line
+    line = best_line(table.reset_index(), "reversed", "ppi_wbp", "reversed-cue AUC")
+    assert line.startswith("Best reversed-cue AUC: `dfr`") and "`ppi_wbp` loses to `dfr`" in line
 
 
 def _site_predictions(rng: np.random.Generator) -> pd.DataFrame:

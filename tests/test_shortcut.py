@@ -16,6 +16,8 @@ from pipelines.shortcut import (
     main,
     make_data,
     method_config,
+    method_label,
+    parse_fields,
     summarise,
     train_and_score,
 )
@@ -48,12 +50,33 @@ def test_method_specs_and_their_errors():
     assert (cfg.saliency, cfg.dilate, cfg.exclusive, cfg.warmup_epochs) == ("gradcam", 2, False, 3)
     with pytest.raises(ShortcutError, match="unknown method 'ppo'"):
         method_config("ppo")
-    with pytest.raises(ShortcutError, match="'colour=red'"):
+    with pytest.raises(ShortcutError, match="unknown PPI field 'colour'"):
         method_config("ppi:colour=red")
     with pytest.raises(ShortcutError, match="mode"):
         method_config("ppi:mode=sideways")
     with pytest.raises(ShortcutError, match="unknown cue"):
         ShortcutConfig(cue="stamp")
+
+
+def test_methods_are_named_by_their_configuration():
+    assert method_label("ppi") == "ppi_wbp"
+    assert method_label("ppi:partner=roll,mode=detached") == "ppi_wbp:mode=detached,partner=roll"
+    assert method_label("ppi+dfr") == "ppi_wbp+dfr" and method_label("groupdro") == "groupdro"
+    # on a common base the label names what a method adds to it; a method without PPI ignores the base
+    base = {"warmup_epochs": 3, "guide": "partner"}
+    assert method_label("ppi:mode=detached", base) == "ppi_wbp:mode=detached"
+    assert method_label("baseline", base) == "baseline"
+    assert method_config(method_label(PARTNER_FORM, base), base) == method_config(PARTNER_FORM, base)
+    assert ShortcutConfig(methods=["ppi", "ppi:mode=detached"]).methods == [
+        "baseline",
+        "ppi_wbp",
+        "ppi_wbp:mode=detached",
+    ]
+    with pytest.raises(ShortcutError, match="methods 'ppi' and 'ppi:mode=differentiable' are one configuration"):
+        ShortcutConfig(methods=["ppi", "ppi:mode=differentiable"])
+    with pytest.raises(ShortcutError, match="--ppi-base: PPI field dilate=wide: not a int"):
+        parse_fields("dilate=wide")
+    assert parse_fields("contrast_classes=[0,1],exclusive=false") == {"contrast_classes": [0, 1], "exclusive": False}
 
 
 def test_summary_pairs_seeds_and_tests_against_the_baseline():
@@ -92,9 +115,9 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Cue: line" in report and "python -m pipelines.shortcut --cue line" in report
     results = pd.read_csv(out / "line" / "results.csv")
-    assert set(results["method"]) == {"baseline", "ppi:mode=detached"}
+    assert set(results["method"]) == {"baseline", "ppi_wbp:mode=detached"}  # the spec's label
     assert len(results) == 2 * 2 * 6  # methods x seeds x (3 test sets + 3 validation sets)
-    assert "| `ppi:mode=detached` |" in (out / "line" / "summary.md").read_text()
+    assert "| `ppi_wbp:mode=detached` |" in (out / "line" / "summary.md").read_text()
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("shortcut_test")
@@ -103,7 +126,7 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
-    child = next(r for r in children if r.data.tags["method"] == "ppi:mode=detached")
+    child = next(r for r in children if r.data.tags["method"] == "ppi_wbp:mode=detached")
     assert child.data.params["ppi.mode"] == "detached" and 0.0 <= child.data.metrics["reversed_auc"] <= 1.0
     assert 0.0 < child.data.metrics["cue_saliency_share"] < 1.0
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
@@ -151,7 +174,7 @@ def test_the_comparators_run_in_the_benchmark_with_their_groups_and_each_selecti
     argv = ["--cue", "patch", "--seeds", "1", "--epochs", "4", "--methods", *methods, "--out", str(out)]
     assert main([*argv, "--tracking-uri", uri, "--selection", "oracle"]) == 0
     results = pd.read_csv(out / "patch" / "results.csv")
-    assert set(results["method"]) == {"baseline", *methods}
+    assert set(results["method"]) == {"baseline", "groupdro", "jtt", "dfr", "ppi_wbp+dfr"}
     assert "model selection `oracle` (an oracle" in (out / "patch" / "summary.md").read_text()
     # JTT's first stage is a quarter of the epochs; its error set names training digits
     errors = (out / "patch" / "jtt" / "jtt-s0" / "error_set.csv").read_text().splitlines()
@@ -159,8 +182,8 @@ def test_the_comparators_run_in_the_benchmark_with_their_groups_and_each_selecti
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("shortcut").experiment_id])
     by_method = {r.data.tags.get("method"): r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert by_method["ppi+dfr"].data.params["robust.method"] == "dfr"
-    assert by_method["ppi+dfr"].data.params["ppi.enabled"] == "True"
+    assert by_method["ppi_wbp+dfr"].data.params["robust.method"] == "dfr"
+    assert by_method["ppi_wbp+dfr"].data.params["ppi.enabled"] == "True"
     assert by_method["jtt"].data.params["robust.jtt_epochs"] == "1"
     assert by_method["groupdro"].data.params["selection"] == "oracle"
     with pytest.raises(ShortcutError, match="after '\\+' comes one of"):
