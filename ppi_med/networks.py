@@ -121,8 +121,15 @@ class MVCNN(nn.Module):
 
 
 def make_classifier_3d(
-    name: str = "resnet10", in_channels: int = 1, num_classes: int = 2, width: int = 16
+    backbone: str = "resnet10", in_channels: int = 1, num_classes: int = 2, width: int = 16
 ) -> nn.Module:
-    """A 3D MONAI ResNet or DenseNet classifier for volumes such as nodule patches."""
-    net, _ = make_backbone(name, 3, in_channels, width, out_classes=num_classes)
+    """A 3D MONAI ResNet or DenseNet classifier for volumes such as nodule patches.
+
+    Args:
+        backbone: a name of :data:`BACKBONES` (the same argument as :class:`MVCNN`'s).
+        in_channels: input channels.
+        num_classes: logits.
+        width: channels of the first stage.
+    """
+    net, _ = make_backbone(backbone, 3, in_channels, width, out_classes=num_classes)
     return net

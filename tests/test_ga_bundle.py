@@ -84,7 +84,7 @@ def test_bundle_logs_a_complete_mlflow_run(two_runs):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["seed"] == "0" and run.data.tags["git_commit"] == head
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model_best.pt", "model_final.pt", "ga_ppi.json", "metadata.json", "params.json"} <= artifacts
+    assert {"model_best.pt", "model_final.pt", "train.json", "base.json", "metadata.json", "params.json"} <= artifacts
     assert run.info.status == "FINISHED"
     # the console tells the user where to look
     assert "best val_auc" in ppi.stdout and "mlflow ui --backend-store-uri" in ppi.stdout
