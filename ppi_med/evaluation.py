@@ -18,10 +18,10 @@ Localisation (on cases whose mask is not empty, in the original image's grid: th
 - ``dice_fixed``: Dice of ``s+ / max(s+) > threshold`` (0.5) with the mask; ``dice_best``: the best Dice over
   the thresholds 0.05, 0.10, ..., 0.95, and that threshold.
 
-Bundle run id ``evaluate_saliency`` (in ``bundles/ga_ppi.json`` and ``bundles/lidc_ppi.json``)::
+Bundle run id ``evaluate_saliency`` (``bundles/common/saliency.json``, merged over either bundle)::
 
-    python -m monai.bundle run evaluate_saliency --config_file bundles/ga_ppi.json \
-        --checkpoint runs/<run>/models/model_best.pt [--eval_run_id <mlflow run id>] [--eval_ks "[100,1000]"]
+    python -m monai.bundle run evaluate_saliency \
+        --config_file "['bundles/ga_ppi.json','bundles/common/saliency.json']" --checkpoint runs/<run>/models/model_best.pt [--eval_run_id <mlflow run id>] [--eval_ks "[100,1000]"]
 
 Its ids: ``checkpoint`` (shared with ``export``), ``eval_dir`` (default: a new ``runs/saliency-eval-...``),
 ``eval_methods`` (all five), ``eval_ks`` (100 ... 10000), ``eval_target`` (``label``), ``eval_fill``

@@ -45,9 +45,9 @@ slicer.util.setSliceViewerLayers(background=b, foreground=f, foregroundOpacity=0
 
 The index's ``view_command`` column holds the ITK-SNAP line of each row.
 
-Bundle run id ``export`` (in ``bundles/ga_ppi.json`` and ``bundles/lidc_ppi.json``)::
+Bundle run id ``export`` (``bundles/common/saliency.json``, merged over either bundle)::
 
-    python -m monai.bundle run export --config_file bundles/ga_ppi.json \
+    python -m monai.bundle run export --config_file "['bundles/ga_ppi.json','bundles/common/saliency.json']" \
         --checkpoint runs/<run>/models/model_best.pt --export_dir exports/ga-wbp \
         [--export_method wbp] [--export_target predicted] [--export_datalist DATALIST.json | IMAGE | DICOM_DIR]
 

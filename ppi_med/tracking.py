@@ -166,8 +166,13 @@ def metric_key(text: str) -> str:
 
 
 def unique_run_name(prefix: str) -> str:
-    """``prefix-YYYYmmdd-HHMMSS-pid``: never merges into an earlier run of the same name."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    """``prefix-YYYYmmdd-HHMMSS-pid``: never merges into an earlier run of the same name.
+
+    The name is also a folder's, so characters other than letters, digits, ``_.+=,-`` and a path separator
+    (a variant label's ``:``, as in ``lidc-ppi_wbp_partner_zero:mode=detached``) are written ``-``.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.+=,/\\-]", "-", prefix)
+    return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def latest_checkpoint(runs_dir: str | Path, prefix: str = "", name: str = "model_best.pt") -> str:

@@ -159,3 +159,15 @@ def test_every_documented_command_was_found() -> None:
     assert len(COMMANDS) >= 10
     for needle in ("bundles/ga_ppi.json", str(LIDC_BUNDLE.relative_to(ROOT)), "export", "evaluate_saliency"):
         assert needle in text, needle
+
+
+def test_a_run_folder_name_keeps_only_safe_characters() -> None:
+    """The LIDC default's label has a ``:`` (``ppi_wbp_partner_zero:mode=detached``); its run folder does not."""
+    from ppi_med.tracking import unique_run_name
+
+    parser = open_config(LIDC_BUNDLE)
+    label = parser.get_parsed_content("common#method")
+    assert ":" in label
+    name = unique_run_name("lidc-" + label)
+    assert re.fullmatch(r"lidc-[A-Za-z0-9_.+=,-]+-\d{8}-\d{6}-\d+", name), name
+    assert unique_run_name("runs/x/ga-inference").startswith("runs/x/ga-inference-")
