@@ -21,7 +21,8 @@ Localisation (on cases whose mask is not empty, in the original image's grid: th
 Bundle run id ``evaluate_saliency`` (``bundles/common/saliency.json``, merged over either bundle)::
 
     python -m monai.bundle run evaluate_saliency \
-        --config_file "['bundles/ga_ppi.json','bundles/common/saliency.json']" --checkpoint runs/<run>/models/model_best.pt [--eval_run_id <mlflow run id>] [--eval_ks "[100,1000]"]
+        --config_file "['bundles/ga_ppi.json','bundles/common/saliency.json']" \
+        --checkpoint runs/<run>/models/model_best.pt [--eval_run_id <mlflow run id>] [--eval_ks "[100,1000]"]
 
 Its ids: ``checkpoint`` (shared with ``export``), ``eval_dir`` (default: a new ``runs/saliency-eval-...``),
 ``eval_methods`` (all five), ``eval_ks`` (100 ... 10000), ``eval_target`` (``label``), ``eval_fill``
