@@ -10,7 +10,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipelines.results import PROFILES, Job, build_jobs, main, run_jobs
+from pipelines.results import BUNDLES, PROFILES, Job, Profile, build_jobs, main, run_jobs
+from pipelines.results.paths import ROOT
+from pipelines.results.templates import render
 from ppi_med.stats import auc_ci
 
 
@@ -139,3 +141,54 @@ def test_quick_site_studies_report_their_own_numbers(tmp_path):
     effects = pd.read_csv(cv / "cue_effect" / "cue_effect.csv")
     base = effects[effects.method == "baseline"]
     assert f"moves P(GA) by {(base.effect * base.n).sum() / base.n.sum():+.2f} for the baseline" in text
+
+
+def test_study_methods_and_masks_come_from_the_registries():
+    from pipelines.results.profiles import LIDC_SKIPPED_MASKS, lidc_masks, study_saliencies
+    from ppi_med.ppi import MASKS
+    from ppi_med.saliency import METHODS
+
+    full = PROFILES["full"]
+    assert sorted(full.saliencies) == sorted(METHODS) and full.saliencies[-1] == "wbp"
+    assert full.lidc_masks == tuple(m for m in MASKS if m not in LIDC_SKIPPED_MASKS) and "topk" not in full.lidc_masks
+    # a method or mask added to a registry reaches the study, in registry order (WBP, PPI's own, last)
+    assert study_saliencies(("wbp", "new_map", "gradient")) == ("new_map", "gradient", "wbp")
+    assert lidc_masks(("soft", "topk", "new_mask")) == ("soft", "new_mask")
+    names = {j.name for j in build_jobs(Path("/tmp/x"), full, ["ga"], "sqlite://")}
+    assert {f"ga-ppi_{s}-s0" for s in METHODS} <= names
+    with pytest.raises(ValueError, match=r"saliencies \['nope'\] are not saliency methods"):
+        Profile(seeds=1, saliencies=("nope",))
+    with pytest.raises(ValueError, match=r"LIDC masks \['ring'\] are not PPI masks"):
+        Profile(seeds=1, lidc_masks=("ring",))
+
+
+def test_every_bundle_path_is_read_from_one_place(tmp_path):
+    jobs = build_jobs(tmp_path, PROFILES["full"], ["ga", "saliency", "lidc", "sites"], "sqlite://")
+    configs = {j.argv[j.argv.index("--config_file") + 1] for j in jobs if "--config_file" in j.argv}
+    # the saliency evaluation layers the saliency runs' config on the GA bundle
+    assert f"['{BUNDLES['ga']}', '{BUNDLES['saliency']}']" in configs
+    assert {c for c in configs if not c.startswith("[")} == {BUNDLES["ga"], BUNDLES["lidc"]}
+    assert all((ROOT / path).is_file() for path in BUNDLES.values()), "BUNDLES names a bundle that is not there"
+    assert f"The GA bundle (`{BUNDLES['ga']}`)" in "\n".join(render("ga", "intro", bundle=BUNDLES["ga"]))
+
+
+def test_templates_fill_every_placeholder_and_ship_as_package_data():
+    from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    assert render("report", "profile", profile="quick") == [
+        "**Profile `quick`: toy sizes that test the machinery; its figures mean nothing.**"
+    ]
+    with pytest.raises(ValueError, match=r"report\.md, block 'profile': no value for profile"):
+        render("report", "profile")
+    with pytest.raises(ValueError, match=r"no placeholder for colour"):
+        render("report", "profile", profile="quick", colour="red")
+    with pytest.raises(ValueError, match=r"report\.md has no block 'footer'; it has header, profile, not_run"):
+        render("report", "footer")
+    with pytest.raises(ValueError, match=r"no report template 'nothing\.md'"):
+        render("nothing", "intro")
+    PKG = "pipelines.results"
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    folder = ROOT / "pipelines" / "results"
+    shipped = [p for p in folder.rglob("*.md") if any(fnmatch(str(p.relative_to(folder)), g) for g in globs[PKG])]
+    assert shipped and sorted(shipped) == sorted((folder / "templates").glob("*.md"))

@@ -1,0 +1,9 @@
+"""``python -m pipelines.results``: see :mod:`pipelines.results.cli`."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

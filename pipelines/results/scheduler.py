@@ -1,0 +1,106 @@
+"""Running the study's jobs side by side, and the done-store that lets an interrupted study resume.
+
+A job has finished when ``OUT/jobs/<name>/done.json`` exists; a rerun skips those and starts the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ppi_med.tracking import git_commit
+
+from .jobs import Job
+from .paths import ROOT
+
+__all__ = ["done_path", "run_jobs"]
+
+
+def done_path(out: Path, job: Job) -> Path:
+    """The record a finished job leaves (exit code, wall time, peak memory, commit, its ``meta``)."""
+    return out / "jobs" / job.name / "done.json"
+
+
+def run_jobs(jobs: Sequence[Job], out: Path, *, workers: int = 2, threads: int = 1, progress: bool = True) -> None:
+    """Run every unfinished job, ``workers`` at a time, each with ``threads`` CPU threads.
+
+    A job's output goes to ``OUT/jobs/<name>/log.txt``; on success ``done.json`` records exit code, wall time,
+    peak resident memory (of the job's process, from ``wait4``) and the commit. A failed job's log is kept and
+    named; the others still run.
+
+    Args:
+        jobs: the jobs; those already done are skipped.
+        out: the study folder.
+        workers: jobs at a time.
+        threads: CPU threads per job (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``).
+        progress: show a progress bar.
+
+    Raises:
+        RuntimeError: some jobs failed (each named with its log), or a job waits on a failed one.
+    """
+    pending = [j for j in jobs if not done_path(out, j).is_file()]
+    names = {j.name for j in jobs}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    commit = git_commit(ROOT)
+    running: dict[int, tuple[Job, float, object]] = {}
+    failed: list[str] = []
+    bar = tqdm(total=len(pending), desc="results", unit="job", disable=not progress)
+    while pending or running:
+        ready = [j for j in pending if all((out / "jobs" / a / "done.json").is_file() for a in j.after if a in names)]
+        blocked = [j for j in pending if any(a in failed for a in j.after)]
+        for j in blocked:
+            pending.remove(j)
+            failed.append(j.name)
+            bar.update(1)
+        while ready and len(running) < workers:
+            job = ready.pop(0)
+            if job not in pending:
+                continue
+            pending.remove(job)
+            folder = out / "jobs" / job.name
+            if folder.exists():  # an interrupted or failed earlier attempt: kept aside, never overwritten
+                folder.rename(folder.with_name(f"{job.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
+            folder.mkdir(parents=True)
+            log = open(folder / "log.txt", "a")
+            log.write(f"$ {' '.join(job.argv)}\n")
+            log.flush()
+            proc = subprocess.Popen(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[proc.pid] = (job, time.perf_counter(), log)
+        if not running:
+            if pending:  # waiting on jobs outside this run that never finished
+                raise RuntimeError(f"jobs wait on unfinished jobs: {[j.name for j in pending]}")
+            break
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        job, t0, log = running.pop(pid)
+        log.close()
+        rc = os.waitstatus_to_exitcode(status)
+        bar.update(1)
+        if rc != 0:
+            failed.append(job.name)
+            tqdm.write(f"job {job.name} failed (exit {rc}); see {out / 'jobs' / job.name / 'log.txt'}")
+            continue
+        record = {
+            "job": job.name,
+            "part": job.part,
+            "returncode": rc,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            # ru_maxrss is in KiB on Linux
+            "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "commit": commit,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "meta": job.meta,
+        }
+        done_path(out, job).write_text(json.dumps(record, indent=1))
+    bar.close()
+    if failed:
+        logs = ", ".join(f"{n} ({out / 'jobs' / n / 'log.txt'})" for n in failed)
+        raise RuntimeError(f"{len(failed)} job(s) failed or could not run: {logs}")

@@ -1,0 +1,34 @@
+"""Which fix works where: :mod:`pipelines.comparisons` over the confounded study and the shortcut comparators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..profiles import SELECTIONS
+from ..templates import render
+
+__all__ = ["comparators_section"]
+
+
+def comparators_section(out: Path, fig_dir: Path) -> list[str]:
+    """One table per selection rule (the oracle labelled as such); empty where no comparator job finished.
+
+    Args:
+        out: the study folder.
+        fig_dir: the report's figure folder (the comparisons go to its ``comparators/``).
+    """
+    from ...comparisons import write_comparisons
+
+    sites = {
+        sel: out / "jobs" / ("sites-confounded" if sel == "train" else f"sites-confounded-{sel}") / "cv"
+        for sel in SELECTIONS
+    }
+    shortcut = {sel: out / "jobs" / f"shortcut-comparators-{sel}" / "out" for sel in SELECTIONS}
+    sites = {k: v for k, v in sites.items() if (v / "predictions.csv").is_file()}
+    shortcut = {k: v for k, v in shortcut.items() if any(v.glob("*/results.csv"))}
+    ga = out if any((out / "jobs").glob("ga-*-s*/runs/*/test_predictions.csv")) else None
+    if not sites and not shortcut:
+        return []
+    report = write_comparisons(shortcut, sites, fig_dir / "comparators", ga).read_text().splitlines()
+    body = [line.replace("](", "](results/comparators/") if line.startswith("![") else line for line in report[1:]]
+    return [*render("comparators", "intro"), "", *["#" + x if x.startswith("#") else x for x in body], ""]

@@ -1,0 +1,55 @@
+"""The GA pooled-training table: test AUC per method over seeds, DeLong against the baseline, the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ppi_med.stats import auc_ci
+
+from ...report import mean_sd
+from ..jobs import Job
+from ..paths import BUNDLES
+from ..templates import render
+from .outputs import delong_p, fmt, predictions, run_metrics
+
+__all__ = ["ga_section"]
+
+
+def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
+    """The table of the GA jobs, one row per method; leaves ``ga_<method>`` and ``ga_reference`` in ``goals``.
+
+    Args:
+        out: the study folder.
+        jobs: the study's jobs (those of part ``ga`` are read).
+        client: an ``mlflow.MlflowClient`` of the study's store.
+        goals: figures for the goals table, filled here.
+    """
+    ga = [j for j in jobs if j.part == "ga"]
+    seeds = sorted({j.meta["seed"] for j in ga})
+    methods = list(dict.fromkeys(j.meta["method"] for j in ga))
+    preds = {(j.meta["method"], j.meta["seed"]): predictions(out, j.name) for j in ga}
+    metrics = {(j.meta["method"], j.meta["seed"]): run_metrics(client, "results_ga", j.name) for j in ga}
+    lines = render("ga", "intro", bundle=BUNDLES["ga"])
+    for m in methods:
+        aucs, ps, vals = [], [], []
+        for s in seeds:
+            p = preds.get((m, s))
+            aucs.append(auc_ci(p["label"], p["prob"]).auc if p is not None and p["label"].nunique() == 2 else np.nan)
+            ps.append(np.nan if m == "baseline" else delong_p(preds.get(("baseline", s)), p))
+            vals.append(metrics[(m, s)].get("best_val_auc", np.nan))
+        pcol = "" if m == "baseline" else ", ".join(fmt(x) for x in ps)
+        goals[f"ga_{m}"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else np.nan
+        lines.append(f"| {m} | {mean_sd(aucs)} | {', '.join(fmt(a) for a in aucs)} | {pcol} | {mean_sd(vals)} |")
+    ref = [metrics[("baseline", s)].get("ref_test_auc", np.nan) for s in seeds if ("baseline", s) in metrics]
+    goals["ga_reference"] = float(np.nanmean(ref)) if np.isfinite(ref).any() else np.nan
+    n = [len(preds[("baseline", s)]) for s in seeds if preds.get(("baseline", s)) is not None]
+    return [
+        *lines,
+        f"| linear reference | {mean_sd(ref)} | {', '.join(fmt(a) for a in ref)} | | |",
+        "",
+        *render("ga", "test_eyes", counts=", ".join(map(str, n))),
+        "",
+    ]

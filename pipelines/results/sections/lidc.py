@@ -1,0 +1,75 @@
+"""The LIDC table: each method's held-out predictions pooled over the fold rotations, DeLong against the baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ppi_med.stats import auc_ci
+
+from ...report import mean_sd
+from ..jobs import Job
+from ..paths import BUNDLES
+from ..scheduler import done_path
+from ..templates import render
+from .outputs import delong_p, fmt, predictions, run_metrics
+
+__all__ = ["lidc_section"]
+
+
+def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
+    """One row per variant that finished every fold; leaves ``lidc_<variant>`` in ``goals``.
+
+    Args:
+        out: the study folder.
+        jobs: the study's jobs (those of part ``lidc`` are read).
+        client: an ``mlflow.MlflowClient`` of the study's store.
+        goals: figures for the goals table, filled here.
+    """
+    lidc = [j for j in jobs if j.part == "lidc"]
+    variants = list(dict.fromkeys(j.meta["variant"] for j in lidc))
+    pooled: dict[str, pd.DataFrame] = {}
+    per_fold: dict[str, list[float]] = {}
+    ref: list[float] = []
+    for v in variants:
+        mine = [j for j in lidc if j.meta["variant"] == v]
+        if not all(done_path(out, j).is_file() for j in mine):  # pooled over some folds only: not comparable
+            continue
+        frames = []
+        for j in mine:
+            p = predictions(out, j.name)
+            if p is not None:
+                frames.append(p)
+            if v == "baseline":
+                ref.append(run_metrics(client, "results_lidc", j.name).get("ref_test_auc", np.nan))
+        if frames:
+            pooled[v] = pd.concat(frames, ignore_index=True)
+            per_fold[v] = [
+                auc_ci(f["label"], f["prob"]).auc if f["label"].value_counts().min() >= 2 else np.nan for f in frames
+            ]
+    if not pooled:
+        return []
+    base = pooled.get("baseline")
+    n_pat = base["patient_id"].nunique() if base is not None and "patient_id" in base else "?"
+    lines = render(
+        "lidc",
+        "intro",
+        bundle=BUNDLES["lidc"],
+        nodules=len(base) if base is not None else "?",
+        malignant=int(base["label"].sum()) if base is not None else "?",
+        patients=n_pat,
+    )
+    for v, frame in pooled.items():
+        res = auc_ci(frame["label"], frame["prob"])
+        p = "" if v == "baseline" else fmt(delong_p(base, frame))
+        folds = ", ".join(fmt(a, 2) for a in per_fold[v])
+        lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {p} | {folds} |")
+        goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
+    return [
+        *lines,
+        f"| linear reference (mean over folds) | {mean_sd(ref)} | | {', '.join(fmt(a, 2) for a in ref)} |",
+        "",
+    ]

@@ -1,0 +1,88 @@
+"""The site studies: site-wise cross-validation and the confounded study, each with its verdict in words."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..templates import render
+
+__all__ = ["sites_section", "sites_verdict"]
+
+#: the site studies' jobs, in report order; each has a block of that name (``-`` as ``_``) in templates/sites.md
+SITE_STUDIES = ("sites", "sites-confounded")
+
+
+def sites_verdict(cv: Path) -> list[str]:
+    """What a site study's numbers say about PPI, in words, from its own output files (one paragraph).
+
+    Args:
+        cv: the study's ``pipelines.site_cv`` output folder.
+    """
+    pooled = cv / "pooled_offdiag.json"
+    if not pooled.is_file():
+        return []
+    lines = []
+    for method, r in json.loads(pooled.read_text()).items():
+        verdict = "beats" if r["auc_diff"] > 0 and r["p_value"] < 0.05 else "does not beat"
+        lines += render(
+            "sites",
+            "pooled",
+            method=method,
+            verdict=verdict,
+            auc=f"{r['auc']:.3f}",
+            reference=f"{r['auc_reference']:.3f}",
+            cases=r["n_cases"],
+            p=f"{r['p_value']:.2g}",
+        )
+    cue = cv / "cue_effect" / "cue_effect.csv"
+    if cue.is_file():
+        table = pd.read_csv(cue)
+        by_seed = table.groupby(["method", "seed"]).apply(lambda g: np.average(g.effect, weights=g.n)).unstack(0)
+        if "baseline" in by_seed:
+            base = by_seed["baseline"]
+            for method in [m for m in by_seed if m != "baseline"]:
+                lines += render(
+                    "sites",
+                    "cue",
+                    baseline=f"{base.mean():+.2f}",
+                    effect=f"{by_seed[method].mean():+.2f}",
+                    method=method,
+                    lower=f"{base.mean() - by_seed[method].mean():.2f}",
+                    seeds_lower=int((by_seed[method] < base).sum()),
+                    seeds=len(by_seed),
+                )
+    return [" ".join(lines)]
+
+
+def sites_section(out: Path, fig_dir: Path) -> list[str]:
+    """Each site study that wrote its summary: intro, verdict, cue effect, its own summary and heatmaps.
+
+    Args:
+        out: the study folder.
+        fig_dir: the report's figure folder (the heatmaps are copied there).
+    """
+    lines: list[str] = []
+    for job in SITE_STUDIES:
+        cv = out / "jobs" / job / "cv"
+        summary = cv / "summary.md"
+        if not summary.is_file():
+            continue
+        prefix = job.replace("-", "_")
+        for png in sorted(cv.glob("heatmap_*.png")):
+            shutil.copy2(png, fig_dir / f"{prefix}_{png.name}")
+        # the summary's own title goes (the section has one), its sections become subsections
+        text = summary.read_text().splitlines()
+        body = [("#" + line) if line.startswith("#") else line for line in text if not line.startswith("# ")]
+        lines += [*render("sites", prefix), "", *sites_verdict(cv), ""]
+        cue = cv / "cue_effect" / "cue_effect.md"
+        if cue.is_file():
+            lines += [*render("sites", "cue_effect"), "", *cue.read_text().splitlines(), ""]
+        lines += [*body, ""]
+        lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob(f"{prefix}_heatmap_*.png"))]
+        lines.append("")
+    return lines
