@@ -9,7 +9,7 @@ import numpy as np
 
 from ppi_med.stats import auc_ci
 
-from ...report import mean_sd
+from ...formatting import mean_sd
 from ..jobs import Job
 from ..paths import BUNDLES
 from ..templates import render

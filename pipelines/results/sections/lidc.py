@@ -10,7 +10,7 @@ import pandas as pd
 
 from ppi_med.stats import auc_ci
 
-from ...report import mean_sd
+from ...formatting import mean_sd
 from ..jobs import Job
 from ..paths import BUNDLES
 from ..scheduler import done_path
