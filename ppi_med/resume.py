@@ -30,6 +30,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from .atomic import atomic_torch_save, stale_temporaries
+from .console import write
 from .engine import epoch_metrics
 
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "ResumeHandler", "TrainingProgress", "latest_epoch_checkpoint"]
@@ -239,4 +240,5 @@ class ResumeHandler:
                 "first epoch ended; start it afresh without resume_from)"
             )
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
-        engine.logger.info(f"resumed from {path}: epoch {engine.state.epoch} of {engine.state.max_epochs} done")
+        # printed, not logged: the bundles keep the trainer's own INFO records quiet (ppi_med.console)
+        write(f"resumed from {path}: epoch {engine.state.epoch} of {engine.state.max_epochs} done")
