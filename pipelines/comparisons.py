@@ -32,6 +32,8 @@ from scipy.stats import ttest_rel
 
 from ppi_med.stats import delong_test
 
+from .portable import portable_path, portable_text
+
 __all__ = ["best_line", "ga_comparison", "main", "shortcut_comparison", "site_comparison", "write_comparisons"]
 
 #: the shortcut benchmark names its methods by their labels (``ppi`` is reported as ``ppi_wbp``)
@@ -284,26 +286,29 @@ def _plot(tables: dict[str, pd.DataFrame], metric: str, ylabel: str, path: Path)
     return path
 
 
-def _provenance(shortcut: dict[str, Path], sites: dict[str, Path], ga: Path | None = None) -> list[str]:
+def _provenance(shortcut: dict[str, Path], sites: dict[str, Path], out: Path, ga: Path | None = None) -> list[str]:
     """What made each folder: the benchmark's command line, the site study's header (bundle, methods, git), the
-    GA jobs' commits."""
+    GA jobs' commits; paths as :func:`~pipelines.portable.portable_path` writes them, relative to ``out``."""
     import json
 
     lines = ["Made by `python -m pipelines.comparisons` from:", ""]
     if ga is not None:
         done = [json.loads(p.read_text()) for p in sorted((ga / "jobs").glob("ga-*-s*/done.json"))]
         commits = sorted({d.get("commit", "?")[:12] for d in done})
-        lines.append(f"- GA pooled (`{ga}`): {len(done)} `make results` GA jobs at commit(s) {', '.join(commits)}")
+        lines.append(
+            f"- GA pooled (`{portable_path(ga, out)}`): {len(done)} `make results` GA jobs at commit(s) "
+            + ", ".join(commits)
+        )
     for label, folder in sites.items():
         head = (folder / "summary.md").read_text().splitlines()[:9] if (folder / "summary.md").is_file() else []
         facts = [x.removeprefix("- ") for x in head if x.startswith("- ") and not x.startswith("- MLflow")]
-        lines.append(f"- site study `{label}` (`{folder}`): " + "; ".join(facts))
+        where = portable_path(folder, out)
+        lines.append(f"- site study `{label}` (`{where}`): " + portable_text("; ".join(facts), out))
     for label, folder in shortcut.items():
         report = folder / "report.md"
         made = [x for x in report.read_text().splitlines() if x.startswith("Produced by")] if report.is_file() else []
-        lines.append(
-            f"- shortcut `{label}` (`{folder}`): " + (made[0].split(". Digits")[0] if made else "no report.md")
-        )
+        made_by = portable_text(made[0], out).split(". Digits")[0] if made else "no report.md"
+        lines.append(f"- shortcut `{label}` (`{portable_path(folder, out)}`): " + made_by)
     return lines
 
 
@@ -320,7 +325,7 @@ def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Pa
         FileNotFoundError: a folder without the results it should hold (named).
     """
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Which fix works here: the comparators beside PPI", "", *_provenance(shortcut, sites, ga), ""]
+    lines = ["# Which fix works here: the comparators beside PPI", "", *_provenance(shortcut, sites, out, ga), ""]
     if ga is not None:
         table = ga_comparison(ga / "jobs")
         if table.empty:

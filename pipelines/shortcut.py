@@ -74,6 +74,8 @@ from ppi_med.robust import SELECTIONS, RobustConfig
 from ppi_med.saliency import METHODS
 from ppi_med.tracking import metric_key
 
+from .portable import portable_text
+
 __all__ = [
     "GRIDS",
     "METHOD_FORM",
@@ -812,7 +814,7 @@ def write_report(summaries: dict[str, pd.DataFrame], cfgs: dict[str, ShortcutCon
     lines = [
         "# Shortcut benchmark",
         "",
-        f"Produced by `{command}` at commit `{git_commit(Path(__file__).parent)}` "
+        f"Produced by `{portable_text(command, out)}` at commit `{git_commit(Path(__file__).parent)}` "
         f"on {time.strftime('%Y-%m-%d')}. Digits >= 5 vs < 5 (scikit-learn's handwritten digits), "
         "a small ReLU CNN trained with MONAI's SupervisedTrainer and the PPI iteration of the bundles. "
         f"Methods: `ppi_wbp` is the project's default `PPIConfig()`; `{method_label(METHOD_FORM)}` "

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ppi_med.tracking import git_commit, metric_key
 
+from ..portable import portable_path, portable_text
 from .config import SiteCVConfig
 from .figures import plot_auc_heatmaps, plot_pvalue_heatmap, plot_roc_grids
 from .tables import SiteCVTables
@@ -295,7 +296,8 @@ def write_study_report(
     seconds = time.perf_counter() - t_start
     n_trained = int((cells["status"] == "trained").sum())
     header = [
-        f"- bundle: `{study.config_file}`; datalist: `{study.datalist}`",
+        f"- bundle: `{portable_path(study.config_file, out_dir)}`; "
+        f"datalist: `{portable_path(study.datalist, out_dir)}`",
         f"- sites: {', '.join(study.sites)} (trained on {', '.join(study.train_sites)}); "
         f"methods: {', '.join(study.methods)}; "
         f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
@@ -305,8 +307,9 @@ def write_study_report(
             if cfg.selection == "oracle"
             else ""
         ),  # fmt: skip
-        f"- bundle overrides: `{json.dumps(dict(cfg.overrides), default=str)}`",
-        f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, store `{study.tracking_uri}`",
+        f"- bundle overrides: `{portable_text(json.dumps(dict(cfg.overrides), default=str), out_dir)}`",
+        f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, "
+        f"store `{portable_text(study.tracking_uri, out_dir)}`",
         f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
         f"wall time {seconds:.1f} s; git {git_commit(_REPO)[:12]}",
     ]

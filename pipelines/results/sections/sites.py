@@ -75,8 +75,9 @@ def sites_section(out: Path, fig_dir: Path) -> list[str]:
         prefix = job.replace("-", "_")
         for png in sorted(cv.glob("heatmap_*.png")):
             shutil.copy2(png, fig_dir / f"{prefix}_{png.name}")
-        # the summary's own title goes (the section has one), its sections become subsections
-        text = summary.read_text().splitlines()
+        # the summary's own title goes (the section has one), its sections become subsections; its figure list
+        # goes too: it links files beside the summary, and the heatmaps are shown below from the figure folder
+        text = _without_section(summary.read_text().splitlines(), "## Figures")
         body = [("#" + line) if line.startswith("#") else line for line in text if not line.startswith("# ")]
         lines += [*render("sites", prefix), "", *sites_verdict(cv), ""]
         cue = cv / "cue_effect" / "cue_effect.md"
@@ -86,3 +87,15 @@ def sites_section(out: Path, fig_dir: Path) -> list[str]:
         lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob(f"{prefix}_heatmap_*.png"))]
         lines.append("")
     return lines
+
+
+def _without_section(lines: list[str], heading: str) -> list[str]:
+    """``lines`` less the section under ``heading``, up to the next heading of its level or above."""
+    level = len(heading.split(" ")[0])
+    kept, skipping = [], False
+    for line in lines:
+        if line.startswith("#"):
+            skipping = line.strip() == heading or (skipping and len(line.split(" ")[0]) > level)
+        if not skipping:
+            kept.append(line)
+    return kept
