@@ -8,7 +8,9 @@ version. Grad-CAM is checked against MONAI's post-hoc implementation, LRP agains
 
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -23,7 +25,9 @@ from ppi_med.saliency import (
     METHODS,
     RULES,
     Secant,
+    SecantSlopeWarning,
     UnsupportedLayerError,
+    UnsupportedOperationError,
     WBPTracer,
     compute,
     lrp,
@@ -322,7 +326,11 @@ def test_wbp_completeness_on_bias_free_networks(sd: int, act: type[nn.Module]) -
     model = vgg(sd, act=act, bias=False, bn=False).double().eval()
     x = _input(sd, n=3, dtype=torch.float64, seed=4)
     target = torch.tensor([0, 1, 2])
-    s = wbp(model, x, target)
+    if act is nn.Sigmoid:  # g(0) = 1/2: the secant slopes explode near 0, and WBP says so
+        with pytest.warns(SecantSlopeWarning, match=r"layer '1' \(Sigmoid\) reach \d"):
+            s = wbp(model, x, target)
+    else:
+        s = wbp(model, x, target)
     logits = model(x).gather(1, target[:, None]).squeeze(1)
     torch.testing.assert_close(s.reshape(3, -1).sum(dim=1), logits, rtol=1e-9, atol=1e-12)
     ixg = _input_x_gradient(model, x, target)
@@ -664,6 +672,118 @@ def test_lrp_merges_batch_norm_into_the_preceding_layer(sd: int) -> None:
     assert not torch.allclose(r, _input_x_gradient(model.eval(), x, torch.tensor([1, 2])))
 
 
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ELU, nn.SiLU, nn.Softplus])
+def test_lrp_passes_relevance_through_element_wise_activations_unchanged(act: type[nn.Module]) -> None:
+    """Not multiplied by the derivative: a bias-free network conserves relevance whatever its activation."""
+    torch.manual_seed(36)
+    model = vgg(2, act=act, bias=False, bn=False).double().eval()
+    x = _input(2, n=3, dtype=torch.float64, seed=37)
+    target = torch.tensor([0, 1, 2])
+    r = lrp(model, x, target, epsilon=1e-12)
+    logits = model(x).gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(r.reshape(3, -1).sum(dim=1), logits, rtol=1e-6, atol=1e-9)
+
+
+def test_lrp_in_place_activation_equals_the_out_of_place_one() -> None:
+    def net(inplace: bool) -> nn.Sequential:
+        torch.manual_seed(38)
+        return nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.ELU(inplace=inplace), nn.Flatten(), nn.Linear(3 * 36, 2)
+        ).double()  # fmt: skip
+
+    x = _input(2, n=2, side=6, dtype=torch.float64)
+    torch.testing.assert_close(lrp(net(True), x, 1), lrp(net(False), x, 1), rtol=1e-12, atol=1e-15)
+
+
+def _count_forwards(model: nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda m, i: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_lrp_finds_batch_norm_pairs_once_per_model_and_again_when_it_changes() -> None:
+    torch.manual_seed(39)
+    model = vgg(2).double()
+    _randomize_bn(model, torch.Generator().manual_seed(40))
+    model.eval()
+    x = _input(2, n=2, dtype=torch.float64)
+    calls = _count_forwards(model)
+    first = lrp(model, x, 1)
+    assert calls[0] == 2  # the dry forward that finds the pairs, then LRP's own
+    torch.testing.assert_close(lrp(model, x, 1), first, rtol=0, atol=0)
+    assert calls[0] == 3  # cached: one forward per call
+    # merged weights follow the parameters and statistics they come from
+    with torch.no_grad():
+        model[1].running_var.mul_(2.0)
+        model[0].weight.mul_(-1.0)
+    changed = lrp(model, x, 1)
+    assert calls[0] == 4 and not torch.allclose(changed, first)
+    fresh = copy.deepcopy(model)
+    fresh._forward_pre_hooks.clear()
+    torch.testing.assert_close(changed, lrp(fresh, x, 1), rtol=1e-12, atol=1e-15)
+    # a new layer: the pairs are found again
+    model[5] = nn.BatchNorm2d(6).double().eval()
+    lrp(model, x, 1)
+    assert calls[0] == 6
+
+
+def test_lrp_skips_the_negative_input_convolution_where_the_input_is_non_negative() -> None:
+    torch.manual_seed(41)
+    model = vgg(2, bn=False).double().eval()
+    first, second = model[0], model[3]
+    counts = {first: 0, second: 0}
+    for conv in counts:
+        forward = conv._conv_forward
+
+        def counted(*args, conv=conv, forward=forward):
+            counts[conv] += 1
+            return forward(*args)
+
+        conv._conv_forward = counted
+    x = _input(2, n=2, dtype=torch.float64)
+    lrp(model, x, 1)  # the first call also runs the dry forward that looks for batch norms
+    counts.update(dict.fromkeys(counts, 0))
+    signed = lrp(model, x, 1)
+    # the layer's own convolution, then z+ from a+ and w+, and from a- and w- where the input has negatives
+    assert counts == {first: 3, second: 2}
+    non_negative = lrp(model, x.abs(), 1)
+    assert counts == {first: 5, second: 4}
+    assert torch.isfinite(signed).all() and torch.isfinite(non_negative).all()
+
+
+@pytest.mark.parametrize(
+    ("norm", "kind"),
+    [
+        (nn.GroupNorm(2, 4), "GroupNorm"),
+        (nn.InstanceNorm2d(4), "InstanceNorm2d"),
+        (nn.BatchNorm2d(4, track_running_stats=False), "BatchNorm2d"),
+    ],
+)
+def test_lrp_refuses_normalisations_without_an_lrp_rule(norm: nn.Module, kind: str) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    with pytest.raises(UnsupportedLayerError, match=rf"LRP has no rule for layer '1' \({kind}\)"):
+        compute("lrp", model, torch.randn(2, 1, 8, 8), 0)
+
+
+def test_sigmoid_slopes_warn_once_per_layer_naming_it_and_the_largest_slope() -> None:
+    torch.manual_seed(42)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Sigmoid(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    x = torch.randn(8, 4)
+    with pytest.warns(SecantSlopeWarning) as caught:
+        s = wbp(model, x, 1)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "layer '1' (Sigmoid)" in messages[0] and "g(0) = 0.5" in messages[0]
+    largest = float(re.search(r"reach (\S+):", messages[0]).group(1))
+    v = model[0](x)
+    torch.testing.assert_close(largest, float((torch.sigmoid(v) / v).abs().max()), rtol=5e-3, atol=0)
+    # the map it warns about is far from input x gradient
+    assert (s - _input_x_gradient(model, x, 1)).abs().max() > 10 * _input_x_gradient(model, x, 1).abs().max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wbp(model, x, 1)  # once per layer: a training loop is not flooded
+        wbp(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), x, 1)  # g(0) = 0: never
+
+
 # ---------------------------------------------------------------------------------------------------------
 # errors
 
@@ -767,30 +887,70 @@ class _Functional(nn.Module):
         return self.head(F.max_pool2d(self.block(x), 2).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize(
-    ("act", "name"),
-    [
-        (torch.tanh, "torch.tanh"),
-        (F.gelu, "torch.nn.functional.gelu"),
-        (lambda t: t.sigmoid(), "torch.Tensor.sigmoid"),
-        (lambda t: F.silu(t, inplace=True), "torch.nn.functional.silu"),
-        (lambda t: t**2, "torch.Tensor.__pow__"),
-        (lambda t: t.clamp(-1.0, 1.0), "torch.Tensor.clamp"),
-        (lambda t: F.layer_norm(t, t.shape[-2:]), "torch.nn.functional.layer_norm"),
-        (lambda t: F.batch_norm(t, None, None, training=True), "torch.nn.functional.batch_norm"),
-    ],
-)
-def test_a_functional_nonlinearity_in_a_forward_is_named_not_differentiated(act, name: str) -> None:
+FUNCTIONAL_FORMS = [
+    (torch.tanh, "torch.tanh"),
+    (F.gelu, "torch.nn.functional.gelu"),
+    (lambda t: t.sigmoid(), "torch.Tensor.sigmoid"),
+    (lambda t: F.silu(t, inplace=True), "torch.nn.functional.silu"),
+    (lambda t: t**2, "torch.Tensor.__pow__"),
+    (lambda t: t.clamp(-1.0, 1.0), "torch.Tensor.clamp"),
+    (lambda t: F.layer_norm(t, t.shape[-2:]), "torch.nn.functional.layer_norm"),
+    (lambda t: F.batch_norm(t, None, None, training=True), "torch.nn.functional.batch_norm"),
+    # names a list of nonlinearities would miss: the guard is an allow-list
+    (torch.special.expit, "torch.special.expit"),
+    (torch.atan, "torch.atan"),
+    (torch.sinh, "torch.sinh"),
+    (lambda t: t.exp().log1p(), "torch.Tensor.exp"),
+    (lambda t: F.relu(t) * torch.relu(t), "torch.Tensor.mul"),  # a product of two activations: a gate
+    (lambda t: t * t.mean(dim=(2, 3), keepdim=True), "torch.Tensor.mul"),  # squeeze-excitation's product
+    (lambda t: t / t.abs().amax(), "torch.Tensor.div"),  # a division by data
+    (lambda t: torch.maximum(t, torch.ones(())), "torch.maximum"),  # a clamp away from 0
+]
+
+
+@pytest.mark.parametrize("method", ["wbp", "lrp"])
+@pytest.mark.parametrize(("act", "name"), FUNCTIONAL_FORMS)
+def test_a_functional_nonlinearity_in_a_forward_is_named_not_differentiated(act, name: str, method: str) -> None:
     model = _Functional(act)
     x = torch.randn(2, 1, 8, 8)
-    with pytest.raises(UnsupportedLayerError, match=rf"{re.escape(name)} is called as a function in the forward of "
-                       r"'block' \(_Block\)"):  # fmt: skip
-        wbp(model, x, 1)
-    # the same through the tracer a PPI training step uses
-    with pytest.raises(UnsupportedLayerError, match=re.escape(name)), WBPTracer(model):
-        model(x.requires_grad_(True))
-    model(x)  # the watch and its hooks are gone afterwards
-    assert not model._forward_hooks and not model.block._forward_pre_hooks
+    with pytest.raises(UnsupportedOperationError, match=rf"{method.upper()}: {re.escape(name)} is called as a "
+                       r"function in the forward of 'block' \(_Block\)"):  # fmt: skip
+        compute(method, model, x, 1)
+    if method == "wbp":  # the same through the tracer a PPI training step uses
+        with pytest.raises(UnsupportedLayerError, match=re.escape(name)), WBPTracer(model):
+            model(x.requires_grad_(True))
+    model(x)  # the guard and its hooks are gone afterwards
+    assert not model._forward_hooks and not model.block._forward_pre_hooks and not model.block.conv._forward_hooks
+
+
+class _TwoBranches(nn.Module):
+    """Operations on two data-dependent tensors that are linear (adds, concatenation, stacking, views) and on
+    one data-dependent tensor and constants (products, a division, a matrix product)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, 8))
+        self.head = nn.Linear(8 * 16, 3)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        h = torch.cat([a + b, a - 0.5 * b], dim=1)
+        h = torch.stack([h, 2 * h], dim=0).sum(dim=0) / 3.0
+        h = F.max_pool2d(h, 2).flatten(2)
+        h = (h * self.gain[:, None]).transpose(1, 2) @ torch.ones(8, 8, dtype=h.dtype) / 8
+        return self.head(F.relu(h).reshape(len(x), -1))
+
+
+def test_linear_two_tensor_operations_pass_and_wbp_equals_input_x_gradient() -> None:
+    torch.manual_seed(34)
+    model = _TwoBranches().eval()
+    _randomize_bn(model, torch.Generator().manual_seed(35))
+    x, target = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
+    torch.testing.assert_close(wbp(model, x, target), _input_x_gradient(model, x, target), rtol=1e-5, atol=1e-7)
+    r = compute("lrp", model.double(), x.double(), target, epsilon=1e-12)
+    assert torch.isfinite(r).all() and r.abs().max() > 0
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,20 @@ from .api import METHODS, compute, make_tracer
 from .core import Tracer, as_target, frozen_buffers, plain
 from .gradcam import GradCAMTracer
 from .gradient import GradientTracer
+from .guard import ForwardGuard
 from .lrp import LRPTracer, lrp
-from .rules import RULES, Linear, NormScale, Rule, Secant, UnsupportedLayerError, register_rule
-from .wbp import WBPTracer, check_supported, wbp
+from .rules import (
+    FUNCTIONS,
+    RULES,
+    Linear,
+    NormScale,
+    Rule,
+    Secant,
+    UnsupportedLayerError,
+    UnsupportedOperationError,
+    register_rule,
+)
+from .wbp import SecantSlopeWarning, WBPTracer, check_supported, wbp
 
 __all__ = [
     "METHODS",
@@ -30,9 +41,13 @@ __all__ = [
     "Secant",
     "NormScale",
     "RULES",
+    "FUNCTIONS",
     "register_rule",
     "check_supported",
+    "ForwardGuard",
+    "SecantSlopeWarning",
     "UnsupportedLayerError",
+    "UnsupportedOperationError",
     "as_target",
     "frozen_buffers",
     "plain",

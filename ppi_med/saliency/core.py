@@ -8,7 +8,17 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Tracer", "as_target", "class_score", "frozen_buffers", "input_requiring_grad", "plain", "score_gradient"]
+__all__ = [
+    "Tracer",
+    "Switch",
+    "Reroute",
+    "as_target",
+    "class_score",
+    "frozen_buffers",
+    "input_requiring_grad",
+    "plain",
+    "score_gradient",
+]
 
 
 def as_target(target: int | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -93,6 +103,35 @@ def score_gradient(
         retain_graph=create_graph if retain_graph is None else retain_graph,
     )
     return grad
+
+
+class Switch:
+    """Which backward the rerouting nodes of one tracer take; read at backward time."""
+
+    def __init__(self, on: bool = False) -> None:
+        self.on = on
+
+
+class Reroute(torch.autograd.Function):
+    """Identity on a layer's output ``y``; backward exact, or (switch on) ``grad * slope`` straight to its input.
+
+    WBP switches it on only for its own backward, so the same forward also gives a training loss its exact
+    gradient; LRP's nodes are always on. The slope is a differentiable tensor, so ``create_graph`` works.
+    """
+
+    @staticmethod
+    def forward(ctx, y, v, slope, switch):  # noqa: D102
+        ctx.switch = switch
+        ctx.save_for_backward(slope)
+        # a clone, not a view: models add residuals in place on these outputs
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        if ctx.switch.on:
+            (slope,) = ctx.saved_tensors
+            return None, grad * slope, None, None
+        return grad, None, None, None
 
 
 class Tracer:

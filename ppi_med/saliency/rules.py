@@ -15,9 +15,22 @@ so a rule only has to say how a layer's Jacobian must be *replaced*:
 
 Each rule returns the per-element multiplier ("slope") that the WBP backward uses in place of the layer's
 Jacobian, or ``None`` when autograd is already exact.
+
+LRP (``lrp.py``) reads the same table: its "gradient trick" carries ``R / a`` backward, so a layer whose own
+backward is its WBP rule (:class:`Linear`) passes relevance as LRP's rules ask, and the secant slope of an
+element-wise activation is exactly the multiplier that passes relevance through it unchanged
+(``R_v = v * h(v) * R_y / y = R_y``), which is LRP's rule for activations. Convolutions, dense layers and
+batch norm get LRP's own rules on top; other normalisations have no LRP rule.
+
+Operations called inside a ``forward`` (torch functions, tensor methods, operators) are in the second half of
+the table, :data:`FUNCTIONS`, checked by :mod:`ppi_med.saliency.guard`: an allow-list, so anything it does not
+name is refused.
 """
 
 from __future__ import annotations
+
+from numbers import Number
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,15 +41,32 @@ __all__ = [
     "Secant",
     "NormScale",
     "UnsupportedLayerError",
+    "UnsupportedOperationError",
     "RULES",
+    "FUNCTIONS",
+    "OpRule",
+    "LinearOp",
+    "ProductOp",
+    "QuotientOp",
+    "PiecewiseOp",
+    "ExtremumOp",
+    "ZeroBoundOp",
+    "RunningStatsOp",
+    "is_data",
+    "operation_problem",
     "register_rule",
     "rule_for",
+    "layer_rules",
     "is_leaf",
 ]
 
 
 class UnsupportedLayerError(TypeError):
     """Raised when a saliency method meets a layer it has no rule for."""
+
+
+class UnsupportedOperationError(UnsupportedLayerError):
+    """Raised when a traced forward calls an operation (function, method, operator) that no rule covers."""
 
 
 class Rule:
@@ -70,8 +100,13 @@ class Secant(Rule):
         """``g'(0)`` by a central difference of the module itself."""
         with torch.no_grad():
             pts = torch.tensor([-self.delta, self.delta], dtype=like.dtype, device=like.device)
-            g = module(pts)
+            g = module.forward(pts)  # forward, not __call__: the tracers' own hooks must not see this probe
         return (g[1] - g[0]) / (2 * self.delta)
+
+    def value_at_zero(self, module: nn.Module, like: torch.Tensor) -> float:
+        """``g(0)``: where it is not 0 the secant slope ``g(v) / v`` grows without bound as ``v -> 0``."""
+        with torch.no_grad():
+            return float(module.forward(torch.zeros(1, dtype=like.dtype, device=like.device))[0])
 
     def slope(self, module, v, y):
         zero = v == 0
@@ -271,6 +306,182 @@ def _register_monai() -> None:
 _register_monai()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# operations called inside a forward: the allow-list the guard (guard.py) checks every call against
+
+
+def is_data(t: object) -> bool:
+    """True for a tensor that depends on the input: it requires grad and is not a parameter.
+
+    A tensor computed from parameters alone inside a container's ``forward`` also counts (the guard cannot
+    tell it from data without tracing every call); compute it inside a layer with a rule instead.
+    """
+    return isinstance(t, torch.Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
+
+
+def _flat(values) -> list:
+    out = []
+    for a in values:
+        if isinstance(a, (list, tuple)):
+            out.extend(a)
+        else:
+            out.append(a)
+    return out
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _zero_or_none(v: Any) -> bool:
+    return v is None or (isinstance(v, Number) and v == 0)
+
+
+class OpRule:
+    """How WBP and LRP treat one operation called inside a forward (a torch function, method or operator)."""
+
+    def problem(self, args: tuple, kwargs: dict) -> str | None:
+        """Why this call escapes the rules, or ``None`` when autograd's derivative is the rule for it.
+
+        Args:
+            args: the call's positional arguments.
+            kwargs: its keyword arguments.
+        """
+        return None
+
+
+class LinearOp(OpRule):
+    """Linear in all its data operands together (adds, concatenation, views, sums, average pooling, dropout):
+    its derivative is its WBP rule, and LRP's gradient trick passes relevance through it as through a
+    residual add or a reshape."""
+
+
+class ProductOp(OpRule):
+    """Linear in each operand apart (products, matrix products, convolutions): linear in the input only
+    while at most one operand depends on the data (``h * mask``, ``h @ W``); ``h * h`` (a gate, a
+    squeeze-excitation) is a product of two data-dependent tensors, for which neither method has a rule."""
+
+    def problem(self, args, kwargs):
+        if sum(is_data(a) for a in _flat((*args, *kwargs.values()))) > 1:
+            return "a product of two data-dependent tensors (a gate, squeeze-excitation, attention), not linear"
+        return None
+
+
+class QuotientOp(OpRule):
+    """Division: linear in the numerator, so allowed while the divisor (argument ``divisor``) is constant."""
+
+    def __init__(self, divisor: int) -> None:
+        self.divisor = divisor
+
+    def problem(self, args, kwargs):
+        if is_data(_arg(args, kwargs, self.divisor, "other")):
+            return "a division by a data-dependent tensor, not linear"
+        return None
+
+
+class PiecewiseOp(OpRule):
+    """Piecewise linear through the origin (``relu``, ``leaky_relu``, ``abs``, max pooling): the secant slope
+    equals the derivative, so autograd applies WBP's rule, and LRP's relevance passes through unchanged."""
+
+
+class ExtremumOp(PiecewiseOp):
+    """``max``/``min``/``maximum``/``minimum``: a reduction or a choice between data tensors is piecewise
+    linear through the origin; a choice against a constant (``maximum(h, 1)``) is an activation away from 0."""
+
+    def problem(self, args, kwargs):
+        operands = [a for a in (*args[:2], kwargs.get("other")) if isinstance(a, torch.Tensor)]
+        if len(operands) == 2 and not all(is_data(a) for a in operands):
+            return "a max/min against a constant (an activation away from 0: secant slope)"
+        return None
+
+
+class ZeroBoundOp(PiecewiseOp):
+    """``clamp``/``threshold``: piecewise linear through the origin when its bounds are 0 (``clamp(min=0)`` is
+    ReLU), else an activation whose secant slope differs from its derivative."""
+
+    def __init__(self, bounds: tuple[tuple[int, str], ...]) -> None:
+        self.bounds = bounds
+
+    def problem(self, args, kwargs):
+        if all(_zero_or_none(_arg(args, kwargs, i, name)) for i, name in self.bounds):
+            return None
+        return "a clamp or threshold away from 0 (an activation: secant slope)"
+
+
+class RunningStatsOp(OpRule):
+    """``batch_norm``: with running statistics outside training an affine map, whose derivative is the affine
+    scale WBP keeps (and LRP's epsilon rule on it); with batch statistics WBP keeps only that scale."""
+
+    def problem(self, args, kwargs):
+        if _arg(args, kwargs, 5, "training", False) or _arg(args, kwargs, 2, "running_var") is None:
+            return "a normalisation with batch statistics (WBP keeps only the affine scale)"
+        return None
+
+
+#: every operation a traced forward may call outside a layer with a rule, by the name torch gives the function
+#: with surrounding underscores stripped (``__radd__`` -> ``radd``, ``relu_`` -> ``relu``, ``Tensor.shape``'s
+#: getter -> ``get``); a call that is not here, and whose result carries gradient, is refused by the guard
+_LINEAR_NAMES = """
+    add sub subtract iadd isub radd rsub neg negative pos positive sum mean cumsum
+    cat concat concatenate stack hstack vstack dstack
+    view view_as reshape reshape_as flatten unflatten squeeze unsqueeze permute transpose swapaxes swapdims
+    movedim moveaxis t contiguous clone detach expand expand_as broadcast_to repeat repeat_interleave tile
+    narrow select index_select gather take_along_dim getitem setitem split split_with_sizes tensor_split
+    chunk unbind flip roll get to type type_as float double half bfloat16 cpu cuda
+    pad interpolate upsample upsample_nearest upsample_bilinear pixel_shuffle pixel_unshuffle
+    channel_shuffle native_channel_shuffle avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+    adaptive_avg_pool2d adaptive_avg_pool3d dropout dropout1d dropout2d dropout3d alpha_dropout
+    feature_alpha_dropout feature_dropout
+"""
+_PRODUCT_NAMES = """
+    mul multiply imul rmul matmul rmatmul imatmul mm bmm mv dot vdot inner outer einsum tensordot kron
+    linear bilinear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d multi_dot
+"""
+_PIECEWISE_NAMES = """
+    relu leaky_relu prelu rrelu abs absolute hardshrink max_pool1d max_pool2d max_pool3d
+    max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d
+    adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices
+    adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices max_unpool1d max_unpool2d max_unpool3d
+    amax amin
+"""
+
+#: every operation a traced forward may call outside a layer with a rule, by the name torch gives the function
+#: with surrounding underscores stripped (``__radd__`` -> ``radd``, ``relu_`` -> ``relu``, ``Tensor.shape``'s
+#: getter -> ``get``); a call that is not here, and whose result carries gradient, is refused by the guard
+FUNCTIONS: dict[str, OpRule] = {
+    **dict.fromkeys(_LINEAR_NAMES.split(), LinearOp()),
+    **dict.fromkeys(_PRODUCT_NAMES.split(), ProductOp()),
+    **dict.fromkeys(("div", "divide", "true_divide", "truediv", "itruediv"), QuotientOp(divisor=1)),
+    **dict.fromkeys(("rtruediv", "rdiv"), QuotientOp(divisor=0)),
+    **dict.fromkeys(_PIECEWISE_NAMES.split(), PiecewiseOp()),
+    **dict.fromkeys(("max", "min", "maximum", "minimum", "fmax", "fmin"), ExtremumOp()),
+    **dict.fromkeys(("clamp", "clip"), ZeroBoundOp(((1, "min"), (2, "max")))),
+    "clamp_min": ZeroBoundOp(((1, "min"),)),
+    "clamp_max": ZeroBoundOp(((1, "max"),)),
+    "threshold": ZeroBoundOp(((1, "threshold"), (2, "value"))),
+    "batch_norm": RunningStatsOp(),
+}
+
+
+def operation_problem(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """Why a call made in a traced forward escapes the rules, or ``None`` when :data:`FUNCTIONS` allows it.
+
+    Args:
+        func: the called function, as :class:`torch.overrides.TorchFunctionMode` sees it.
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+
+    Returns:
+        A short reason, e.g. ``"a product of two data-dependent tensors ..."``, or ``None``.
+    """
+    if not any(is_data(a) for a in _flat((*args, *kwargs.values()))):
+        return None  # parameters and constants only: not on the input's path
+    op = FUNCTIONS.get(getattr(func, "__name__", "").strip("_"))
+    if op is None:
+        return "an operation without a rule (a nonlinearity or normalisation, not in ppi_med.saliency.rules.FUNCTIONS)"
+    return op.problem(args, kwargs)
+
+
 def register_rule(layer_type: type[nn.Module], rule: Rule) -> None:
     """Teach WBP a new layer type (or override the rule of a known one).
 
@@ -295,3 +506,35 @@ def rule_for(module: nn.Module, rules: dict[type[nn.Module], Rule] | None = None
 def is_leaf(module: nn.Module) -> bool:
     """True for a module without children (where the rules apply)."""
     return next(module.children(), None) is None
+
+
+def layer_rules(
+    model: nn.Module, rules: dict[type[nn.Module], Rule] | None = None, method: str = "WBP"
+) -> dict[str, Rule]:
+    """Map every layer of ``model`` that a method must handle to its rule.
+
+    Args:
+        model: any classifier.
+        rules: a registry to use instead of :data:`RULES`.
+        method: the method's name, for the error message.
+
+    Returns:
+        ``{qualified layer name: rule}`` for the leaf layers and the containers with parameters of their own.
+
+    Raises:
+        UnsupportedLayerError: such a layer has no rule.
+    """
+    table = RULES if rules is None else rules
+    found: dict[str, Rule] = {}
+    for name, module in model.named_modules():
+        own_params = next(module.parameters(recurse=False), None) is not None
+        if not (is_leaf(module) or own_params):
+            continue
+        rule = rule_for(module, table)
+        if rule is None:
+            raise UnsupportedLayerError(
+                f"{method} has no rule for layer '{name or type(module).__name__}' ({type(module).__name__}); "
+                "register one with ppi_med.saliency.register_rule(layer_type, rule)"
+            )
+        found[name] = rule
+    return found
