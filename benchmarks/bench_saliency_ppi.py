@@ -7,12 +7,17 @@ the repeats is reported, in milliseconds and as a ratio to the baseline.
 1. Saliency on a 3D MONAI ResNet-18 (``monai.networks.nets.resnet18``, 1 input channel, 2 classes): WBP,
    vanilla gradient, input x gradient, Grad-CAM and LRP through ``ppi_med.saliency.compute``, with the
    model in eval mode and in train mode. Baseline: the vanilla gradient.
+   Also LRP against Captum's LRP (``captum.attr.LRP``, when Captum is installed) in the same process, on the
+   same ResNet-18 (ReLUs not in place, which Captum's hooks need) and under the same rules: z-plus on the
+   convolutions with batch norm folded in (for Captum on a folded copy, ``Alpha1_Beta0_Rule`` without bias;
+   ours merges it itself), epsilon on the dense layer, on a non-negative input (where Captum's z-plus, which
+   drops the ``a-`` term, is ours). Baseline: Captum.
 2. One training step on the multi-view GA network (``ppi_med.networks.MVCNN``, a 2D MONAI ResNet-18 on
    every B-scan, max-pooled over views, linear head): PPI objective (detached and differentiable mode)
    + backward + optimizer step, against cross-entropy + backward + optimizer step.
 
-Targets (docs/DESIGN.md sections 3 and 4): WBP <= 1.15 x the gradient; a PPI step <= 3.5 x a plain step in
-detached mode and <= 4.5 x in differentiable mode. Each prints PASS or FAIL.
+Targets (docs/DESIGN.md sections 3 and 4): WBP <= 1.15 x the gradient; LRP <= 1.2 x Captum's LRP; a PPI
+step <= 3.5 x a plain step in detached mode and <= 4.5 x in differentiable mode. Each prints PASS or FAIL.
 
 Process CPU time is printed beside the wall-clock figures: on a shared machine, where other jobs take the
 cores, it is the steadier of the two. ``--threads 1`` also steadies CPU figures there (torch's default of
@@ -29,6 +34,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import json
 import os
@@ -48,9 +54,21 @@ from ppi_med.networks import MVCNN
 from ppi_med.ppi import PPIConfig, PPIObjective, make_mask, normalize
 from ppi_med.saliency import METHODS, compute, make_tracer
 
-__all__ = ["main", "time_round_robin", "saliency_timings", "ppi_step_timings", "ppi_phase_timings"]
+__all__ = [
+    "main",
+    "time_round_robin",
+    "saliency_timings",
+    "lrp_captum_timings",
+    "ppi_step_timings",
+    "ppi_phase_timings",
+]
 
-TARGETS = {"wbp_vs_gradient": 1.15, "ppi_detached_vs_plain": 3.5, "ppi_differentiable_vs_plain": 4.5}
+TARGETS = {
+    "wbp_vs_gradient": 1.15,
+    "lrp_vs_captum": 1.2,
+    "ppi_detached_vs_plain": 3.5,
+    "ppi_differentiable_vs_plain": 4.5,
+}
 
 DEFAULTS = {
     "cpu": {"batch3d": 2, "size3d": 32, "mv_batch": 4, "views": 8, "mv_size": 64},
@@ -146,6 +164,71 @@ def saliency_timings(
         times = time_round_robin(fns, repeats, warmup, device, f"saliency ({mode})")
         results[mode] = _summary(times, "gradient")
     return results
+
+
+def _captum_lrp(model: nn.Module, epsilon: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Captum's LRP under this project's rules, on a copy of a MONAI ResNet with its batch norms folded.
+
+    Every ``convN``/``bnN`` pair (and a downsampling ``conv, bn``) becomes one convolution, the batch norm an
+    identity Captum passes relevance through; Captum drops the rules after each call, so they are set anew.
+    """
+    from captum.attr import LRP
+    from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule
+
+    folded = copy.deepcopy(model)
+    named = dict(folded.named_modules())
+    for name, conv in list(named.items()):
+        if not isinstance(conv, nn.Conv3d):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = named[parent_name]
+        bn_name = {"conv1": "bn1", "conv2": "bn2", "0": "1"}[leaf]
+        bn = getattr(parent, bn_name)
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+        setattr(parent, bn_name, nn.Dropout(0.0))
+    explainer = LRP(folded)
+
+    def attribute(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        for m in folded.modules():
+            if isinstance(m, nn.Conv3d):
+                m.rule = Alpha1_Beta0_Rule(set_bias_to_zero=True)
+            elif isinstance(m, (nn.Linear, nn.AdaptiveAvgPool3d, nn.MaxPool3d)):
+                m.rule = EpsilonRule(epsilon=epsilon)
+        return explainer.attribute(x, target=target)
+
+    return attribute
+
+
+def lrp_captum_timings(
+    device: torch.device, batch: int, size: int, repeats: int, warmup: int
+) -> dict[str, dict[str, float]] | None:
+    """Time LRP against Captum's LRP on a 3D ResNet-18 in eval mode (same network, same rules).
+
+    Returns:
+        ``{method: {median_ms, min_ms, ratio, ...}}`` with ratios to Captum, or None without Captum.
+    """
+    try:
+        import captum  # noqa: F401
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = resnet18(spatial_dims=3, n_input_channels=1, num_classes=2, act=("relu", {"inplace": False}))
+    model = model.to(device).eval()
+    x = torch.randn(batch, 1, size, size, size, device=device)
+    target = torch.arange(batch, device=device) % 2
+    epsilon = 1e-9  # Captum's z-plus stabiliser, which it does not let one set
+    captum_lrp = _captum_lrp(model, epsilon)
+    fns = {
+        "captum_lrp": lambda: captum_lrp(x.abs(), target),
+        "lrp": lambda: compute("lrp", model, x.abs(), target, epsilon=epsilon),
+        # a signed input: ours adds the a- convolution on the first layer (Captum has no such term)
+        "lrp_signed_input": lambda: compute("lrp", model, x, target, epsilon=epsilon),
+    }
+    return _summary(time_round_robin(fns, repeats, warmup, device, "lrp vs captum"), "captum_lrp")
 
 
 def _mv_setup(device: torch.device, batch: int, views: int, size: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -337,6 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
         for mode, rows in sal.items():
             _print_table(f"saliency, 3D ResNet-18, batch {b} x 1 x {s}^3, {mode} mode", rows, "gradient")
             checks.append((f"wbp_vs_gradient ({mode})", rows["wbp"]["ratio"], TARGETS["wbp_vs_gradient"]))
+        lrp_rows = lrp_captum_timings(device, b, s, args.repeats, args.warmup)
+        if lrp_rows is None:
+            print("\nLRP vs Captum: skipped, Captum is not installed (pip install -e '.[dev]')")
+        else:
+            report["lrp_vs_captum"] = lrp_rows
+            _print_table(f"LRP vs Captum, 3D ResNet-18, batch {b} x 1 x {s}^3, eval mode", lrp_rows, "captum_lrp")
+            checks.append(("lrp_vs_captum", lrp_rows["lrp"]["ratio"], TARGETS["lrp_vs_captum"]))
     if not args.skip_ppi:
         n, v, s = sizes["mv_batch"], sizes["views"], sizes["mv_size"]
         steps = ppi_step_timings(device, n, v, s, args.repeats, args.warmup)
