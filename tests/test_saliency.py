@@ -784,6 +784,23 @@ def test_sigmoid_slopes_warn_once_per_layer_naming_it_and_the_largest_slope() ->
         wbp(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), x, 1)  # g(0) = 0: never
 
 
+def test_lrp_merges_batch_norm_into_a_dense_layer() -> None:
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)).double()
+    _randomize_bn(model, torch.Generator().manual_seed(44))
+    model.eval()
+    folded = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    with torch.no_grad():
+        bn = model[1]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded[0].weight.copy_(model[0].weight * scale[:, None])
+        folded[0].bias.copy_((model[0].bias - bn.running_mean) * scale + bn.bias)
+        folded[2].load_state_dict(model[3].state_dict())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(model(x), folded(x))
+    torch.testing.assert_close(lrp(model, x, 2), lrp(folded, x, 2), rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # errors
 

@@ -29,6 +29,7 @@ name is refused.
 
 from __future__ import annotations
 
+import weakref
 from numbers import Number
 from typing import Any
 
@@ -90,6 +91,10 @@ class Linear(Rule):
         return None
 
 
+# g(0) of each element-wise activation met so far (see Secant.value_at_zero)
+_AT_ZERO: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+
+
 class Secant(Rule):
     """Element-wise activation ``g``: ``W~l = h(v) * W~{l+1}`` with ``h(v) = g(v) / v``."""
 
@@ -104,9 +109,17 @@ class Secant(Rule):
         return (g[1] - g[0]) / (2 * self.delta)
 
     def value_at_zero(self, module: nn.Module, like: torch.Tensor) -> float:
-        """``g(0)``: where it is not 0 the secant slope ``g(v) / v`` grows without bound as ``v -> 0``."""
-        with torch.no_grad():
-            return float(module.forward(torch.zeros(1, dtype=like.dtype, device=like.device))[0])
+        """``g(0)``: where it is not 0 the secant slope ``g(v) / v`` grows without bound as ``v -> 0``.
+
+        Computed once per layer (a host read, which would stall a GPU at every step) and kept while the layer
+        lives.
+        """
+        value = _AT_ZERO.get(module)
+        if value is None:
+            with torch.no_grad():
+                value = float(module.forward(like.new_zeros((1,) * like.ndim)).reshape(-1)[0])
+            _AT_ZERO[module] = value
+        return value
 
     def slope(self, module, v, y):
         zero = v == 0
