@@ -320,6 +320,11 @@ def _member(y: torch.Tensor, classes: list[int]) -> torch.Tensor:
     return (y[:, None] == torch.as_tensor(classes, device=y.device)[None]).any(dim=1)
 
 
+def _rows(keep: torch.Tensor | None, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The rows ``keep`` selects of each tensor (``None`` stays ``None``; ``keep`` ``None``: all rows)."""
+    return [t if keep is None or t is None else t[keep] for t in tensors]
+
+
 def adversarial_partners(y: torch.Tensor, kind: str = "roll") -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs ``(i, j)``, ``j != i``, for the adversarial positives ``x'_i = x_i - T(s(x_j)) x_i``.
 
@@ -418,27 +423,34 @@ class PPIObjective:
             parts = {"loss": loss_cls.detach(), "loss_cls": loss_cls.detach(), "loss_con": zero, "loss_reg": zero}
             return PPIOutput(loss_cls, {**parts, "loss_ad": zero}, logits)
 
+        # the graph of the saliency is built only where a loss is trained through it
         s = tracer.saliency(logits, xg, y, create_graph=differentiable, retain_graph=True)
         s_n = normalize(s.abs() if cfg.absolute else s)
-        mask = make_mask(
-            cfg.mask,
-            s_n,
-            omega=cfg.omega,
-            sigma=cfg.sigma,
-            adaptive_k=cfg.adaptive_k,
-            k_std=cfg.k_std,
-            box_std=cfg.box_std,
-            topk=cfg.topk,
-        )
-        mask = dilate(mask, cfg.dilate)
-        if cfg.guide == "partner":
-            x_neg, x_adv, y_adv, con_w, ad_w = self._partner_contrasts(x, y, mask, i, j)
+        if cfg.guide == "study" and annotation is None:  # nothing known about any record: no contrast, no mask
+            x_neg, x_adv, y_neg, y_adv = x[:0], x[:0], y[:0], y[:0]
+            con_w = ad_w = s_n.new_zeros(0).detach()
         else:
-            x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(x, y, mask, sites, annotation, annotated)
-        y_neg = y
-        if cfg.contrast_classes is not None and x_neg.shape[0]:  # boolean indexing waits: only when classes are chosen
-            keep = _member(y, cfg.contrast_classes)
-            x_neg, y_neg, con_w = x_neg[keep], y[keep], con_w[keep]
+            # the negative contrast's samples, chosen before any is intervened on (boolean indexing waits for
+            # the device: only when classes are chosen)
+            keep = None if cfg.contrast_classes is None else _member(y, cfg.contrast_classes)
+            mask = make_mask(
+                cfg.mask,
+                s_n,
+                omega=cfg.omega,
+                sigma=cfg.sigma,
+                adaptive_k=cfg.adaptive_k,
+                k_std=cfg.k_std,
+                box_std=cfg.box_std,
+                topk=cfg.topk,
+            )
+            mask = dilate(mask, cfg.dilate)
+            if cfg.guide == "partner":
+                x_neg, x_adv, y_adv, con_w, ad_w = self._partner_contrasts(x, y, mask, i, j, keep)
+            else:
+                x_neg, x_adv, y_adv, con_w, ad_w = self._guided_contrasts(
+                    x, y, mask, sites, annotation, annotated, keep
+                )
+            y_neg = y if keep is None else y[keep]
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
         contrasts = torch.cat([x_neg, x_adv])
         with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm):
@@ -479,9 +491,9 @@ class PPIObjective:
     def _random(self, region: torch.Tensor) -> torch.Tensor:
         return relocate(region, self.generator) if self.config.control == "random_mask" else region
 
-    def _partner_contrasts(self, x, y, mask, i, j):
+    def _partner_contrasts(self, x, y, mask, i, j, keep=None):
         """The method's pairing: ``x*`` loses the salient region (``exclusive`` of the partner's), ``x'_i`` its
-        partner's salient region."""
+        partner's salient region; ``x*`` only for the samples ``keep`` selects (``None``: all)."""
         cfg = self.config
         n = x.shape[0]
         if not i.numel() and not self._warned_no_partner:
@@ -497,17 +509,17 @@ class PPIObjective:
             # what the partner finds salient too is not this sample's own evidence (a marker at a fixed place)
             neg_mask = mask.index_put((i,), mask[i] * (1 - mask[j]))
         fill, ad_fill = self._fills(x, y)
-        x_neg = intervene(x, self._random(neg_mask), fill)
+        neg_mask = self._random(neg_mask)  # drawn for every sample, as the adversarial masks after it
+        x_neg = intervene(*_rows(keep, x, neg_mask, fill))
         x_adv = intervene(x[i], self._random(mask[j]), None if ad_fill is None else ad_fill[i])
         ones = torch.ones(n, device=x.device)
-        return x_neg, x_adv, y[i], ones, ones[: i.numel()]
+        return x_neg, x_adv, y[i], ones if keep is None else ones[keep], ones[: i.numel()]
 
-    def _guided_contrasts(self, x, y, mask, sites, annotation, annotated):
-        """Per sample: evidence removed in ``x*``, nuisance removed in ``x'`` (docs/DESIGN.md section 4.3)."""
+    def _guided_contrasts(self, x, y, mask, sites, annotation, annotated, keep=None):
+        """Per sample: evidence removed in ``x*`` (for the samples ``keep`` selects, ``None``: all), nuisance
+        removed in ``x'`` (docs/DESIGN.md section 4.3)."""
         cfg = self.config
         n = x.shape[0]
-        if cfg.guide == "study" and annotation is None:  # nothing known about any record: no contrast at all
-            return x[:0], x[:0], y[:0], mask.new_zeros(0), mask.new_zeros(0)
         # the study guide intervenes only where the record says what its evidence is (docs/DESIGN.md 4.3)
         evidence, nuisance = (torch.zeros_like(mask) if cfg.guide == "study" else mask), None
         if cfg.guide == "site" and sites is not None:
@@ -524,7 +536,8 @@ class PPIObjective:
         evidence = self._random(evidence)
         con_w = (evidence.detach().reshape(n, -1).sum(dim=1) >= 1).to(x.dtype)
         fill, ad_fill = self._fills(x, y)
-        x_neg = intervene(x, evidence, fill)
+        x_neg = intervene(*_rows(keep, x, evidence, fill))
+        con_w = con_w if keep is None else con_w[keep]
         if nuisance is None:  # the study knows nothing that marks a region as not evidence: no x'
             return x_neg, x[:0], y[:0], con_w, con_w[:0]
         nuisance = self._random(nuisance)
