@@ -249,11 +249,10 @@ def ppi_step_timings(
     """
     model, x, y = _mv_setup(device, batch, views, size)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    objectives = {
-        # warmup_epochs=0: the step at epoch 1 must run the PPI terms, not the default's plain warm-up epoch
-        mode: PPIObjective(PPIConfig(mode=mode, mask="soft", w_con=1.0, w_reg=0.1, w_ad=1.0, warmup_epochs=0))
-        for mode in ("detached", "differentiable")
-    }
+    # warmup_epochs=0: the step at epoch 1 must run the PPI terms, not the default's plain warm-up epoch;
+    # guide="partner": both contrasts run (the default study guide forms none on a batch without outlines)
+    form = {"guide": "partner", "mask": "soft", "w_con": 1.0, "w_reg": 0.1, "w_ad": 1.0, "warmup_epochs": 0}
+    objectives = {mode: PPIObjective(PPIConfig(mode=mode, **form)) for mode in ("detached", "differentiable")}
 
     def plain() -> None:
         opt.zero_grad(set_to_none=True)
