@@ -92,12 +92,14 @@ class EpochSummary:
         grad_norm 30.22  val_auc 0.5000  best 0.5000 (epoch 2)  5.1 s
 
     Validation metrics are shown only for epochs that validated (``val_interval``); the best is the
-    evaluator's key metric within the checkpoint-selection window (:class:`ppi_med.engine.SelectionWindow`),
-    the one ``model_best.pt`` holds. Seconds run from the epoch's start to the line, validation, checkpoint
-    and logging included. Only rank 0 prints under ``torchrun``.
+    evaluator's key metric, the one ``model_best.pt`` holds. Before ``first_epoch`` the best is marked
+    ``(epoch N; selection starts at epoch M)``: it is forgotten when the checkpoint-selection window opens
+    (:class:`ppi_med.engine.SelectionWindow`), so the best may fall at epoch M. Seconds run from the epoch's
+    start to the line, validation, checkpoint and logging included. Only rank 0 prints under ``torchrun``.
 
     Args:
         evaluator: the validation engine (``None``: losses only).
+        first_epoch: the first epoch whose checkpoint may be chosen (the bundles' ``checkpoint_from_epoch``).
         verbose: ``True`` (or a command-line string such as ``"true"``) sets the loggers that the bundles'
             ``logging.conf`` quiets back to INFO when attached (:func:`restore_logs`).
 
@@ -108,8 +110,9 @@ class EpochSummary:
     #: the loss terms in the order printed; other ``loss*`` metrics follow, then ``grad_norm``
     LOSS_ORDER = ("loss", "loss_cls", "loss_con", "loss_reg", "loss_ad")
 
-    def __init__(self, evaluator: Engine | None = None, verbose: bool | str = False) -> None:
+    def __init__(self, evaluator: Engine | None = None, first_epoch: int = 1, verbose: bool | str = False) -> None:
         self.evaluator = evaluator
+        self.first_epoch = int(first_epoch)
         self.verbose = as_bool(verbose, "verbose")
         self._started = time.perf_counter()
 
@@ -165,7 +168,8 @@ class EpochSummary:
         best = getattr(ev.state, "best_metric", -1)
         best_epoch = getattr(ev.state, "best_metric_epoch", -1)
         if best is not None and best_epoch is not None and best_epoch > 0:
-            parts.append(f"best {_number(best)} (epoch {best_epoch})")
+            window = f"; selection starts at epoch {self.first_epoch}" if epoch < self.first_epoch else ""
+            parts.append(f"best {_number(best)} (epoch {best_epoch}{window})")
         return parts
 
 

@@ -34,10 +34,11 @@ NOISE = (
     "nvImageCodec",
     "Creating initial MLflow database tables",
     "Updating database tables",
+    "Loading dataset",  # the datasets' caching bars: one bar, the training one, unless verbose
 )
 SUMMARY_LINE = re.compile(
     r"^epoch (\d+)/(\d+)  loss [\d.]+  loss_cls [\d.]+  loss_con [\d.]+  loss_reg [\d.]+  loss_ad [\d.]+  "
-    r"grad_norm [\d.]+  val_auc [\d.]+  best [\d.]+ \(epoch (\d+)\)  [\d.]+ s$"
+    r"grad_norm [\d.]+  val_auc [\d.]+  best [\d.]+ \(epoch (\d+)(?:; selection starts at epoch \d+)?\)  [\d.]+ s$"
 )
 
 
@@ -98,6 +99,17 @@ def test_a_baseline_shows_the_terms_it_has_and_epochs_without_validation_show_no
     assert all("loss_con" not in line and "loss_ad" not in line for line in lines)
     assert "val_auc" not in lines[0] and "val_auc" not in lines[2]  # the evaluator holds epoch 2's metrics then
     assert "val_auc 0.6000  best 0.6000 (epoch 2)" in lines[1]
+
+
+def test_the_best_before_the_selection_window_says_when_selection_starts(capsys):
+    trainer = _trainer({"loss": 0.5}, max_epochs=3)
+    evaluator = _evaluator()
+    EpochSummary(evaluator, first_epoch=3).attach(trainer)
+    _validate(trainer, evaluator, [0.9, 0.8, 0.7])
+    trainer.run(range(1), max_epochs=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert "best 0.9000 (epoch 1; selection starts at epoch 3)" in lines[1]
+    assert "best 0.9000 (epoch 1)  " in lines[2]  # the window itself (the evaluator's reset is SelectionWindow's)
 
 
 def test_another_key_metric_is_shown_with_val_auc_beside_it(capsys):
@@ -247,4 +259,5 @@ def test_verbose_brings_the_engine_logs_back(tmp_path):
         resumed = [p for p in pieces if f"ignite.engine.engine.{engine} - INFO - Engine run resuming" in p]
         assert resumed and all(LOG_RECORD.match(p) for p in resumed), pieces
     assert any("ignite.engine.engine.SupervisedEvaluator - INFO - Got new best metric of val_auc" in p for p in pieces)
+    assert any(p.startswith("Loading dataset") for p in pieces)
     assert [p.split("  ")[0] for p in pieces if SUMMARY_LINE.match(p)] == ["epoch 1/2", "epoch 2/2"]
