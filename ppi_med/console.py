@@ -5,7 +5,9 @@ validation metric, the best so far and its epoch, seconds). The engines' own INF
 nvImageCodec notices and MLflow's database set-up are held back by the bundles' ``logging.conf`` (the
 loggers in :data:`QUIET_LOGGERS`) and, for the one Python warning among them, by the filter
 :func:`quiet_known_warnings` installs when this module is imported. The bundle setting ``verbose`` (``--verbose
-true``) sets those loggers back to INFO when the trainer starts.
+true``) sets those loggers back to INFO when the trainer is built, and turns the datasets' caching bars on
+(``bundles/common/base.json``); records written before that (MLflow's set-up, nvImageCodec's notice) stay
+quiet.
 
 Everything printed while a progress bar may be open goes through :func:`write`, which clears the bar, writes
 the line to stdout, flushes, and redraws the bar, so a bar and a line never share a terminal line (stdout is
@@ -39,8 +41,8 @@ QUIET_LOGGERS: dict[str, str] = {
     "alembic": "MLflow's schema migrations",
 }
 
-#: the start of MONAI's warning when the optional nvImageCodec DICOM decoder is missing (pydicom's decoders are
-#: used instead, which is what this project reads DICOM with anyway)
+#: the start of MONAI's warning when the optional nvImageCodec DICOM decoder is missing (pydicom's own decoders
+#: are used instead)
 NVIMGCODEC_WARNING = "NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register successfully"
 
 
