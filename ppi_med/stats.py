@@ -25,30 +25,39 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import ndtr, ndtri
 
-__all__ = ["AUCResult", "DeLongResult", "auc_ci", "delong_test"]
+__all__ = ["AUCResult", "DeLongResult", "Interval", "auc_ci", "delong_test"]
 
 
 @dataclass(frozen=True)
-class AUCResult:
-    """AUC of one score with its DeLong variance and confidence interval.
+class Interval:
+    """A (1 - alpha) confidence interval and the cases it was estimated on (shared by both results below).
 
     Attributes:
-        auc: Area under the ROC curve (higher score = positive; may be below 0.5).
-        variance: DeLong estimate of the variance of ``auc``.
-        ci_low: Lower bound of the (1 - alpha) confidence interval, clipped at 0.
-        ci_high: Upper bound of the (1 - alpha) confidence interval, clipped at 1.
+        ci_low: Lower bound of the interval.
+        ci_high: Upper bound of the interval.
         alpha: Significance level the interval was built for.
         n_pos: Number of positive cases (label 1).
         n_neg: Number of negative cases (label 0).
     """
 
-    auc: float
-    variance: float
     ci_low: float
     ci_high: float
     alpha: float
     n_pos: int
     n_neg: int
+
+
+@dataclass(frozen=True)
+class AUCResult(Interval):
+    """AUC of one score with its DeLong variance and confidence interval (of the AUC, clipped to [0, 1]).
+
+    Attributes:
+        auc: Area under the ROC curve (higher score = positive; may be below 0.5).
+        variance: DeLong estimate of the variance of ``auc``.
+    """
+
+    auc: float
+    variance: float
 
     @property
     def std_error(self) -> float:
@@ -57,8 +66,9 @@ class AUCResult:
 
 
 @dataclass(frozen=True)
-class DeLongResult:
-    """DeLong's paired test of two correlated AUCs measured on the same cases.
+class DeLongResult(Interval):
+    """DeLong's paired test of two correlated AUCs measured on the same cases; its interval is that of
+    ``auc_a - auc_b`` (not clipped, as pROC).
 
     Attributes:
         auc_a: AUC of ``score_a``.
@@ -70,12 +80,6 @@ class DeLongResult:
         z: ``(auc_a - auc_b) / sqrt(var_diff)``; 0 when both the difference and ``var_diff`` are 0,
             +/- inf when only ``var_diff`` is 0 (as pROC).
         p_value: Two-sided p-value of ``z`` under the standard normal.
-        ci_low: Lower bound of the (1 - alpha) confidence interval of ``auc_a - auc_b`` (not clipped,
-            as pROC).
-        ci_high: Upper bound of that interval.
-        alpha: Significance level the interval was built for.
-        n_pos: Number of positive cases (label 1).
-        n_neg: Number of negative cases (label 0).
     """
 
     auc_a: float
@@ -86,11 +90,6 @@ class DeLongResult:
     var_diff: float
     z: float
     p_value: float
-    ci_low: float
-    ci_high: float
-    alpha: float
-    n_pos: int
-    n_neg: int
 
     @property
     def auc_diff(self) -> float:
