@@ -14,6 +14,7 @@ import pytest
 import torch
 from bundle_files import GA_BUNDLE, ROOT, workdir
 from ignite.engine import Engine, Events
+from test_ga_bundle import _tiny
 
 from ppi_med.console import NVIMGCODEC_WARNING, QUIET_LOGGERS, EpochSummary, quiet_known_warnings, restore_logs
 from ppi_med.engine import EpochLossAverages
@@ -191,33 +192,19 @@ def test_only_the_nvimgcodec_warning_is_filtered():
 # ----- the GA bundle, end to end -----------------------------------------------------------------------------
 
 
-def _tiny(tmp_path: Path, epochs: int) -> list[str]:
-    """A seconds-long GA run (as tests/test_ga_bundle.py's): 2 sites x 8 eyes, 4 B-scans of 32 x 48."""
+def _command(tmp_path: Path, epochs: int) -> list[str]:
+    """A seconds-long GA run on tests/test_ga_bundle.py's tiny data set."""
     return [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(GA_BUNDLE),
-        "--default_dataset_dir", str(tmp_path / "data"),
-        "--dataset_dir", str(tmp_path / "data"),
-        "--synthetic#sites", "['A','B']",
-        "--synthetic#subjects_per_site", "8",
-        "--synthetic#n_bscans", "4",
-        "--synthetic#height", "32",
-        "--synthetic#width", "48",
-        "--synthetic#cue_site", "B",
-        "--spatial_size", "[4,32,48]",
-        "--network_def#width", "4",
-        "--batch_size", "4",
-        "--max_epochs", str(epochs),
-        "--ppi#warmup_epochs", "1",
-        "--runs_dir", str(tmp_path / "runs"),
-        "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(GA_BUNDLE), *_tiny(tmp_path),
+        "--batch_size", "4", "--max_epochs", str(epochs), "--ppi#warmup_epochs", "1",
+        "--runs_dir", str(tmp_path / "runs"), "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
     ]  # fmt: skip
 
 
 def _console(tmp_path: Path, epochs: int, *overrides: str) -> str:
     """What a user sees: stdout and stderr in one stream, in the order written (as ``make run | tee`` has it)."""
     done = subprocess.run(
-        _tiny(tmp_path, epochs) + list(overrides),
+        _command(tmp_path, epochs) + list(overrides),
         cwd=workdir(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
