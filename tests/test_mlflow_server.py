@@ -122,7 +122,7 @@ def test_bundle_logs_run_metrics_and_artifacts_over_http(server, tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     # artifacts travel through the server's artifact proxy; the checkpoint there is the one on disk
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model_best.pt", "model_final.pt", "params.json", "ga_ppi.json"} <= artifacts
+    assert {"model_best.pt", "model_final.pt", "params.json", "train.json", "base.json", "metadata.json"} <= artifacts
     (run_dir,) = (tmp_path / "runs").iterdir()
     got = client.download_artifacts(run.info.run_id, "model_final.pt", str(tmp_path))
     assert Path(got).read_bytes() == (run_dir / "models" / "model_final.pt").read_bytes()
