@@ -51,8 +51,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ppi_med.networks import MVCNN
-from ppi_med.ppi import PPIConfig, PPIObjective, make_mask, normalize
+from ppi_med.ppi import make_mask, normalize
 from ppi_med.saliency import METHODS, compute, make_tracer
+
+try:  # run as a script (benchmarks/ is on the path) or as python -m benchmarks.bench_saliency_ppi
+    from profile_ppi_step import step_functions
+except ImportError:
+    from benchmarks.profile_ppi_step import step_functions
 
 __all__ = [
     "main",
@@ -247,28 +252,8 @@ def ppi_step_timings(
     Returns:
         ``{step: {median_ms, min_ms, ratio}}`` with ratios to the plain step.
     """
-    model, x, y = _mv_setup(device, batch, views, size)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    # warmup_epochs=0: the step at epoch 1 must run the PPI terms, not the default's plain warm-up epoch;
-    # guide="partner": both contrasts run (the default study guide forms none on a batch without outlines)
-    form = {"guide": "partner", "mask": "soft", "w_con": 1.0, "w_reg": 0.1, "w_ad": 1.0, "warmup_epochs": 0}
-    objectives = {mode: PPIObjective(PPIConfig(mode=mode, **form)) for mode in ("detached", "differentiable")}
-
-    def plain() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    def ppi(mode: str) -> None:
-        opt.zero_grad(set_to_none=True)
-        objectives[mode](model, x, y, epoch=1).loss.backward()
-        opt.step()
-
-    fns = {
-        "plain": plain,
-        "ppi_detached": lambda: ppi("detached"),
-        "ppi_differentiable": lambda: ppi("differentiable"),
-    }
+    # the partner form with warmup_epochs=0: both contrasts run at epoch 1 (profile_ppi_step.PPI_FORM)
+    fns = step_functions(device, batch, views, size)
     return _summary(time_round_robin(fns, repeats, warmup, device, "training step"), "plain")
 
 
