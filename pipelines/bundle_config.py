@@ -11,7 +11,7 @@ MONAI does.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,10 @@ def include_root(config_file: str | Path, config: Any) -> Path:
     Raises:
         FileNotFoundError: no folder above the config file holds the included files.
     """
-    paths = includes(config)
+    return _root_of(config_file, includes(config))
+
+
+def _root_of(config_file: str | Path, paths: set[str]) -> Path:
     given = Path(config_file).absolute()
     for start in (given, given.resolve()):
         for folder in start.parents:
@@ -73,9 +76,10 @@ def resolve_includes(parser: Any, config_file: str | Path) -> None:
     can be read, set and referenced afterwards like any other. A relative ``bundle_root`` (the files a run
     logs as artifacts) is anchored at the same folder, so it holds wherever the run writes.
     """
-    if not includes(parser.get()):
+    paths = includes(parser.get())
+    if not paths:
         return
-    root = include_root(config_file, parser.get())
+    root = _root_of(config_file, paths)
     with _working_folder(root):
         parser.resolve_macro_and_relative_ids()
     bundle_root = parser.get("bundle_root")
@@ -83,14 +87,21 @@ def resolve_includes(parser: Any, config_file: str | Path) -> None:
         parser["bundle_root"] = str(root / bundle_root)
 
 
-def open_config(config_file: str | Path, overrides: Mapping[str, Any] | None = None) -> Any:
-    """A MONAI ``ConfigParser`` of ``config_file`` with ``overrides`` applied and its includes resolved."""
+def open_config(config_file: str | Path | Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> Any:
+    """A MONAI ``ConfigParser`` of ``config_file`` with ``overrides`` applied and its includes resolved.
+
+    Args:
+        config_file: a bundle config, or several merged in order as MONAI merges a list (a bundle, then
+            ``bundles/common/saliency.json``); the includes resolve from above the first.
+        overrides: ``id -> value`` pairs, as on the command line.
+    """
     from monai.bundle import ConfigParser
 
+    files = [config_file] if isinstance(config_file, (str, Path)) else list(config_file)
     parser = ConfigParser()
-    parser.read_config(str(config_file))
+    parser.read_config([str(f) for f in files])
     parser.update(pairs=dict(overrides or {}))
-    resolve_includes(parser, config_file)
+    resolve_includes(parser, files[0])
     return parser
 
 

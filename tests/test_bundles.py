@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from bundle_files import GA_BUNDLE, LIDC_BUNDLE, MULTI_GPU, ROOT, SALIENCY
 
-from pipelines.bundle_config import include_root, open_config, open_workflow, resolve_includes
+from pipelines.bundle_config import include_root, open_config, open_workflow
 
 BUNDLES = ROOT / "bundles"
 #: config file as a user names it -> the metadata name MONAI must load for it by default
@@ -79,19 +79,10 @@ def test_the_override_files_merge_without_reaching_into_the_skeleton() -> None:
         raw = json.loads(extra.read_text())
         assert not [k for k in raw if "#" in k], f"{extra.name} reaches into nested ids"
         for bundle in (GA_BUNDLE, LIDC_BUNDLE):
-            parser = _merged(bundle, extra)
+            parser = open_config([bundle, extra])
             assert "initialize" in parser and "common#trainer" in parser
-    parser = _merged(LIDC_BUNDLE, SALIENCY)
+    parser = open_config([LIDC_BUNDLE, SALIENCY])
     assert parser.get_parsed_content("export_datalist") == parser.get_parsed_content("validate#datalist")
-
-
-def _merged(*files: Path):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    resolve_includes(parser, files[0])
-    return parser
 
 
 def test_includes_resolve_from_any_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,7 +133,7 @@ def test_documented_bundle_commands_name_ids_the_bundle_has(argv: list[str]) -> 
     pairs = {a[2:]: v for a, v in zip(args[::2], args[1::2])}
     files = pairs.pop("config_file")
     files = ast.literal_eval(files) if files.startswith("[") else [files]
-    parser = _merged(*[ROOT / f for f in files])
+    parser = open_config([ROOT / f for f in files])
     assert run_id in parser, f"no run id '{run_id}' in {files}"
     for key in pairs:
         if key in ("meta_file", "logging_file", "args_file", "tracking"):
