@@ -4,12 +4,14 @@ A tracking server (``http://...``) is checked before anything trains (:func:`che
 stops answering during a run, :class:`RunTracker` warns once and training goes on: every metric and param
 the run logs is also written to ``<output_dir>/metrics.jsonl`` (always, not only then), so nothing measured
 is lost, and the checkpoints stay in the run folder. Experiments are created as model-training experiments
-(:func:`ensure_experiment`).
+(:func:`ensure_experiment`). The run's datalist is logged as MLflow dataset inputs, one per split part
+(:func:`datalist_inputs`), so the UI's *Dataset* column names the data each run saw.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -30,6 +32,7 @@ __all__ = [
     "MODEL_TRAINING_KIND",
     "TrackingServerError",
     "check_tracking_uri",
+    "datalist_inputs",
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_params",
@@ -233,6 +236,101 @@ def log_batch(
     )
 
 
+def _under(value: str, folder: str) -> str | None:
+    """``value`` relative to ``folder`` (both absolute-normalised) when it names a path inside it, else ``None``."""
+    path = os.path.abspath(value)
+    if path == folder or not path.startswith(folder + os.sep):
+        return None
+    return Path(os.path.relpath(path, folder)).as_posix()
+
+
+def _dataset_row(record: Mapping[str, Any], folder: str) -> dict[str, Any]:
+    """A datalist record as a table row: paths relative to the datalist's folder, lists and objects as JSON."""
+    row: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, (str, os.PathLike)):
+            text = os.fspath(value)
+            # only path-like strings: a bare identifier (site "A") is never taken for a file
+            looks_like_path = os.path.isabs(text) or "/" in text or os.sep in text
+            value = (_under(text, folder) if looks_like_path else None) or text
+        elif isinstance(value, (list, tuple, dict)):
+            value = json.dumps(value, sort_keys=True, default=str)
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            value = str(value)
+        row[str(key)] = value
+    return row
+
+
+def _read_datalist(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the datalist to log it as the run's dataset ({err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the datalist is a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working folder (the project's root when a bundle runs) if inside it, else absolute."""
+    return _under(str(path), os.getcwd()) or os.path.abspath(path)
+
+
+def datalist_inputs(datalist: str | Path, parts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[Any]:
+    """MLflow dataset inputs that name a run's datalist: one per split part, or one for the whole list.
+
+    Each input is a table of the part's records (a pandas DataFrame; paths relative to the datalist's folder, so
+    the same eyes give the same table wherever the data lives), named by the datalist's ``name``, with the
+    datalist's path (relative to the working folder when inside it) as its source and a digest of the records
+    (the first 8 hex digits of the SHA-256 of their JSON). Its context tag (``mlflow.data.context``) is the part's
+    key, e.g. ``training``, ``validation``, ``test``; without ``parts`` there is one input without a context, of
+    the datalist's ``training`` list as written.
+
+    Args:
+        datalist: the datalist JSON.
+        parts: context -> the records of that part, as the run uses them; empty parts are left out.
+
+    Returns:
+        ``mlflow.entities.DatasetInput`` entities for ``MlflowClient.log_inputs``.
+
+    Raises:
+        ValueError: the datalist cannot be read, or (without ``parts``) has no ``training`` list of records.
+    """
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    path = Path(datalist)
+    raw = _read_datalist(path)
+    # the datalist's own name; its folder's (e.g. ga_synth) when it has none
+    name = raw.get("name") if isinstance(raw.get("name"), str) and raw["name"].strip() else None
+    name = name.strip() if name else Path(os.path.abspath(path)).parent.name
+    folder = os.path.abspath(path.parent)
+    if parts is None:
+        records = raw.get("training")
+        if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
+            raise ValueError(f"{path}: no 'training' list of records to log as the run's dataset")
+        chosen: dict[str | None, Sequence[Mapping[str, Any]]] = {None: records}
+    else:
+        chosen = {str(context): records for context, records in parts.items() if records}
+    source = get_dataset_source_from_json(json.dumps({"uri": _display_path(path)}), source_type="local")
+    inputs = []
+    for context, records in chosen.items():
+        rows = [_dataset_row(r, folder) for r in records]
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        with warnings.catch_warnings():
+            # MLflow's schema inference hints that integer columns cannot hold missing values: a model
+            # signature's concern, not a datalist's
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=digest)
+            entity = Dataset(**dataset.to_dict())
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] if context else []
+        inputs.append(DatasetInput(entity, tags))
+    return inputs
+
+
 class _GuardedClient:
     """An ``MlflowClient`` whose calls go through :meth:`RunTracker._send`, metrics and params copied locally."""
 
@@ -265,7 +363,8 @@ class RunTracker(MLFlowHandler):
     ``params.json`` as an artifact (long values do not fit MLflow params), sets tags (git commit, seed,
     method), logs the given files as artifacts when training ends, and prints where the run is and the
     command that opens the MLflow UI. The experiment is created as a model-training experiment
-    (:func:`ensure_experiment`).
+    (:func:`ensure_experiment`). The datalist is logged as the run's dataset inputs, one per split part
+    (:func:`datalist_inputs`).
 
     A tracking server is checked when the tracker is built, before any training (:func:`check_tracking_uri`).
     Every metric and param sent to MLflow is also appended to ``<output_dir>/metrics.jsonl``. If the server
@@ -283,6 +382,9 @@ class RunTracker(MLFlowHandler):
         evaluator: the engine holding that metric (``best_metric`` is read from its state).
         reference_metric: a metric of the run printed beside the best one in the closing summary, e.g. the
             linear reference's ``ref_val_auc`` (:mod:`ppi_med.reference`); skipped when the run lacks it.
+        datalist: the datalist JSON the run reads; logged as the run's MLflow dataset (``None``: none logged).
+        datasets: MLflow context (``training``, ``validation``, ``test``) -> the records of that split part, as
+            the run uses them; ``None`` logs the whole datalist as one input.
         **kwargs: passed to :class:`monai.handlers.MLFlowHandler`.
 
     Raises:
@@ -298,6 +400,8 @@ class RunTracker(MLFlowHandler):
         evaluator: Engine | None = None,
         artifacts: str | Sequence[str | Path] | None = None,
         reference_metric: str | None = None,
+        datalist: str | Path | None = None,
+        datasets: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
         **kwargs: Any,
     ) -> None:
         # MONAI's handler lets MLFLOW_TRACKING_URI win over its argument; check the one it will use
@@ -311,6 +415,8 @@ class RunTracker(MLFlowHandler):
         self.summary_metric = summary_metric
         self.evaluator = evaluator
         self.reference_metric = reference_metric
+        self.datalist = datalist
+        self.datasets = datasets
         flat = flatten_params(self.params)
         # MLflow caps a param value at 6000 characters; the full values are in params.json
         short = {k: v for k, v in flat.items() if len(v) <= 500}
@@ -455,6 +561,9 @@ class RunTracker(MLFlowHandler):
             self.client.set_tag(run_id, k, v)
         if self.output_dir is not None and self.params:
             self.client.log_artifact(run_id, str(self.output_dir / "params.json"))
+        if self.datalist is not None:
+            # logged again on a resumed run: MLflow keeps one input per dataset and context
+            self.client.log_inputs(run_id, datasets=datalist_inputs(self.datalist, self.datasets))
 
     def close(self) -> None:
         self._send(super().close)

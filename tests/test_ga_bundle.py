@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -113,6 +115,12 @@ def test_baseline_override_disables_ppi(two_runs):
     # both runs sit in one experiment with the same parameter columns, for the MLflow compare view
     ppi_run = next(r for r in runs if r.data.tags.get("method") == "ppi_wbp")
     assert set(run.data.params) == set(ppi_run.data.params)
+    # and the same data: their dataset inputs (name, digest, context) are equal, training and validation
+    base_data, ppi_data = (
+        sorted((i.tags[0].value, i.dataset.name, i.dataset.digest) for i in r.inputs.dataset_inputs)
+        for r in (run, ppi_run)
+    )
+    assert base_data == ppi_data and [c for c, _, _ in base_data] == ["training", "validation"]
 
 
 def test_runs_never_overwrite_each_other(two_runs):
@@ -162,6 +170,17 @@ def test_held_out_test_part_is_scored_with_the_chosen_checkpoint(tmp_path):
     labels, probs = [int(r[1]) for r in rows[1:]], [float(r[2]) for r in rows[1:]]
     assert roc_auc_score(labels, probs) == pytest.approx(metrics["test_auc"])
     assert "test_predictions.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the datalist is the run's dataset, one input per part (the UI's Dataset column)
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "training", "validation"]
+    assert {d.name for d in inputs.values()} == {"synthetic-oct-ga"}
+    assert {json.loads(d.source)["uri"] for d in inputs.values()} == {"data/datalist.json"}
+    assert [json.loads(inputs[c].profile)["num_rows"] for c in ("training", "validation", "test")] == [8, 4, 4]
+    # the digest is of the part's records as the datalist writes them (paths relative to its folder)
+    written = {r["image"]: r for r in json.loads((tmp_path / "data" / "datalist.json").read_text())["training"]}
+    test_records = [written[str(Path(r[0]).relative_to(tmp_path / "data"))] for r in rows[1:]]
+    digest = hashlib.sha256(json.dumps(test_records, sort_keys=True).encode()).hexdigest()[:8]
+    assert inputs["test"].digest == digest and len({d.digest for d in inputs.values()}) == 3
     # the probabilities are the best checkpoint's, not the final weights'
     parser = open_config(BUNDLE, {"network_def#width": 4, "spatial_size": [4, 32, 48]})
     preprocessing = parser.get_parsed_content("common#preprocessing")
