@@ -1,14 +1,16 @@
-"""Ingest real OCT volumes (NIfTI, NumPy, multi-frame DICOM, Duke .mat) into NIfTI + a MONAI datalist.
+"""Ingest real OCT volumes (NIfTI, NumPy, DICOM, Duke .mat, Heidelberg, Topcon, Zeiss) into NIfTI + a datalist.
 
 Input, one of:
 
 * a folder tree ``ROOT/<site>/<class>/<subject>.<ext>`` where ``<class>`` is ``GA`` (label 1) or
   ``normal`` (label 0), case-insensitive, and the subject id is the file name without its extension.
-  Names starting with ``.`` (``.DS_Store``, ...) are ignored; anything else that does not fit the rule
-  (a file directly under ROOT or a site folder, another class folder name, a sub-folder inside a
-  class folder, an unknown extension) is an error;
+  A HEYEX XML export is a sub-folder ``<subject>/`` of the class folder holding exactly one ``.xml``
+  file (and its images). Names starting with ``.`` (``.DS_Store``, ...) are ignored; anything else that
+  does not fit the rule (a file directly under ROOT or a site folder, another class folder name, any
+  other sub-folder inside a class folder, an unknown extension) is an error;
 * a CSV file with the header ``path,label,site,subject`` (other columns are ignored); ``path`` is
-  relative to the CSV's folder (or absolute); ``label`` is ``1``/``0`` or ``GA``/``normal``.
+  relative to the CSV's folder (or absolute), a HEYEX XML export folder or its ``.xml``; ``label`` is
+  ``1``/``0`` or ``GA``/``normal``.
 
 Formats (chosen by extension) and how each becomes a ``(V, H, W)`` = (B-scan, depth, lateral) array:
 
@@ -24,6 +26,13 @@ Formats (chosen by extension) and how each becomes a ``(V, H, W)`` = (B-scan, de
   the last axis; transposed to (V, H, W); spacing from ``spacing``. MATLAB v7.3 files are HDF5 and
   need h5py (not a dependency): without it the error says so.
 
+* vendor files, read by :mod:`data_prep.oct_vendor` (optional extra ``vendor-oct``: eyepy and
+  oct-converter): Heidelberg ``.vol``, ``.e2e`` and HEYEX ``.xml``, Topcon ``.fda``/``.fds``, Zeiss
+  ``.img``. The spacing comes from the file (``spacing`` is not used); B-scans whose recorded
+  positions are not parallel and evenly spaced (within ``spacing_tolerance``) are refused, as are
+  line, circle, radial and cross scans. The eye (``laterality``: ``OD``/``OS``, when the file says),
+  ``scan_pattern`` and ``format`` go into the datalist record.
+
 Trailing singleton axes beyond the third (e.g. a NIfTI of shape (V, H, W, 1)) are dropped. Every
 volume is then checked, and the first problem stops the run with an :class:`OCTInputError` naming the
 file: unreadable or corrupt, not 3D (with the shape found), an axis shorter than 2, non-numeric data,
@@ -36,7 +45,8 @@ Output (the same datalist format as :mod:`data_prep.synth_oct`, without masks an
     OUT/images/<site>/<subject>.nii.gz      float32 (V, H, W), intensities as stored (not rescaled)
     OUT/datalist.json                       {"name", "description", "labels", "sites", "generator",
                                              "numTraining", "training": [{"image", "label", "site",
-                                             "subject", "source"}, ...]}
+                                             "subject", "source"[, "laterality", "scan_pattern",
+                                             "format"]}, ...]}
 
 ``source`` is the absolute path of the original file. Site and subject are used in file names with
 every character outside ``[A-Za-z0-9._-]`` replaced by ``_`` (two names that collide after that are an
@@ -49,6 +59,7 @@ CLI::
 
     python -m data_prep.oct --input /data/ga_tree --out data/ga_real --spacing 0.06,0.0039,0.006
     python -m data_prep.oct --input /data/ga.csv --out data/ga_real --allow-varying-shape
+    python -m data_prep.oct --input /data/spectralis_tree --out data/ga_vol --spacing-tolerance 0.05
 """
 
 from __future__ import annotations
@@ -67,7 +78,9 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.oct_errors import OCTInputError
 from data_prep.oct_nifti import oct_affine, save_oct_nifti
+from data_prep.oct_vendor import SPACING_TOLERANCE, VENDOR_READERS, read_vendor_volume
 from ppi_med.atomic import atomic_write_json
 
 __all__ = [
@@ -79,6 +92,7 @@ __all__ = [
     "collect_sources",
     "main",
     "read_volume",
+    "read_volume_record",
 ]
 
 #: Fallback voxel size (mm between B-scans, axial, lateral) when a file carries none.
@@ -89,20 +103,6 @@ CLASS_FOLDERS = {"ga": 1, "normal": 0}
 _LABEL_WORDS = {"1": 1, "0": 0, "ga": 1, "normal": 0}
 _CSV_COLUMNS = ("path", "label", "site", "subject")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class OCTInputError(ValueError):
-    """A problem with one input file or entry; the message starts with the file's path.
-
-    Attributes:
-        path: The offending file (or CSV / folder).
-        problem: What is wrong with it.
-    """
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,18 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
+def _heyex_xml(folder: Path) -> Path:
+    xmls = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".xml" and not _hidden(p))
+    if len(xmls) != 1:
+        found = f"{len(xmls)} .xml files" if xmls else "no .xml file"
+        raise OCTInputError(
+            folder,
+            f"unexpected sub-folder ({found}); expected one volume file per subject, "
+            "or a HEYEX XML export folder holding exactly one .xml file",
+        )
+    return xmls[0]
+
+
 def _collect_tree(root: Path) -> list[VolumeSource]:
     sources = []
     for site_dir in sorted(p for p in root.iterdir() if not _hidden(p)):
@@ -146,8 +158,9 @@ def _collect_tree(root: Path) -> list[VolumeSource]:
                 )
             for path in sorted(p for p in class_dir.iterdir() if not _hidden(p)):
                 if path.is_dir():
-                    raise OCTInputError(path, "unexpected sub-folder; expected one volume file per subject")
-                sources.append(VolumeSource(path, label, site_dir.name, _stem(path)))
+                    sources.append(VolumeSource(_heyex_xml(path), label, site_dir.name, path.name))
+                else:
+                    sources.append(VolumeSource(path, label, site_dir.name, _stem(path)))
     return sources
 
 
@@ -182,6 +195,8 @@ def _collect_csv(csv_path: Path) -> list[VolumeSource]:
         label = _parse_label(r.get("label"), csv_path, i)
         path = Path(r["path"])
         path = path if path.is_absolute() else csv_path.parent / path
+        if path.is_dir():
+            path = _heyex_xml(path)
         if not path.is_file():
             raise OCTInputError(path, f"file not found (row {i} of {csv_path})")
         sources.append(VolumeSource(path, label, r["site"], r["subject"]))
@@ -232,6 +247,14 @@ def _read_nifti(path: Path, spacing: Sequence[float]) -> tuple[np.ndarray, np.nd
 
 def _read_npy(path: Path, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     return np.load(path, allow_pickle=False), oct_affine(spacing)
+
+
+def _vendor_reader(path: Path, spacing: Sequence[float], tolerance: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    volume = read_vendor_volume(path, tolerance)
+    info = {"scan_pattern": volume.scan_pattern, "format": volume.vendor_format}
+    if volume.laterality is not None:
+        info = {"laterality": volume.laterality, **info}
+    return volume.data, oct_affine(volume.spacing), info
 
 
 def _first_item(ds: object, keyword: str) -> object | None:
@@ -322,14 +345,17 @@ def _read_mat_v73(path: Path, spacing: Sequence[float], cause: Exception) -> tup
     return np.transpose(images, (0, 2, 1)), oct_affine(spacing)
 
 
-#: Supported extensions and their readers; each returns the raw array (V, H, W) and an affine.
-EXTENSIONS: dict[str, Callable[[Path, Sequence[float]], tuple[np.ndarray, np.ndarray]]] = {
+#: Supported extensions of the open formats and their readers; each returns the raw array (V, H, W) and an affine.
+OPEN_FORMATS: dict[str, Callable[[Path, Sequence[float]], tuple[np.ndarray, np.ndarray]]] = {
     ".nii": _read_nifti,
     ".nii.gz": _read_nifti,
     ".npy": _read_npy,
     ".dcm": _read_dicom,
     ".mat": _read_mat,
 }
+
+#: Every supported extension: the open formats and the vendor formats of :mod:`data_prep.oct_vendor`.
+EXTENSIONS: tuple[str, ...] = (*OPEN_FORMATS, *VENDOR_READERS)
 
 
 def read_volume(path: str | Path, spacing: Sequence[float] = DEFAULT_SPACING) -> tuple[np.ndarray, np.ndarray]:
@@ -345,12 +371,38 @@ def read_volume(path: str | Path, spacing: Sequence[float] = DEFAULT_SPACING) ->
     Raises:
         OCTInputError: naming the file and the problem (see the module docstring for the checks).
     """
+    data, affine, _ = read_volume_record(path, spacing)
+    return data, affine
+
+
+def read_volume_record(
+    path: str | Path, spacing: Sequence[float] = DEFAULT_SPACING, spacing_tolerance: float = SPACING_TOLERANCE
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Read and check one OCT volume, with what its file says about the eye and the scan.
+
+    Args:
+        path: The file (extension chooses the reader, see the module docstring).
+        spacing: Voxel size (dv, dh, dw) in mm for formats that carry none (and DICOM gaps).
+        spacing_tolerance: Relative tolerance of the B-scan spacing check of vendor files that record
+            B-scan positions (see :func:`data_prep.oct_vendor.check_bscan_positions`).
+
+    Returns:
+        ``(array, affine, fields)``: as :func:`read_volume`, and the datalist fields the file gives
+        (``laterality``, ``scan_pattern``, ``format`` for vendor files; empty for the open formats).
+
+    Raises:
+        OCTInputError: naming the file and the problem (see the module docstring for the checks).
+    """
     path = Path(path)
-    reader = EXTENSIONS.get(_extension(path))
-    if reader is None:
-        raise OCTInputError(path, f"unknown extension {_extension(path)!r}; supported: {sorted(EXTENSIONS)}")
+    ext = _extension(path)
+    if ext not in EXTENSIONS:
+        raise OCTInputError(path, f"unknown extension {ext!r}; supported: {sorted(EXTENSIONS)}")
     try:
-        raw, affine = reader(path, spacing)
+        if ext in OPEN_FORMATS:
+            raw, affine = OPEN_FORMATS[ext](path, spacing)
+            fields: dict[str, str] = {}
+        else:
+            raw, affine, fields = _vendor_reader(path, spacing, spacing_tolerance)
     except OCTInputError:
         raise
     except Exception as exc:  # any reader failure means the file is unreadable or corrupt
@@ -381,7 +433,7 @@ def read_volume(path: str | Path, spacing: Sequence[float] = DEFAULT_SPACING) ->
         raise OCTInputError(path, f"constant volume: every voxel equals {lo}")
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise OCTInputError(path, "invalid affine (singular or non-finite voxel-to-world matrix)")
-    return data, affine
+    return data, affine, fields
 
 
 def _safe(name: str) -> str:
@@ -396,6 +448,7 @@ def build_datalist(
     allow_varying_shape: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    spacing_tolerance: float = SPACING_TOLERANCE,
 ) -> Path:
     """Check every input volume, convert it to NIfTI (V, H, W) and write the datalist.
 
@@ -406,6 +459,7 @@ def build_datalist(
         allow_varying_shape: Accept volumes of different shapes (the bundle resizes).
         overwrite: Replace an existing datalist and same-named images in ``out_dir``.
         progress: Show tqdm progress bars.
+        spacing_tolerance: Relative tolerance of the B-scan spacing check of vendor files.
 
     Returns:
         Path of ``out_dir/datalist.json``.
@@ -447,7 +501,7 @@ def build_datalist(
     # Pass 1: read and check everything, so a bad file stops the run before anything is written.
     reference: tuple[tuple[int, ...], Path] | None = None
     for src in tqdm(sources, desc="checking OCT volumes", unit="vol", disable=not progress):
-        data, _ = read_volume(src.path, spacing)
+        data, _, _ = read_volume_record(src.path, spacing, spacing_tolerance)
         if reference is None:
             reference = (data.shape, src.path)
         elif data.shape != reference[0] and not allow_varying_shape:
@@ -460,7 +514,7 @@ def build_datalist(
     # Pass 2: convert.
     training = []
     for src, rel in tqdm(list(zip(sources, targets)), desc="writing NIfTI", unit="vol", disable=not progress):
-        data, affine = read_volume(src.path, spacing)
+        data, affine, fields = read_volume_record(src.path, spacing, spacing_tolerance)
         save_oct_nifti(data, affine, out / rel, np.float32)
         training.append(
             {
@@ -469,6 +523,7 @@ def build_datalist(
                 "site": src.site,
                 "subject": src.subject,
                 "source": str(src.path.resolve()),
+                **fields,
             }
         )
 
@@ -483,6 +538,7 @@ def build_datalist(
             "input": str(input_path),
             "spacing": list(spacing),
             "allow_varying_shape": bool(allow_varying_shape),
+            "spacing_tolerance": float(spacing_tolerance),
         },
         "numTraining": len(training),
         "training": training,
@@ -516,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.oct",
         description=(
-            "Check and convert OCT volumes (NIfTI, .npy, multi-frame DICOM, Duke .mat) to NIfTI (V, H, W) "
+            "Check and convert OCT volumes (NIfTI, .npy, multi-frame DICOM, Duke .mat, Heidelberg .vol/.e2e/XML, "
+            "Topcon .fda/.fds, Zeiss .img) to NIfTI (V, H, W) "
             "and write a MONAI datalist. INPUT is a folder SITE/{GA,normal}/<subject>.<ext> or a CSV with "
             "columns path,label,site,subject (paths relative to the CSV)."
         ),
@@ -532,6 +589,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="voxel size in mm (between B-scans, axial, lateral) for files that carry none",
     )
     parser.add_argument("--allow-varying-shape", action="store_true", help="accept volumes of different shapes")
+    parser.add_argument(
+        "--spacing-tolerance",
+        type=float,
+        default=SPACING_TOLERANCE,
+        metavar="FRACTION",
+        help="relative tolerance of the B-scan spacing check of VOL, E2E and XML files (irregular spacing is refused)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing datalist and same-named images")
     args = parser.parse_args(argv)
     try:
@@ -541,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spacing=args.spacing,
             allow_varying_shape=args.allow_varying_shape,
             overwrite=args.overwrite,
+            spacing_tolerance=args.spacing_tolerance,
         )
     except OCTInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
