@@ -20,13 +20,13 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-# Tests that start a browser, several processes or a server are slow by nature: marking them `slow` here keeps
-# `-m "not slow"` (the fast loop) free of them without repeating the mark on each.
-IMPLIES_SLOW = ("browser", "distributed", "server")
+# Tests that start a browser, several processes, a server or a DICOM node (Orthanc) are slow by nature: marking them
+# `slow` here keeps `-m "not slow"` (the fast loop) free of them without repeating the mark on each.
+IMPLIES_SLOW = ("browser", "distributed", "server", "pacs")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Add the `slow` mark to every test marked browser, distributed or server.
+    """Add the `slow` mark to every test marked browser, distributed, server or pacs.
 
     Args:
         config: The pytest configuration (unused; part of the hook's signature).

@@ -1,0 +1,435 @@
+"""A real PACS in the loop (ppi_med.pacs): Orthanc on loopback, a CT series in, the saliency map back out.
+
+The module fixture starts its own Orthanc (``Orthanc CONFIG.json``) on free loopback ports with a temporary
+store, checking the called AE title and allowing only the test's AE, and stops it at the end. A CT-like series
+written with pydicom is stored in it, pulled back by study UID (C-FIND + C-GET), read by the data preparation
+(data_prep.dicom_series) and exported with WBP by the real exporter; the export's Parametric Map is pushed
+(C-STORE), found again (C-FIND) and fetched back, and its references and per-frame geometry are checked
+against the series as written. Orthanc's REST API counts the instances independently of the code under test.
+The tests without ``orthanc`` run without a node (errors found before connecting, a closed port).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRanged
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML, CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from torch import nn
+
+from data_prep.dicom_series import DicomIndex, read_ct_series
+from ppi_med import pacs
+from ppi_med.export import export_saliency
+from ppi_med.pacs import AssociationRejected, DicomNode, NodeUnreachable, NotFound, TransferFailed
+from ppi_med.saliency_spec import SaliencySpec
+
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+ORTHANC_AET, TEST_AET = "PPI-PACS", "PPITEST"
+
+
+def _orthanc_binary() -> str | None:
+    # Debian installs it in /usr/sbin, which is not on every user's PATH
+    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).is_file()), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rest(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return json.load(resp)
+
+
+class Orthanc:
+    """A running Orthanc: its DICOM node for the test's AE and its REST port."""
+
+    def __init__(self, dicom_port: int, http_port: int, log: Path) -> None:
+        self.node = DicomNode("127.0.0.1", dicom_port, ORTHANC_AET, TEST_AET, timeout=10)
+        self.http_port, self.log = http_port, log
+
+    def count(self) -> int:
+        return int(_rest(self.http_port, "/statistics")["CountInstances"])
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    binary = _orthanc_binary()
+    if binary is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc; .ci/run installs it)")
+    root = tmp_path_factory.mktemp("orthanc")
+    dicom_port, http_port = _free_port(), _free_port()
+    config = {
+        "Name": "ppi-med test PACS",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "DicomAet": ORTHANC_AET,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        # a hospital PACS's habits: the called AE title must be its own, and only known AEs may do anything
+        "DicomCheckCalledAet": True,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
+        "DicomModalities": {"ppi-med": {"AET": TEST_AET, "Host": "127.0.0.1", "Port": _free_port()}},
+    }
+    (root / "config.json").write_text(json.dumps(config, indent=1))
+    log = root / "orthanc.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([binary, str(root / "config.json")], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _rest(http_port, "/system")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text()[-3000:]
+                    raise RuntimeError(f"Orthanc did not start (exit {proc.poll()}):\n{tail}") from None
+                time.sleep(0.1)
+        yield Orthanc(dicom_port, http_port, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- a CT-like series and a network WBP explains -----------------------------------------------------------------
+
+GEOMETRY = {"spacing": (0.8, 0.7), "step": 2.5, "origin": (-12.0, 20.5, -60.0)}
+
+
+def _write_ct_series(
+    folder: Path, vol: np.ndarray, patient: str = "PACS-PHANTOM", study: str | None = None, series: str | None = None
+) -> list[Path]:
+    """``vol[k, r, c]`` as an axial CT series (slice k, row r, column c), written out of slice order."""
+    folder.mkdir(parents=True)
+    study, series, frame = study or generate_uid(), series or generate_uid(), generate_uid()
+    files = []
+    for n, k in enumerate(np.random.default_rng(0).permutation(vol.shape[0])):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = patient, "Phantom^Pacs", "O", "19700101"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240102", "101500", "ACC42", "7"
+        ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "CT", 3, "chest"
+        x0, y0, z0 = GEOMETRY["origin"]
+        ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{z0 + k * GEOMETRY['step']:.4f}"]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.PixelSpacing = [str(v) for v in GEOMETRY["spacing"]]
+        ds.SliceThickness, ds.InstanceNumber = str(GEOMETRY["step"]), int(k) + 1
+        ds.Rows, ds.Columns = vol.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+        ds.PixelData = vol[k].astype(np.int16).tobytes()
+        path = folder / f"slice{n:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def _ct_volume() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    vol = rng.normal(-800, 30, (8, 20, 18))
+    k, r, c = np.indices(vol.shape)
+    vol[(k - 4) ** 2 / 4 + (r - 9) ** 2 / 9 + (c - 11) ** 2 / 9 <= 1] = 60  # a nodule, off-centre
+    return vol
+
+
+class NoduleNet(nn.Module):
+    """Two logits from one convolution: layers WBP has rules for, and a saliency with a spatial pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def _preprocessing() -> Compose:
+    return Compose(
+        [
+            LoadImaged("image", image_only=True, ensure_channel_first=True),
+            Orientationd("image", axcodes="RAS"),
+            ScaleIntensityRanged("image", a_min=-1000, a_max=400, b_min=0.0, b_max=1.0, clip=True),
+            ResizeWithPadOrCropd("image", spatial_size=(24, 24, 8)),
+            EnsureTyped("image", dtype=torch.float32),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def stored_ct(orthanc, tmp_path_factory) -> list[Path]:
+    """The CT series, written and stored in Orthanc (C-STORE through ppi_med.pacs)."""
+    files = _write_ct_series(tmp_path_factory.mktemp("ct") / "series", _ct_volume())
+    before = orthanc.count()
+    sent = pacs.push(orthanc.node, [files[0].parent])
+    assert len(sent.sop_instance_uids) == len(files) and not sent.warnings
+    assert orthanc.count() == before + len(files)
+    return files
+
+
+def _headers(files) -> dict[str, pydicom.Dataset]:
+    return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in files)}
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.pacs
+def test_echo_and_find_the_stored_study(orthanc, stored_ct):
+    pacs.echo(orthanc.node)
+    first = pydicom.dcmread(stored_ct[0])
+    (study,) = pacs.find(orthanc.node, "STUDY", {"PatientID": "PACS-PHANTOM"}, ["AccessionNumber"])
+    assert study.StudyInstanceUID == first.StudyInstanceUID and study.AccessionNumber == "ACC42"
+    images = pacs.find(orthanc.node, "IMAGE", {"SeriesInstanceUID": first.SeriesInstanceUID}, ["InstanceNumber"])
+    assert sorted(int(d.InstanceNumber) for d in images) == list(range(1, len(stored_ct) + 1))
+
+
+@pytest.mark.pacs
+def test_pull_prepare_export_push_and_query_the_map_back(orthanc, stored_ct, tmp_path):
+    node, source = orthanc.node, _headers(stored_ct)
+    first = next(iter(source.values()))
+
+    # pull by study UID: every slice comes back, byte-identical pixels, in the TCIA-like layout
+    pulled = pacs.pull(node, tmp_path / "pulled", study_uid=first.StudyInstanceUID)
+    (folder,) = pulled.series
+    assert folder == tmp_path / "pulled" / "PACS-PHANTOM" / first.StudyInstanceUID / first.SeriesInstanceUID
+    assert pulled.n_instances == len(stored_ct) and not list((tmp_path / "pulled").glob(".pull-*"))
+    got = _headers(sorted(folder.glob("*.dcm")))
+    assert set(got) == set(source)
+    for uid, ds in got.items():
+        assert np.array_equal(ds.pixel_array, source[uid].pixel_array)
+        assert ds.ImagePositionPatient == source[uid].ImagePositionPatient
+
+    # the data preparation reads the pulled folder as it reads a download
+    index = DicomIndex(tmp_path / "pulled")
+    files = index.find_series("PACS-PHANTOM", first.StudyInstanceUID, first.SeriesInstanceUID)
+    ct = read_ct_series(files, first.SeriesInstanceUID)
+    assert ct.hu.shape == (20, 18, 8) and np.isclose(ct.slice_spacing, GEOMETRY["step"])
+
+    # the real exporter writes WBP as a Parametric Map over the pulled series; it goes back to the PACS
+    spec = SaliencySpec(NoduleNet(), _preprocessing(), str(folder), methods="wbp", progress=False)
+    export_index = export_saliency(spec, tmp_path / "export", montage=False)
+    (map_file,) = pacs.exported_maps(export_index)
+    local = pydicom.dcmread(map_file)
+    before = orthanc.count()
+    pushed = pacs.push(node, pacs.exported_maps(export_index))
+    assert pushed.sop_instance_uids == (local.SOPInstanceUID,) and orthanc.count() == before + 1
+
+    # queried back: the study now has the CT series and the map's series
+    series = pacs.find(node, "SERIES", {"StudyInstanceUID": first.StudyInstanceUID}, ["Modality", "SeriesDescription"])
+    by_uid = {str(s.SeriesInstanceUID): s for s in series}
+    assert set(by_uid) == {first.SeriesInstanceUID, local.SeriesInstanceUID}
+    assert by_uid[local.SeriesInstanceUID].SeriesDescription == local.SeriesDescription
+    (image,) = pacs.find(
+        node,
+        "IMAGE",
+        {"StudyInstanceUID": first.StudyInstanceUID, "SeriesInstanceUID": local.SeriesInstanceUID},
+        ["SOPClassUID"],
+    )
+    assert image.SOPInstanceUID == local.SOPInstanceUID and image.SOPClassUID == PARAMETRIC_MAP
+
+    # fetched back from the PACS, the map references the source series and sits on its slices
+    back = pacs.pull(node, tmp_path / "maps", series_uid=local.SeriesInstanceUID)
+    (map_back,) = back.series[0].glob("*.dcm")
+    pm = pydicom.dcmread(map_back)
+    assert pm.SOPClassUID == PARAMETRIC_MAP and pm.SOPInstanceUID == local.SOPInstanceUID
+    assert pm.StudyInstanceUID == first.StudyInstanceUID and pm.PatientID == first.PatientID
+    assert pm.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert (pm.AccessionNumber, pm.PatientName) == (first.AccessionNumber, first.PatientName)
+    (ref,) = pm.ReferencedSeriesSequence
+    assert ref.SeriesInstanceUID == first.SeriesInstanceUID
+    assert {str(i.ReferencedSOPInstanceUID) for i in ref.ReferencedInstanceSequence} <= set(source)
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    assert np.allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], GEOMETRY["spacing"])
+    assert (pm.Rows, pm.Columns) == (first.Rows, first.Columns)
+    frames = pm.PerFrameFunctionalGroupsSequence
+    assert int(pm.NumberOfFrames) == len(frames) >= 2
+    for frame in frames:
+        src = source[str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(position, [float(v) for v in src.ImagePositionPatient], atol=1e-4)
+        orientation = frame.get("PlaneOrientationSequence", shared.PlaneOrientationSequence)[0]
+        assert np.allclose([float(v) for v in orientation.ImageOrientationPatient], src.ImageOrientationPatient)
+        spacing = frame.get("PixelMeasuresSequence", shared.PixelMeasuresSequence)[0]
+        assert np.allclose([float(v) for v in spacing.PixelSpacing], [float(v) for v in src.PixelSpacing])
+    assert np.array_equal(pm.pixel_array, local.pixel_array) and np.abs(pm.pixel_array).max() > 0
+
+    # pushing the same map again stores nothing new: same SOP Instance UID, one instance
+    count = orthanc.count()
+    again = pacs.push(node, [map_file])
+    assert again.sop_instance_uids == pushed.sop_instance_uids
+    assert orthanc.count() == count
+    assert len(pacs.find(node, "IMAGE", {"SeriesInstanceUID": local.SeriesInstanceUID})) == 1
+
+
+# -- bad inputs: a clear error naming the node, and nothing written ------------------------------------------------
+
+
+def _nothing_written(out: Path) -> bool:
+    return not out.exists()
+
+
+@pytest.mark.pacs
+def test_a_rejected_association_names_the_node_and_the_reason(orthanc, stored_ct, tmp_path):
+    uid = str(pydicom.dcmread(stored_ct[0]).StudyInstanceUID)
+    good = orthanc.node
+    wrong_called = DicomNode(good.host, good.port, "NOT-THE-PACS", TEST_AET, timeout=5)
+    with pytest.raises(AssociationRejected, match=r"NOT-THE-PACS@127\.0\.0\.1:\d+ .*[Cc]alled AE title not recognised"):
+        pacs.pull(wrong_called, tmp_path / "out", study_uid=uid)
+    assert _nothing_written(tmp_path / "out")
+
+    stranger = DicomNode(good.host, good.port, ORTHANC_AET, "STRANGER", timeout=5)
+    with pytest.raises(AssociationRejected, match=r"calling AE STRANGER.*[Cc]alling AE title not recognised"):
+        pacs.pull(stranger, tmp_path / "out", study_uid=uid)
+    assert _nothing_written(tmp_path / "out")
+    count = orthanc.count()
+    with pytest.raises(AssociationRejected, match="STRANGER"):
+        pacs.push(stranger, stored_ct[:1])
+    assert orthanc.count() == count
+
+
+@pytest.mark.pacs
+def test_a_study_the_node_does_not_hold_is_not_found(orthanc, stored_ct, tmp_path):
+    missing = generate_uid()
+    with pytest.raises(NotFound, match=rf"{ORTHANC_AET}@127\.0\.0\.1:\d+ .*no instances found for study {missing}"):
+        pacs.pull(orthanc.node, tmp_path / "deep" / "out", study_uid=missing)
+    assert _nothing_written(tmp_path / "deep")
+    # a series folder pulled before is not overwritten; nothing is fetched
+    first = pydicom.dcmread(stored_ct[0])
+    done = pacs.pull(orthanc.node, tmp_path / "out", series_uid=first.SeriesInstanceUID)
+    stamp = {p: p.stat().st_mtime_ns for p in done.series[0].iterdir()}
+    with pytest.raises(FileExistsError, match=f"{first.SeriesInstanceUID} exists"):
+        pacs.pull(orthanc.node, tmp_path / "out", study_uid=first.StudyInstanceUID)
+    assert {p: p.stat().st_mtime_ns for p in done.series[0].iterdir()} == stamp
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["PACS-PHANTOM"]
+
+
+@pytest.mark.pacs
+def test_a_pull_that_fails_half_way_leaves_nothing(orthanc, tmp_path):
+    """A study of two series, the second (in UID order, the order a pull fetches) one slice stored as MPEG-2
+    video, which a pull does not accept (pydicom cannot decode it) and the node cannot transcode: its C-GET
+    fails after the first series has arrived, and the pull must leave no half-pulled study behind."""
+    study = generate_uid()[:50]  # room for the series' suffixes
+    good = _write_ct_series(tmp_path / "a", _ct_volume()[:3], patient="PACS-BROKEN", study=study, series=f"{study}.1")
+    (bad,) = _write_ct_series(tmp_path / "b", _ct_volume()[:1], patient="PACS-BROKEN", study=study, series=f"{study}.2")
+    broken = pydicom.dcmread(bad)
+    broken.file_meta.TransferSyntaxUID = MPEG2MPML
+    broken.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])  # an MPEG-2 sequence header start
+    broken.save_as(bad, enforce_file_format=True)
+    pacs.push(orthanc.node, [*good, bad])
+    out = tmp_path / "pulled"
+    out.mkdir()
+    (out / "kept.txt").write_text("already here")
+    with pytest.raises(
+        TransferFailed,
+        match=rf"{ORTHANC_AET}@127\.0\.0\.1:\d+ .*C-GET of series {study}\.2 .* failed, status 0x.*; 3 of 4 listed "
+        "instances had arrived, none is kept",
+    ):
+        pacs.pull(orthanc.node, out, study_uid=study)
+    assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]  # no series folder, no temporary folder
+
+
+@pytest.mark.pacs
+def test_a_compressed_series_comes_as_stored(orthanc, tmp_path):
+    """An RLE series (pydicom decodes it) is fetched untouched; the data preparation reads its pixels."""
+    files = _write_ct_series(tmp_path / "src", _ct_volume()[:2], patient="PACS-RLE")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.compress(RLELossless)
+        ds.save_as(f, enforce_file_format=True)
+    pacs.push(orthanc.node, files)
+    first = pydicom.dcmread(files[0])
+    (folder,) = pacs.pull(orthanc.node, tmp_path / "out", patient_id="PACS-RLE").series
+    source = _headers(files)
+    for uid, ds in _headers(folder.glob("*.dcm")).items():
+        assert ds.file_meta.TransferSyntaxUID == RLELossless and ds.PixelData == source[uid].PixelData
+    ct = read_ct_series(sorted(folder.glob("*.dcm")), first.SeriesInstanceUID)
+    assert np.array_equal(ct.hu[:, :, 0], _ct_volume()[0].astype(np.int16))
+
+
+@pytest.mark.pacs
+def test_the_command_line_pulls_and_reports_errors(orthanc, stored_ct, tmp_path, capsys):
+    node = orthanc.node
+    common = ["--host", node.host, "--port", str(node.port), "--called-aet", node.called_aet, "--aet", TEST_AET]
+    assert pacs.main(["echo", *common]) == 0
+    first = pydicom.dcmread(stored_ct[0])
+    out = tmp_path / "cli"
+    assert pacs.main(["pull", *common, "--series-uid", first.SeriesInstanceUID, "--out", str(out)]) == 0
+    assert f"{len(stored_ct)} instance(s) in 1 series pulled" in capsys.readouterr().out
+    assert len(list(out.glob("*/*/*/*.dcm"))) == len(stored_ct)
+    assert pacs.main(["find", *common, "--level", "SERIES", "--study-uid", first.StudyInstanceUID]) == 0
+    assert f"{first.SeriesInstanceUID}\tCT\t3\tchest" in capsys.readouterr().out
+    count = orthanc.count()
+    assert pacs.main(["push", *common, str(stored_ct[0])]) == 0  # stored before: kept once
+    assert "1 instance(s) stored" in capsys.readouterr().out and orthanc.count() == count
+    assert pacs.main(["pull", *common, "--study-uid", generate_uid(), "--out", str(tmp_path / "none")]) == 1
+    assert "no instances found" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+# -- without a node --------------------------------------------------------------------------------------------
+
+
+def test_nothing_listening_names_the_node_and_writes_nothing(tmp_path):
+    port = _free_port()  # bound and released: nothing listens there
+    node = DicomNode("127.0.0.1", port, "SOMEPACS", "PPIMED", timeout=3)
+    with pytest.raises(NodeUnreachable, match=rf"SOMEPACS@127\.0\.0\.1:{port} \(calling AE PPIMED\): nothing answers"):
+        pacs.pull(node, tmp_path / "out", study_uid="1.2.3")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(NodeUnreachable, match="refused"):
+        pacs.echo(node)
+
+
+def test_bad_requests_are_refused_before_connecting(tmp_path):
+    node = DicomNode("127.0.0.1", 9, "SOMEPACS")  # the discard port: a request that got this far would hang
+    with pytest.raises(ValueError, match="not a DICOM UID"):
+        pacs.pull(node, tmp_path / "out", study_uid="1.2.3; rm")
+    with pytest.raises(ValueError, match="no wildcards"):
+        pacs.pull(node, tmp_path / "out", patient_id="LIDC*")
+    with pytest.raises(ValueError, match="needs a patient id"):
+        pacs.pull(node, tmp_path / "out")
+    with pytest.raises(ValueError, match="level 'FRAME'"):
+        pacs.find(node, "FRAME")
+    with pytest.raises(ValueError, match="calling_aet 'A-TITLE-THAT-IS-TOO-LONG'"):
+        DicomNode("127.0.0.1", 104, "PACS", "A-TITLE-THAT-IS-TOO-LONG")
+    (tmp_path / "notes.dcm").write_text("not DICOM")
+    with pytest.raises(ValueError, match="notes.dcm: not a DICOM file"):
+        pacs.push(node, [tmp_path / "notes.dcm"])
+    with pytest.raises(FileNotFoundError, match="TLS CA bundle"):
+        pacs.tls_context(tmp_path / "ca.pem")
+    (tmp_path / "index.csv").write_text("case_id,overlay\na,x.nii.gz\n")
+    with pytest.raises(ValueError, match="no dicom_overlay column"):
+        pacs.exported_maps(tmp_path / "index.csv")
+    assert not (tmp_path / "out").exists()
