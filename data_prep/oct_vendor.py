@@ -22,6 +22,7 @@ shows (0-255); XML, FDA (JPEG), FDS, Zeiss IMG and FDA's uncompressed chunk are 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import io
 import re
@@ -86,6 +87,12 @@ def _require(module: str, distribution: str, path: Path) -> None:
             f"reading {path.suffix} files needs the optional package {distribution}, which is not installed; "
             f"install it with: pip install 'ppi-med[{EXTRA}]'",
         )
+    try:
+        importlib.import_module(module if module != "oct_converter" else "oct_converter.readers")
+    except ImportError as exc:  # e.g. opencv, which oct-converter imports, without its system libraries
+        raise OCTInputError(
+            path, f"{distribution} is installed but does not import ({exc}); reinstall 'ppi-med[{EXTRA}]'"
+        ) from exc
 
 
 def _laterality(value: object) -> str | None:

@@ -105,6 +105,23 @@ def test_missing_extra_names_file_and_extra(tmp_path: Path, monkeypatch: pytest.
     assert not (tmp_path / "out").exists()
 
 
+def test_extra_that_does_not_import_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = _class_dir(tmp_path / "in", "A", "GA") / "s1.fda"
+    target.write_bytes(b"FOCT")
+    real_import = importlib.import_module
+
+    def broken(name: str, *args: object) -> object:
+        if name.startswith("oct_converter"):
+            raise ImportError("libGL.so.1: cannot open shared object file")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(OCTInputError, match=r"oct-converter is installed but does not import \(libGL") as info:
+        build_datalist(tmp_path / "in", tmp_path / "out", progress=False)
+    assert info.value.path == target
+
+
 # --- each format through build_datalist ------------------------------------------------------------------
 
 
