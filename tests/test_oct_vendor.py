@@ -170,14 +170,17 @@ def test_heyex_xml_export_folder_is_one_subject(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # the first oct-converter import takes about a second
 @needs_oct_converter
-def test_fda_values_geometry_and_eye(tmp_path: Path) -> None:
+def test_fda_and_fds_values_geometry_and_eye(tmp_path: Path) -> None:
     bscans = (np.random.default_rng(4).integers(0, 60000, SHAPE)).astype(np.uint16)
     write_fda(_class_dir(tmp_path / "in", "A", "GA") / "s4.fda", bscans, laterality="OS", **FDA_GEOMETRY)
     write_fda(_class_dir(tmp_path / "in", "A", "GA") / "s5.fda", _display(5), jpeg=True, **FDA_GEOMETRY)
+    write_fda(_class_dir(tmp_path / "in", "A", "normal") / "s6.fds", bscans[::-1], fds=True, **FDA_GEOMETRY)
     records = _records(build_datalist(tmp_path / "in", tmp_path / "out", progress=False))
-    raw, jpeg = records["s4"], records["s5"]
+    raw, jpeg, fds = records["s4"], records["s5"], records["s6"]
     assert (raw["laterality"], jpeg["laterality"], raw["format"]) == ("OS", "OD", "topcon-fda")
+    assert (fds["laterality"], fds["format"], fds["scan_pattern"]) == ("OD", "topcon-fds", "volume")
     np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "out" / raw["image"])).dataobj), bscans)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "out" / fds["image"])).dataobj), bscans[::-1])
     jpeg_data = np.asarray(nib.load(str(tmp_path / "out" / jpeg["image"])).dataobj)
     assert np.abs(jpeg_data - _display(5)).max() <= 3  # JPEG at quality 100 is near-lossless
     g = FDA_GEOMETRY

@@ -9,8 +9,8 @@ one file in the vendor's layout:
 * :func:`write_e2e`: Heidelberg E2E: a version block, a directory header and one chunk of folder headers,
   each pointing at a data container (patient, laterality, enface modality, per B-scan its metadata with the
   start and end point in degrees, and the image as Heidelberg's unsigned 16-bit float);
-* :func:`write_fda`: Topcon FDA: ``FOCT`` header and named chunks (uncompressed 16-bit or JPEG B-scans,
-  scan size, capture information with the eye);
+* :func:`write_fda`: Topcon FDA (or FDS): ``FOCT`` header and named chunks (uncompressed 16-bit or JPEG
+  B-scans, scan size, capture information with the eye);
 * :func:`write_heyex_xml`: a HEYEX XML export folder: the XML and one PNG per B-scan and localizer.
 """
 
@@ -249,8 +249,9 @@ def write_fda(
     laterality: str = "OD",
     scan_mode: int = 2,
     jpeg: bool = False,
+    fds: bool = False,
 ) -> Path:
-    """Write a Topcon ``.fda`` file.
+    """Write a Topcon ``.fda`` file (or, with ``fds``, an ``.fds`` file, whose image chunk is ``@IMG_SCAN_03``).
 
     Args:
         path: Target file.
@@ -261,9 +262,10 @@ def write_fda(
         laterality: ``"OD"`` (eye 0) or ``"OS"`` (eye 1).
         scan_mode: Topcon's scan mode (2: 3D volume, 3: radial, 4: cross).
         jpeg: Store the B-scans as JPEG (``@IMG_JPEG``) instead of uncompressed (``@IMG_MOT_COMP_03``).
+        fds: Write the FDS variant (uncompressed 16-bit B-scans in ``@IMG_SCAN_03``).
     """
     n_v, n_h, n_w = bscans.shape
-    out = b"FOCT" + b"FDA" + struct.pack("<II", 1, 0)
+    out = b"FOCT" + (b"FDS" if fds else b"FDA") + struct.pack("<II", 1, 0)
     if jpeg:
         body = struct.pack("<BIIIIII", scan_mode, 0, 0, n_w, n_h, n_v, 0)
         for b in bscans:
@@ -273,7 +275,8 @@ def write_fda(
         out += _chunk("@IMG_JPEG", body)
     else:
         head = struct.pack("<BIIIIBI", scan_mode, n_w, n_h, 16, n_v, 0, bscans.size * 2)
-        out += _chunk("@IMG_MOT_COMP_03", head + bscans.astype("<u2").tobytes())
+        # A-scan samples of one row across the B-scan first, then rows, then B-scans
+        out += _chunk("@IMG_SCAN_03" if fds else "@IMG_MOT_COMP_03", head + bscans.astype("<u2").tobytes())
     out += _chunk("@PARAM_SCAN_04", struct.pack("<IIIdddddBB", 0, 0, 0, x_mm, y_mm, z_um, 0.0, 0.0, 0, 0))
     eye = 0 if laterality == "OD" else 1
     capture = (
