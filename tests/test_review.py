@@ -10,9 +10,11 @@ import os
 import threading
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from mlflow import MlflowClient
-from review_export import make_export
+from review_export import make_export, make_oct_export
 from sklearn.metrics import cohen_kappa_score
 
 from pipelines.review import server as review_server
@@ -89,10 +91,55 @@ def test_binds_to_loopback_and_lists_the_cases_of_the_index(served, export):
             assert status == 200 and content == (export / url[len("/files/") :]).read_bytes()
         peak = next(r for r in index if r["case_id"] == c["case_id"])["peak_ras_mm"]
         assert c["overlays"][0]["peak_ras_mm"] == pytest.approx([float(v) for v in peak.split(";")])
+        # CT scans keep the three planes
+        assert (c["modality"], c["layout"]) == (None, "planes")
     status, page = _get(served, "/")
     assert status == 200 and b"/static/review.js" in page
     status, lib = _get(served, "/static/niivue.js")
     assert status == 200 and b"Niivue" in lib
+    status, view = _get(served, "/static/oct_view.js")
+    assert status == 200 and b"class OctView" in view
+
+
+@pytest.mark.slow
+def test_an_oct_export_is_laid_out_b_scan_first_from_the_peak(tmp_path):
+    export = make_oct_export(tmp_path)
+    _, cases = load_cases(export)
+    assert [(c.case_id, c.modality, c.layout, c.problems) for c in cases] == [
+        ("A-000", "OCT", "bscan", []),
+        ("A-001", "OCT", "bscan", []),
+    ]
+    for case in cases:
+        for o in case.overlays:
+            saliency = np.asarray(nib.load(export / o.overlay).dataobj)
+            # the index's peak, back on the voxel grid: the largest saliency, so its B-scan is where the page starts
+            assert tuple(o.peak_voxel) == np.unravel_index(np.argmax(saliency), saliency.shape)
+    assert cases[0].to_json()["overlays"][0]["peak_voxel"] == cases[0].overlays[0].peak_voxel
+
+
+def test_the_exports_modality_overrides_the_image_orientation(export):
+    meta_path = export / "export.json"
+    original = meta_path.read_text()
+    meta = json.loads(original)
+    try:
+        # a CT export said to be OCT: its scans are not in the OCT convention, so three planes and the reason
+        meta_path.write_text(json.dumps({**meta, "modality": "oct"}))
+        _, cases = load_cases(export)
+        assert {(c.modality, c.layout) for c in cases} == {("OCT", "planes")}
+        assert all("not in the OCT (B-scan, depth, lateral) convention" in " ".join(c.problems) for c in cases)
+        meta_path.write_text(json.dumps({**meta, "modality": "CT"}))
+        _, cases = load_cases(export)
+        assert {(c.modality, c.layout) for c in cases} == {("CT", "planes")}
+        assert not any(c.problems for c in cases)
+        for bad in (5, ""):
+            meta_path.write_text(json.dumps({**meta, "modality": bad}))
+            with pytest.raises(ReviewInputError, match=r"export.json: modality .* is not a name"):
+                load_cases(export)
+        meta_path.write_text("[1, 2")
+        with pytest.raises(ReviewInputError, match="export.json: not a JSON object"):
+            load_cases(export)
+    finally:
+        meta_path.write_text(original)
 
 
 def test_path_traversal_and_everything_outside_the_export_get_404(served, export, tmp_path):

@@ -1,5 +1,11 @@
 """The cases of an export folder (``OUT/index.csv`` of :mod:`ppi_med.export`) as the review page shows them.
 
+Each case also says how the page lays it out: an OCT volume (a NIfTI in the ``(V, H, W)`` convention of
+:mod:`data_prep.oct_nifti`, whose affine points its axes inferior, posterior and right) opens B-scan first
+(``layout`` ``"bscan"``), anything else in three orthogonal planes (``"planes"``). The export's
+``export.json`` may name the ``modality`` outright (``"OCT"``, ``"CT"``, ...); without it an image in the OCT
+convention is taken for OCT.
+
 Every file a case needs is looked up inside the export folder: the index may hold paths relative to the
 folder the export ran in (``exports/ga/A-005_img/wbp_pred.nii.gz``) or absolute ones, so a path is taken as it
 is when it lies inside the export, else by its last two parts (``<case>/<file>``, ``scans/<file>``) and then its
@@ -10,14 +16,21 @@ outside the export folder is ever read.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+
+from data_prep.oct_nifti import OCT_AXCODES
+
 __all__ = [
     "ReviewInputError",
+    "LAYOUTS",
     "Overlay",
     "Case",
     "REQUIRED_COLUMNS",
@@ -26,6 +39,9 @@ __all__ = [
     "overlay_keys",
     "relative_url",
 ]
+
+#: How the page shows a case: B-scan first with an en-face projection (OCT), or three orthogonal planes.
+LAYOUTS = ("bscan", "planes")
 
 #: Index columns the review needs (the export writes more).
 REQUIRED_COLUMNS = ("case_id", "label", "predicted_class", "prob_predicted", "target", "method", "overlay")
@@ -48,6 +64,8 @@ class Overlay:
         scan_overlay: the map in the whole scan's grid, for a patch cut from a scan.
         montage: the PNG montage.
         peak_ras_mm: the saliency peak (RAS mm), where the viewer starts.
+        peak_voxel: the peak's voxel in the image's array (for an OCT volume ``(B-scan, row, A-scan)``), or
+            ``None`` without a peak or a readable image.
     """
 
     method: str
@@ -58,6 +76,7 @@ class Overlay:
     scan_overlay: str | None = None
     montage: str | None = None
     peak_ras_mm: list[float] | None = None
+    peak_voxel: list[int] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -76,6 +95,8 @@ class Case:
         image: the scan the overlay lies on, relative to the export folder (``None`` when not inside it).
         scan_image: the whole scan of a patch (``None`` if none, or not inside the export).
         mask: the lesion or nodule mask on the image's grid (``None`` when the record had none).
+        modality: ``"OCT"``, the export's ``modality``, or ``None`` when neither says.
+        layout: ``"bscan"`` for an OCT volume in the ``(V, H, W)`` convention, else ``"planes"``.
         overlays: the case's maps, in index order.
         problems: files of the index that are missing from the export folder.
     """
@@ -87,6 +108,8 @@ class Case:
     image: str | None
     scan_image: str | None = None
     mask: str | None = None
+    modality: str | None = None
+    layout: str = "planes"
     overlays: list[Overlay] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -110,6 +133,8 @@ class Case:
             "image": relative_url(self.image),
             "scan_image": relative_url(self.scan_image),
             "mask": relative_url(self.mask),
+            "modality": self.modality,
+            "layout": self.layout,
             "problems": self.problems,
             "overlays": [
                 {
@@ -121,6 +146,7 @@ class Case:
                     "scan_overlay": relative_url(o.scan_overlay),
                     "montage": relative_url(o.montage),
                     "peak_ras_mm": o.peak_ras_mm,
+                    "peak_voxel": o.peak_voxel,
                 }
                 for o in self.overlays
             ],
@@ -195,6 +221,63 @@ def _peak(value: str, where: str) -> list[float] | None:
     return [_number(p, "peak_ras_mm", where) for p in parts]
 
 
+def _export_modality(root: Path) -> str | None:
+    """The ``modality`` of ``export.json``, if the export wrote one.
+
+    Raises:
+        ReviewInputError: ``export.json`` is not JSON, or its ``modality`` is not a non-empty string.
+    """
+    meta = root / "export.json"
+    if not meta.is_file():
+        return None
+    try:
+        value = json.loads(meta.read_text()).get("modality")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ReviewInputError(f"{meta}: not a JSON object ({err})") from err
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ReviewInputError(f"{meta}: modality {value!r} is not a name such as 'OCT' or 'CT'")
+    return value.strip().upper()
+
+
+def _image_grid(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The affine and shape of a NIfTI image (its header only)."""
+    img = nib.load(path)
+    return np.asarray(img.affine, dtype=np.float64), tuple(int(n) for n in img.shape)
+
+
+def _lay_out(root: Path, case: Case, modality: str | None) -> np.ndarray | None:
+    """Set the case's ``modality`` and ``layout`` from its image; return the image's affine (``None`` if unread)."""
+    case.modality = modality
+    if case.image is None:
+        return None
+    try:
+        affine, shape = _image_grid(root / case.image)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        case.problems.append(f"the scan {case.image} cannot be read as NIfTI ({err})")
+        return None
+    in_convention = len(shape) == 3 and nib.aff2axcodes(affine) == OCT_AXCODES
+    if modality is None and in_convention:
+        case.modality = "OCT"
+    if case.modality == "OCT":
+        if in_convention:
+            case.layout = "bscan"
+        else:
+            case.problems.append(
+                f"the scan {case.image} is not in the OCT (B-scan, depth, lateral) convention "
+                f"(axes {''.join(nib.aff2axcodes(affine))}, shape {shape}, expected IPR); shown in three planes"
+            )
+    return affine
+
+
+def _peak_voxel(affine: np.ndarray | None, peak: list[float] | None) -> list[int] | None:
+    if affine is None or peak is None:
+        return None
+    ijk = np.linalg.solve(affine[:3, :3], np.asarray(peak, dtype=np.float64) - affine[:3, 3])
+    return [int(v) for v in np.rint(ijk)]
+
+
 def load_cases(export_dir: str | Path) -> tuple[Path, list[Case]]:
     """Read ``export_dir/index.csv`` into cases, one per ``case_id``, in the index's order.
 
@@ -206,7 +289,8 @@ def load_cases(export_dir: str | Path) -> tuple[Path, list[Case]]:
 
     Raises:
         ReviewInputError: no folder or no index, an index without the needed columns, no rows, a row whose
-            numbers do not parse, or a case whose rows disagree about its label or prediction (each named).
+            numbers do not parse, a case whose rows disagree about its label or prediction, or an
+            ``export.json`` with a bad ``modality`` (each named).
     """
     root = Path(export_dir)
     if not root.is_dir():
@@ -226,7 +310,9 @@ def load_cases(export_dir: str | Path) -> tuple[Path, list[Case]]:
         rows = list(reader)
     if not rows:
         raise ReviewInputError(f"{index}: has no rows; the export wrote no case")
+    modality = _export_modality(root)
     cases: dict[str, Case] = {}
+    affines: dict[str, np.ndarray | None] = {}
     for n, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{index}, line {n}"
         cid = row["case_id"]
@@ -255,6 +341,7 @@ def load_cases(export_dir: str | Path) -> tuple[Path, list[Case]]:
                 case.mask = locate(root, row["mask"])
                 if case.mask is None:
                     case.problems.append(f"the mask {row['mask']} is not inside the export folder")
+            affines[cid] = _lay_out(root, case, modality)
             cases[cid] = case
         elif (case.label, case.predicted_class) != (label, pred):
             raise ReviewInputError(f"{where}: case {cid} has another label or prediction than on its first row")
@@ -272,6 +359,7 @@ def load_cases(export_dir: str | Path) -> tuple[Path, list[Case]]:
             montage=locate(root, row.get("montage", "")),
             peak_ras_mm=_peak(row.get("peak_ras_mm", ""), where),
         )
+        ov.peak_voxel = _peak_voxel(affines[cid], ov.peak_ras_mm)
         if ov.key in {o.key for o in case.overlays}:
             raise ReviewInputError(f"{where}: case {cid} lists method {ov.method}, target {ov.target} twice")
         case.overlays.append(ov)

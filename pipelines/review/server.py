@@ -2,7 +2,8 @@
 
 Routes:
 
-- ``GET /``: the page; ``GET /static/<name>``: its script and style, and ``niivue.js``, NiiVue's ES-module
+- ``GET /``: the page; ``GET /static/<name>``: its scripts (``review.js``, ``oct_view.js``: the B-scan-first
+  view of OCT volumes) and style, and ``niivue.js``, NiiVue's ES-module
   bundle from ``web/node_modules`` (installed by ``make install``);
 - ``GET /api/cases``: the cases of ``index.csv`` with their overlays and file URLs;
 - ``GET /files/<path>``: a file inside the export folder; anything that resolves outside it (``..``, an absolute
@@ -31,7 +32,7 @@ __all__ = ["WEB_DIR", "NIIVUE_BUNDLE", "ReviewSetupError", "ReviewServer", "make
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 NIIVUE_BUNDLE = WEB_DIR / "node_modules" / "@niivue" / "niivue" / "dist" / "index.js"
-_STATIC = {"review.js": "text/javascript", "review.css": "text/css"}
+_STATIC = {"review.js": "text/javascript", "oct_view.js": "text/javascript", "review.css": "text/css"}
 _MAX_BODY = 64 * 1024
 
 

@@ -1,6 +1,9 @@
-// The review page: case list, NiiVue viewer of scan + saliency overlay, and the grade form.
-// Grades are sent to the server on every change; the server saves them to EXPORT_DIR/review/<reader>.csv.
+// The review page: case list, viewer of scan + saliency overlay, and the grade form. A case whose layout is
+// "bscan" (an OCT volume) opens B-scan first with an en-face projection (oct_view.js); any other in NiiVue's
+// three orthogonal planes. Grades are sent to the server on every change; the server saves them to
+// EXPORT_DIR/review/<reader>.csv.
 import { Niivue } from "/static/niivue.js";
+import { OctView } from "/static/oct_view.js";
 
 const OUTCOME_ORDER = { FP: 0, FN: 1, wrong: 1, TP: 2, TN: 3, correct: 3, unlabelled: 4 };
 const $ = (id) => document.getElementById(id);
@@ -27,6 +30,25 @@ const nv = new Niivue({
   multiplanarShowRender: 0, // three orthogonal planes, no 3D render tile
 });
 window.review.nv = nv;
+
+const octView = new OctView({
+  view: $("oct-view"),
+  bscan: $("bscan"),
+  enface: $("enface"),
+  slider: $("bscan-slider"),
+  number: $("bscan-number"),
+  controls: $("bscan-controls"),
+  aspect: $("bscan-aspect"),
+  enfaceMode: $("enface-mode"),
+  enfaceControls: $("enface-controls"),
+  colorbar: $("oct-colorbar"),
+  location: $("location"),
+});
+window.review.oct = octView;
+
+function isOct() {
+  return !!state.current && state.current.layout === "bscan";
+}
 
 function gradeKey(caseId, method, target) {
   return `${caseId}|${method}|${target}`;
@@ -121,7 +143,8 @@ function applyOverlaySettings() {
   const threshold = parseFloat($("threshold").value);
   $("opacity-value").textContent = opacity.toFixed(2);
   $("threshold-value").textContent = threshold.toFixed(2);
-  if (nv.volumes.length < 2) return;
+  octView.setSettings({ opacity, threshold, outline: $("outline").checked });
+  if (isOct() || nv.volumes.length < 2) return;
   const ov = nv.volumes[1];
   // values are saliency / max |saliency|: show |s| >= threshold, positive warm, negative cool
   ov.cal_min = Math.max(threshold, 1e-3);
@@ -153,6 +176,10 @@ function outlineMask(vol) {
 }
 
 function goToPeak() {
+  if (isOct()) {
+    octView.setBscan(octView.peak);
+    return;
+  }
   const o = currentOverlay();
   if (o && o.peak_ras_mm && nv.volumes.length) {
     nv.scene.crosshairPos = nv.mm2frac(o.peak_ras_mm);
@@ -167,12 +194,18 @@ async function loadViewer() {
   const token = ++state.loadToken;
   window.review.ready = false;
   $("problems").textContent = c.problems.join("; ");
-  const useScan = $("view-select").value === "scan" && c.scan_image && o.scan_overlay;
+  const oct = c.layout === "bscan";
+  document.body.dataset.layout = c.layout;
+  $("gl").hidden = oct;
+  $("oct-view").hidden = !oct;
+  $("location").textContent = "";
+  const useScan = !oct && $("view-select").value === "scan" && c.scan_image && o.scan_overlay;
   const background = useScan ? c.scan_image : c.image;
   if (!background) {
     $("problems").textContent = `the scan of ${c.case_id} is not in the export folder: ${c.problems.join("; ")}`;
     return;
   }
+  if (oct) return loadOct(c, o, token);
   const volumes = [
     { url: background, name: "image.nii.gz", colorbarVisible: false },
     {
@@ -213,6 +246,25 @@ async function loadViewer() {
   document.body.dataset.viewer = `${c.case_id}|${o.method}|${o.target}`;
 }
 
+async function loadOct(c, o, token) {
+  try {
+    const current = await octView.load(
+      { image: c.image, overlay: o.overlay, mask: c.mask, peakVoxel: o.peak_voxel },
+      () => token === state.loadToken,
+    );
+    if (!current) return; // another case was opened meanwhile
+    applyOverlaySettings();
+  } catch (err) {
+    if (token !== state.loadToken) return;
+    window.review.error = String(err);
+    $("problems").textContent = `could not show ${c.case_id}: ${err}`;
+    return;
+  }
+  window.review.loads += 1;
+  window.review.ready = true;
+  document.body.dataset.viewer = `${c.case_id}|${o.method}|${o.target}`;
+}
+
 function fillOverlaySelect() {
   const c = state.current;
   $("overlay-select").replaceChildren(
@@ -224,7 +276,7 @@ function fillOverlaySelect() {
     }),
   );
   $("overlay-select").value = String(state.overlayIndex);
-  $("view-label").hidden = !c.scan_image;
+  $("view-label").hidden = !c.scan_image || c.layout === "bscan";
   $("outline-label").hidden = !c.mask;
 }
 
@@ -364,8 +416,17 @@ function wire() {
     if (next) openCase(next.case_id);
   });
   nv.onLocationChange = (data) => {
-    $("location").textContent = data && data.string ? data.string : "";
+    if (!isOct()) $("location").textContent = data && data.string ? data.string : "";
   };
+  // up / down (and page up / down) step through the B-scans, except while typing or choosing in the form
+  document.addEventListener("keydown", (e) => {
+    if (!isOct() || e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.target.closest && e.target.closest("input, textarea, select")) return;
+    const delta = { ArrowDown: 1, PageDown: 1, ArrowUp: -1, PageUp: -1 }[e.key];
+    if (!delta) return;
+    e.preventDefault();
+    octView.step(delta);
+  });
 }
 
 async function main() {
