@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import re
 import shutil
@@ -197,13 +198,27 @@ def tls_context(ca: str | Path | None = None, cert: str | Path | None = None, ke
 # -- associations --------------------------------------------------------------------------------------------
 
 
-def _probe(node: DicomNode) -> str:
-    """Why no TCP connection could be made (asked only after pynetdicom's own attempt failed)."""
+def _probe(node: DicomNode) -> str | None:
+    """Why no TCP connection can be made, or ``None`` if one can (asked only after an association failed)."""
     try:
         with socket.create_connection((node.host, node.port), timeout=min(node.timeout, 5.0)):
-            return "the port accepts connections but the DICOM association did not start (TLS or protocol mismatch?)"
+            return None
     except OSError as err:
         return err.strerror or type(err).__name__
+
+
+class _Errors(logging.Handler):
+    """pynetdicom's error records while one association starts: the only place it keeps the cause (a TLS
+    verification failure, the node's TLS alert) of a failed connection."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.causes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            self.causes.append(f"{type(err).__name__}: {err}")
 
 
 def _associate(node: DicomNode, contexts: Sequence[tuple[str, Sequence[str]]], roles=(), handlers=()):
@@ -219,14 +234,20 @@ def _associate(node: DicomNode, contexts: Sequence[tuple[str, Sequence[str]]], r
         ae.add_requested_context(abstract, list(syntaxes))
     opened: list[bool] = []
     tls_args = None if node.tls is None else (node.tls, node.server_hostname or node.host)
-    assoc = ae.associate(
-        node.host,
-        int(node.port),
-        ae_title=node.called_aet,
-        ext_neg=list(roles) or None,
-        tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True)), *handlers],
-    )
+    errors = _Errors()
+    logger = logging.getLogger("pynetdicom")
+    logger.addHandler(errors)
+    try:
+        assoc = ae.associate(
+            node.host,
+            int(node.port),
+            ae_title=node.called_aet,
+            ext_neg=list(roles) or None,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True)), *handlers],
+        )
+    finally:
+        logger.removeHandler(errors)
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
@@ -234,12 +255,19 @@ def _associate(node: DicomNode, contexts: Sequence[tuple[str, Sequence[str]]], r
         raise AssociationRejected(
             f"{node}: association rejected ({p.result_str.lower()}, by the {p.source_str.lower()}): {p.reason_str}"
         )
+    cause = f": {errors.causes[-1]}" if errors.causes else ""
+    if node.tls is not None:
+        hint = (
+            " (TLS: check the CA, the host name in the node's certificate, and whether it wants a client certificate)"
+        )
+    else:
+        hint = " (a TLS-only port, a filter on this host's address, or not a DICOM service?)"
     if not opened:
-        raise NodeUnreachable(f"{node}: nothing answers at {node.host}:{node.port} ({_probe(node)})")
-    raise AssociationRejected(
-        f"{node}: the node dropped the association request without an answer (a TLS-only port, a filter on "
-        "this host's address, or not a DICOM service)"
-    )
+        reason = _probe(node)
+        if reason is not None:
+            raise NodeUnreachable(f"{node}: nothing answers at {node.host}:{node.port} ({reason})")
+        raise AssociationRejected(f"{node}: the connection opened but the association did not start{cause}{hint}")
+    raise AssociationRejected(f"{node}: the node dropped the association request without an answer{cause}{hint}")
 
 
 def _status_text(status: Dataset | None, table: Mapping[int, tuple[str, str]]) -> tuple[int | None, str]:

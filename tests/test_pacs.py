@@ -11,12 +11,14 @@ The tests without ``orthanc`` run without a node (errors found before connecting
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +68,12 @@ class Orthanc:
         return int(_rest(self.http_port, "/statistics")["CountInstances"])
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
+@contextlib.contextmanager
+def _running_orthanc(root: Path, **settings) -> Iterator[Orthanc]:
+    """An Orthanc with its store in ``root``, on free loopback ports; ``settings`` add to its configuration."""
     binary = _orthanc_binary()
     if binary is None:
         pytest.skip("Orthanc is not installed (apt-get install orthanc; .ci/run installs it)")
-    root = tmp_path_factory.mktemp("orthanc")
     dicom_port, http_port = _free_port(), _free_port()
     config = {
         "Name": "ppi-med test PACS",
@@ -91,6 +93,7 @@ def orthanc(tmp_path_factory):
         "DicomAlwaysAllowGet": False,
         "DicomAlwaysAllowMove": False,
         "DicomModalities": {"ppi-med": {"AET": TEST_AET, "Host": "127.0.0.1", "Port": _free_port()}},
+        **settings,
     }
     (root / "config.json").write_text(json.dumps(config, indent=1))
     log = root / "orthanc.log"
@@ -115,6 +118,12 @@ def orthanc(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    with _running_orthanc(tmp_path_factory.mktemp("orthanc")) as node:
+        yield node
 
 
 # -- a CT-like series and a network WBP explains -----------------------------------------------------------------
@@ -397,6 +406,90 @@ def test_the_command_line_pulls_and_reports_errors(orthanc, stored_ct, tmp_path,
     assert "1 instance(s) stored" in capsys.readouterr().out and orthanc.count() == count
     assert pacs.main(["pull", *common, "--study-uid", generate_uid(), "--out", str(tmp_path / "none")]) == 1
     assert "no instances found" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed, and a CA that signed none."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed; the TLS test makes its certificates with it")
+    folder.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    new_key = ["-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    for ca in ("ca", "other"):
+        run("req", "-x509", *new_key, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN=test {ca}")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "1",
+            *extra,
+        )
+    names = ("ca.crt", "other.crt", "server.crt", "server.key", "client.crt", "client.key")
+    return {name: folder / name for name in names}
+
+
+@pytest.mark.pacs
+def test_tls_with_a_client_certificate(tmp_path):
+    """A node that speaks only TLS and wants a client certificate signed by its CA (DicomTlsEnabled)."""
+    certs = _certificates(tmp_path / "certs")
+    tls = {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(certs["server.crt"]),
+        "DicomTlsPrivateKey": str(certs["server.key"]),
+        "DicomTlsTrustedCertificates": str(certs["ca.crt"]),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    (tmp_path / "orthanc").mkdir()
+    with _running_orthanc(tmp_path / "orthanc", **tls) as orthanc:
+        plain = orthanc.node
+        good = pacs.tls_context(certs["ca.crt"], certs["client.crt"], certs["client.key"])
+        node = DicomNode(plain.host, plain.port, plain.called_aet, TEST_AET, tls=good, timeout=10)
+        files = _write_ct_series(tmp_path / "src", _ct_volume()[:2], patient="PACS-TLS")
+        assert len(pacs.push(node, files).sop_instance_uids) == 2 and orthanc.count() == 2
+        (folder,) = pacs.pull(node, tmp_path / "out", patient_id="PACS-TLS").series
+        assert set(_headers(folder.glob("*.dcm"))) == set(_headers(files))
+        cli = ["echo", "--host", plain.host, "--port", str(plain.port), "--called-aet", plain.called_aet]
+        cli += ["--aet", TEST_AET, "--tls-ca", str(certs["ca.crt"])]
+        assert pacs.main([*cli, "--tls-cert", str(certs["client.crt"]), "--tls-key", str(certs["client.key"])]) == 0
+        assert pacs.main(cli) == 1  # no client certificate
+
+        without_cert = DicomNode(plain.host, plain.port, ORTHANC_AET, TEST_AET, tls=pacs.tls_context(certs["ca.crt"]))
+        with pytest.raises(AssociationRejected, match=r"\(calling AE PPITEST, TLS\): .*certificate required"):
+            pacs.echo(without_cert)
+        other_ca = pacs.tls_context(certs["other.crt"], certs["client.crt"], certs["client.key"])
+        untrusted = DicomNode(plain.host, plain.port, ORTHANC_AET, TEST_AET, tls=other_ca)
+        with pytest.raises(AssociationRejected, match="CERTIFICATE_VERIFY_FAILED"):
+            pacs.pull(untrusted, tmp_path / "untrusted", patient_id="PACS-TLS")
+        assert not (tmp_path / "untrusted").exists()
+        with pytest.raises(AssociationRejected, match="a TLS-only port"):
+            pacs.echo(plain)
 
 
 # -- without a node --------------------------------------------------------------------------------------------
