@@ -24,14 +24,14 @@ Formats (chosen by extension) and how each becomes a ``(V, H, W)`` = (B-scan, de
   top level; missing values fall back to ``spacing``.
 * ``.mat``: MATLAB file in the Duke layout, key ``images`` of shape (H, W, V) with the B-scans along
   the last axis; transposed to (V, H, W); spacing from ``spacing``. MATLAB v7.3 files are HDF5 and
-  need h5py (not a dependency): without it the error says so.
-
-* vendor files, read by :mod:`data_prep.oct_vendor` (optional extra ``vendor-oct``: eyepy and
-  oct-converter): Heidelberg ``.vol``, ``.e2e`` and HEYEX ``.xml``, Topcon ``.fda``/``.fds``, Zeiss
-  ``.img``. The spacing comes from the file (``spacing`` is not used); B-scans whose recorded
-  positions are not parallel and evenly spaced (within ``spacing_tolerance``) are refused, as are
-  line, circle, radial and cross scans. The eye (``laterality``: ``OD``/``OS``, when the file says),
-  ``scan_pattern`` and ``format`` go into the datalist record.
+  need h5py (it comes with the ``topcon-zeiss`` extra): without it the error says so.
+* vendor files, read by :mod:`data_prep.oct_vendor` (optional extras ``heidelberg``: eyepy, and
+  ``topcon-zeiss``: oct-converter; ``vendor-oct`` is both): Heidelberg ``.vol``, ``.e2e`` and HEYEX
+  ``.xml``, Topcon ``.fda``/``.fds``, Zeiss ``.img``. The spacing comes from the file (``spacing`` is
+  not used); B-scans whose recorded positions are not parallel and evenly spaced (within
+  ``spacing_tolerance``) are refused, as are line, circle, radial and cross scans. The eye
+  (``laterality``: ``OD``/``OS``, when the file says), ``scan_pattern`` and ``format`` go into the
+  datalist record.
 
 Trailing singleton axes beyond the third (e.g. a NIfTI of shape (V, H, W, 1)) are dropped. Every
 volume is then checked, and the first problem stops the run with an :class:`OCTInputError` naming the

@@ -5,9 +5,11 @@ array in file order, the voxel size ``(dv, dh, dw)`` in mm (between B-scans, axi
 (``OD``/``OS``, or ``None`` when the file does not say) and the scan pattern. :mod:`data_prep.oct` turns
 the spacing into the affine of :mod:`data_prep.oct_nifti` and writes eye and pattern into the datalist.
 
-Heidelberg files are read with eyepy, Topcon and Zeiss files with oct-converter's format definitions;
-both are the optional extra ``vendor-oct`` (``pip install 'ppi-med[vendor-oct]'``). A missing package is an
-:class:`~data_prep.oct_errors.OCTInputError` naming the file and the extra.
+Heidelberg files are read with eyepy (optional extra ``heidelberg``), Topcon and Zeiss files with
+oct-converter's format definitions (extra ``topcon-zeiss``, which brings opencv and ffmpeg, several hundred
+MB); ``vendor-oct`` is both. A missing package is an :class:`~data_prep.oct_errors.OCTInputError` naming
+the file and the extra to install. Topcon chunks are walked here: oct-converter 0.7.0's own FDA/FDS readers
+call ``numpy.fromstring`` in binary mode, which numpy 2.3 removed.
 
 Where the file records each B-scan's start and end point on the fundus (VOL, E2E, XML), the B-scans must
 be parallel and evenly spaced: every distance between neighbouring B-scans (start to start and end to
@@ -35,7 +37,7 @@ import numpy as np
 from data_prep.oct_errors import OCTInputError
 
 __all__ = [
-    "EXTRA",
+    "EXTRAS",
     "SPACING_TOLERANCE",
     "VENDOR_READERS",
     "VendorVolume",
@@ -43,8 +45,8 @@ __all__ = [
     "read_vendor_volume",
 ]
 
-#: The optional-dependency group that brings the vendor readers.
-EXTRA = "vendor-oct"
+#: The optional-dependency group that brings each vendor package (``vendor-oct`` brings both).
+EXTRAS = {"eyepy": "heidelberg", "oct_converter": "topcon-zeiss"}
 
 #: Default relative tolerance of the B-scan spacing (and radians of B-scan direction) check.
 SPACING_TOLERANCE = 0.05
@@ -85,13 +87,13 @@ def _require(module: str, distribution: str, path: Path) -> None:
         raise OCTInputError(
             path,
             f"reading {path.suffix} files needs the optional package {distribution}, which is not installed; "
-            f"install it with: pip install 'ppi-med[{EXTRA}]'",
+            f"install it with: pip install 'ppi-med[{EXTRAS[module]}]'",
         )
     try:
         importlib.import_module(module if module != "oct_converter" else "oct_converter.readers")
     except ImportError as exc:  # e.g. opencv, which oct-converter imports, without its system libraries
         raise OCTInputError(
-            path, f"{distribution} is installed but does not import ({exc}); reinstall 'ppi-med[{EXTRA}]'"
+            path, f"{distribution} is installed but does not import ({exc}); reinstall 'ppi-med[{EXTRAS[module]}]'"
         ) from exc
 
 

@@ -30,9 +30,9 @@ VOL_GEOMETRY = {"scale_x": 0.0114, "scale_y": 0.00387, "distance": 0.123}
 E2E_GEOMETRY = {"width_deg": 15.0, "spacing_deg": 0.5, "scale_y": 0.0039}
 FDA_GEOMETRY = {"x_mm": 6.0, "y_mm": 4.8, "z_um": 2.6}
 
-needs_eyepy = pytest.mark.skipif(importlib.util.find_spec("eyepy") is None, reason="needs the vendor-oct extra")
+needs_eyepy = pytest.mark.skipif(importlib.util.find_spec("eyepy") is None, reason="needs the heidelberg extra")
 needs_oct_converter = pytest.mark.skipif(
-    importlib.util.find_spec("oct_converter") is None, reason="needs the vendor-oct extra"
+    importlib.util.find_spec("oct_converter") is None, reason="needs the topcon-zeiss extra"
 )
 
 
@@ -98,7 +98,7 @@ def test_missing_extra_names_file_and_extra(tmp_path: Path, monkeypatch: pytest.
         importlib.util, "find_spec", lambda name, *a: None if name == "eyepy" else real_find_spec(name, *a)
     )
     with pytest.raises(
-        OCTInputError, match=r"needs the optional package eyepy.*pip install 'ppi-med\[vendor-oct\]'"
+        OCTInputError, match=r"needs the optional package eyepy.*pip install 'ppi-med\[heidelberg\]'"
     ) as info:
         build_datalist(tmp_path / "in", tmp_path / "out", progress=False)
     assert info.value.path == target
@@ -117,7 +117,8 @@ def test_extra_that_does_not_import_is_named(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     monkeypatch.setattr(importlib, "import_module", broken)
-    with pytest.raises(OCTInputError, match=r"oct-converter is installed but does not import \(libGL") as info:
+    expected = r"oct-converter is installed but does not import \(libGL.*'ppi-med\[topcon-zeiss\]'"
+    with pytest.raises(OCTInputError, match=expected) as info:
         build_datalist(tmp_path / "in", tmp_path / "out", progress=False)
     assert info.value.path == target
 
