@@ -249,7 +249,7 @@ def _read_npy(path: Path, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndar
     return np.load(path, allow_pickle=False), oct_affine(spacing)
 
 
-def _vendor_reader(path: Path, spacing: Sequence[float], tolerance: float) -> tuple[np.ndarray, np.ndarray, dict]:
+def _vendor_reader(path: Path, tolerance: float) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     volume = read_vendor_volume(path, tolerance)
     info = {"scan_pattern": volume.scan_pattern, "format": volume.vendor_format}
     if volume.laterality is not None:
@@ -402,7 +402,7 @@ def read_volume_record(
             raw, affine = OPEN_FORMATS[ext](path, spacing)
             fields: dict[str, str] = {}
         else:
-            raw, affine, fields = _vendor_reader(path, spacing, spacing_tolerance)
+            raw, affine, fields = _vendor_reader(path, spacing_tolerance)
     except OCTInputError:
         raise
     except Exception as exc:  # any reader failure means the file is unreadable or corrupt
@@ -467,10 +467,12 @@ def build_datalist(
     Raises:
         OCTInputError: for any bad input file or entry, or an output that would overwrite existing
             files without ``overwrite``; nothing is written when an input is bad.
-        ValueError: for an invalid ``spacing``.
+        ValueError: for an invalid ``spacing`` or ``spacing_tolerance``.
     """
     spacing = tuple(float(s) for s in spacing)
     oct_affine(spacing)  # validates the spacing before any file is read
+    if not 0 < spacing_tolerance < 1:
+        raise ValueError(f"spacing_tolerance must be a fraction between 0 and 1, got {spacing_tolerance!r}")
     input_path = Path(input).resolve()
     out = Path(out_dir).resolve()
     if input_path.is_dir() and (out == input_path or input_path in out.parents):
@@ -560,6 +562,16 @@ def _spacing_arg(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _fraction_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status.
 
@@ -591,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-varying-shape", action="store_true", help="accept volumes of different shapes")
     parser.add_argument(
         "--spacing-tolerance",
-        type=float,
+        type=_fraction_arg,
         default=SPACING_TOLERANCE,
         metavar="FRACTION",
         help="relative tolerance of the B-scan spacing check of VOL, E2E and XML files (irregular spacing is refused)",

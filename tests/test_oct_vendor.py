@@ -22,7 +22,7 @@ from vendor_oct_files import (
     write_vol,
 )
 
-from data_prep.oct import OCTInputError, build_datalist
+from data_prep.oct import OCTInputError, build_datalist, main
 from data_prep.oct_vendor import check_bscan_positions
 
 SHAPE = (4, 32, 48)  # (V, H, W)
@@ -81,6 +81,14 @@ def test_header_spacing_that_positions_contradict_is_refused() -> None:
     starts, ends = raster_positions(5, 6.0, 0.12)
     with pytest.raises(OCTInputError, match=r"0\.2 mm \(stated in the header\)"):
         check_bscan_positions("eye.vol", starts, ends, nominal=0.2)
+
+
+def test_spacing_tolerance_must_be_a_fraction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="spacing_tolerance must be a fraction"):
+        build_datalist(tmp_path, tmp_path / "out", spacing_tolerance=5.0, progress=False)
+    with pytest.raises(SystemExit):
+        main(["--input", str(tmp_path), "--out", str(tmp_path / "out"), "--spacing-tolerance", "-0.1"])
+    assert "expected a fraction between 0 and 1" in capsys.readouterr().err
 
 
 def test_fanned_bscans_are_not_parallel() -> None:
