@@ -383,7 +383,7 @@ def find(
     level = level.upper()
     if level not in _LEVELS:
         raise ValueError(f"level {level!r}: expected one of {', '.join(_LEVELS)}")
-    match = dict(match or {})
+    match, returned = dict(match or {}), list(returned)
     for keyword in returned:
         if pydicom.datadict.tag_for_keyword(keyword) is None:
             raise ValueError(f"{keyword!r} is not a DICOM keyword")
@@ -404,7 +404,7 @@ class PullResult:
 
     Attributes:
         out: the output folder.
-        series: the folder of each series fetched (``OUT/<patient>/<study>/<series>``), in the node's order.
+        series: the folder of each series fetched (``OUT/<patient>/<study>/<series>``), in UID order.
         n_instances: the number of files written.
     """
 

@@ -46,10 +46,13 @@ def _orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).is_file()), None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` different loopback ports that nothing listens on (all held open while choosing, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _rest(port: int, path: str) -> dict:
@@ -74,7 +77,7 @@ def _running_orthanc(root: Path, **settings) -> Iterator[Orthanc]:
     binary = _orthanc_binary()
     if binary is None:
         pytest.skip("Orthanc is not installed (apt-get install orthanc; .ci/run installs it)")
-    dicom_port, http_port = _free_port(), _free_port()
+    dicom_port, http_port, modality_port = _free_ports(3)
     config = {
         "Name": "ppi-med test PACS",
         "StorageDirectory": str(root / "db"),
@@ -92,7 +95,7 @@ def _running_orthanc(root: Path, **settings) -> Iterator[Orthanc]:
         "DicomAlwaysAllowFind": False,
         "DicomAlwaysAllowGet": False,
         "DicomAlwaysAllowMove": False,
-        "DicomModalities": {"ppi-med": {"AET": TEST_AET, "Host": "127.0.0.1", "Port": _free_port()}},
+        "DicomModalities": {"ppi-med": {"AET": TEST_AET, "Host": "127.0.0.1", "Port": modality_port}},
         **settings,
     }
     (root / "config.json").write_text(json.dumps(config, indent=1))
@@ -496,7 +499,7 @@ def test_tls_with_a_client_certificate(tmp_path):
 
 
 def test_nothing_listening_names_the_node_and_writes_nothing(tmp_path):
-    port = _free_port()  # bound and released: nothing listens there
+    (port,) = _free_ports(1)  # bound and released: nothing listens there
     node = DicomNode("127.0.0.1", port, "SOMEPACS", "PPIMED", timeout=3)
     with pytest.raises(NodeUnreachable, match=rf"SOMEPACS@127\.0\.0\.1:{port} \(calling AE PPIMED\): nothing answers"):
         pacs.pull(node, tmp_path / "out", study_uid="1.2.3")
