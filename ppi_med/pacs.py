@@ -246,6 +246,8 @@ def _associate(node: DicomNode, contexts: Sequence[tuple[str, Sequence[str]]], r
             tls_args=tls_args,
             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True)), *handlers],
         )
+    except OSError as err:  # the host name does not resolve (pynetdicom looks it up before connecting)
+        raise NodeUnreachable(f"{node}: cannot reach {node.host}:{node.port} ({err.strerror or err})") from err
     finally:
         logger.removeHandler(errors)
     if assoc.is_established:

@@ -508,6 +508,14 @@ def test_nothing_listening_names_the_node_and_writes_nothing(tmp_path):
         pacs.echo(node)
 
 
+@pytest.mark.slow  # the look-up may wait on a DNS resolver
+def test_a_host_name_that_does_not_resolve_names_the_node(tmp_path):
+    nowhere = DicomNode("no-such-host.invalid", 104, "SOMEPACS", timeout=3)  # .invalid never resolves (RFC 2606)
+    with pytest.raises(NodeUnreachable, match=r"SOMEPACS@no-such-host\.invalid:104 .*cannot reach"):
+        pacs.pull(nowhere, tmp_path / "out", study_uid="1.2.3")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_requests_are_refused_before_connecting(tmp_path):
     node = DicomNode("127.0.0.1", 9, "SOMEPACS")  # the discard port: a request that got this far would hang
     with pytest.raises(ValueError, match="not a DICOM UID"):
