@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ppi_med.annotations import Outlined, keep_outlines
@@ -128,6 +129,27 @@ def test_guided_objective_removes_evidence_in_x_star_and_nuisance_in_x_prime() -
     # x': record 0 keeps its outline (only salient voxels outside it go), unannotated records have none removed
     torch.testing.assert_close(x_adv[0][outline[0] == 1], x[0][outline[0] == 1])
     torch.testing.assert_close(x_adv[2:], x[2:])
+
+
+def test_adversarial_classes_keep_x_prime_to_those_labels() -> None:
+    x, y = torch.rand(4, 1, 8, 8) + 0.5, torch.tensor([1, 0, 1, 0])
+    outline = torch.zeros(4, 1, 8, 8)
+    outline[0::2, :, 2:4, 2:4] = 1
+    fed, losses = {}, {}
+    for classes in (None, [1]):
+        model = _net()
+        rec = _Recorder(model)
+        cfg = PPIConfig(guide="study", fill="zero", annotation_dilate=0, warmup_epochs=0, adversarial_classes=classes)
+        out = PPIObjective(cfg)(model, x, y, epoch=1, annotation=outline, annotated=torch.ones(4, dtype=torch.bool))
+        fed[str(classes)], losses[str(classes)] = rec.inputs[-1], out.terms["loss_ad"]
+    # x* of the two outlined positives, then x' of every record, or of the positives only
+    assert fed["None"].shape[0] == 4 + 4 and fed["[1]"].shape[0] == 4 + 2
+    torch.testing.assert_close(fed["[1]"][4:], fed["None"][4:][y == 1])
+    with torch.no_grad():
+        expected = F.cross_entropy(_net()(fed["[1]"][4:]), y[y == 1])
+    assert float(losses["[1]"]) == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="adversarial_classes"):
+        PPIConfig(adversarial_classes=["GA"])
 
 
 def test_study_guide_without_sites_or_outlines_has_no_adversarial_term() -> None:

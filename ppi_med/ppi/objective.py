@@ -84,6 +84,10 @@ class PPIConfig:
         contrast_classes: the labels whose samples get the negative contrast (``None``: every label). For a
             presence/absence task (lesion vs none) only the positive class has evidence whose removal should
             flip the label; "no lesion" minus its salient region is not a lesion.
+        adversarial_classes: the labels whose samples get the adversarial positive ``x'`` (``None``: every
+            label). Where the finding is itself a loss of tissue (GA: the retinal pigment epithelium fades), a
+            healthy eye with a region removed looks like the finding, and ``x'`` would ask it to stay healthy
+            against ``L_cls`` (docs/DESIGN.md section 4.6).
         exclusive: the negative contrast ``x*`` removes only what is salient in ``x`` and not in its partner.
         dilate: grow the mask by this many voxels along each spatial axis (0: the mask as made).
         w_con, w_reg, w_ad: weights of the contrast, regulariser and adversarial terms.
@@ -136,6 +140,7 @@ class PPIConfig:
     absolute: bool = False
     exclusive: bool = True
     contrast_classes: list[int] | None = None
+    adversarial_classes: list[int] | None = None
     dilate: int = 0
     w_con: float = 1.0
     w_reg: float = 0.1
@@ -199,8 +204,10 @@ class PPIConfig:
         for name in ("dilate", "warmup_epochs", "ramp_epochs", "annotation_dilate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPI {name} must be >= 0, got {getattr(self, name)}")
-        if self.contrast_classes is not None and not all(isinstance(c, int) for c in self.contrast_classes):
-            raise ValueError(f"PPI contrast_classes must be a list of class indices, got {self.contrast_classes!r}")
+        for name in ("contrast_classes", "adversarial_classes"):
+            classes = getattr(self, name)
+            if classes is not None and not all(isinstance(c, int) for c in classes):
+                raise ValueError(f"PPI {name} must be a list of class indices, got {classes!r}")
 
     def weights(self, epoch: int | None) -> dict[str, float]:
         """Weights of the PPI terms at ``epoch`` (1-based, as MONAI engines count; ``None``: no schedule)."""
@@ -451,6 +458,8 @@ class PPIObjective:
                     x, y, mask, sites, annotation, annotated, keep
                 )
             y_neg = y if keep is None else y[keep]
+            if cfg.adversarial_classes is not None and x_adv.shape[0]:
+                x_adv, y_adv, ad_w = _rows(_member(y_adv, cfg.adversarial_classes), x_adv, y_adv, ad_w)
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
         contrasts = torch.cat([x_neg, x_adv])
         with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm):

@@ -55,7 +55,7 @@ NAMED: dict[str, dict[str, Any]] = {
 NAME_PARTS: dict[str, tuple[str, ...]] = {"mask": MASKS, "guide": GUIDES, "fill": FILLS, "control": CONTROLS}
 #: fields a training recipe sets from its own length and task (a bundle's epochs, its positive class), so that
 #: :attr:`PPIConfig.method` names the variant on its recipe rather than the recipe too
-RECIPE_FIELDS = ("contrast_classes", "warmup_epochs", "ramp_epochs")
+RECIPE_FIELDS = ("contrast_classes", "adversarial_classes", "warmup_epochs", "ramp_epochs")
 
 _TYPES = {f.name: str(f.type) for f in fields(PPIConfig)}
 
