@@ -25,8 +25,22 @@ Parts (each a set of independent jobs, every job a real command a user could typ
               time of each saliency method (``benchmarks/bench_saliency_ppi.py``)
 
 Every job writes into ``OUT/jobs/<name>/`` and leaves ``done.json`` (exit code, wall time, peak memory, the
-commit it ran at) when it succeeds; a rerun into the same ``OUT`` skips finished jobs, so an interrupted
-study resumes. All runs log to one MLflow store, ``OUT/mlflow.db`` unless ``--tracking-uri`` is given. The
+commit it ran at, its command, the machine) when it succeeds; a rerun into the same ``OUT`` skips finished
+jobs, so an interrupted study resumes.
+
+The study also grows across machines and days through the ledger (:mod:`.ledger`; ``results/ledger/`` in the
+repository, committed; the full profile's default): each finished job's small outputs (what the report
+reads, never checkpoints or stores) go into ``LEDGER/<job>/`` with a manifest (files and their SHA-256, the
+command with this machine's paths as placeholders, commit, wall time, machine). A run restores the ledger's
+entries into ``OUT`` and runs only the rest. An entry made by a command other than the one today's job list
+gives (stale), or one whose files do not match its manifest (refused), is named and its job runs again; the
+entry it replaces moves to ``LEDGER/.stale/`` once the new run has finished. The ledger keeps no
+checkpoints, so a job that must run after a restored one (the saliency jobs read the seed-0 GA models, the
+cue effect the site study's) runs that one again first. ``--rerun PATTERNS`` runs jobs again whatever is
+kept; ``--no-ledger`` leaves the ledger out; ``--ledger DIR`` uses another (the quick profile has none unless
+given one, and never the repository's).
+
+All runs log to one MLflow store, ``OUT/mlflow.db`` unless ``--tracking-uri`` is given. The
 report, ``OUT/RESULTS.md`` with its figures under ``OUT/results/``, is made from the job outputs alone;
 ``--publish DIR`` also copies it to ``DIR/RESULTS.md`` and ``DIR/results/``.
 
@@ -38,6 +52,7 @@ CLI::
 
     python -m pipelines.results --out runs/results --publish docs          # make results
     python -m pipelines.results --out /tmp/r --profile quick --parts ga,lidc
+    python -m pipelines.results --out runs/results --rerun 'lidc-*'        # run the LIDC jobs again
 """
 
 from __future__ import annotations
@@ -49,13 +64,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import prepare_data
-from .jobs import build_jobs
+from .jobs import Job, build_jobs
+from .ledger import LEDGER, Ledger
+from .plan import plan_study
 from .profiles import PARTS, PROFILES
 from .report import write_report
 from .scheduler import run_jobs
 from .store import init_store, tracking_uri
 
 __all__ = ["main"]
+
+
+def _matching(jobs: list[Job], patterns: str) -> list[Job]:
+    """The jobs whose names match one of the comma-separated shell patterns."""
+    found = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [j for j in jobs if any(fnmatch.fnmatchcase(j.name, p) for p in found)]
+
+
+def _set_aside_finished(out: Path, jobs: list[Job]) -> None:
+    """Without a ledger, ``--rerun``: the jobs' finished folders renamed ``<name>.attempt-<time>`` so they run."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for job in jobs:
+        folder = out / "jobs" / job.name
+        if folder.exists():
+            folder.rename(folder.with_name(f"{job.name}.attempt-{stamp}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,6 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated job-name patterns (shell style, e.g. 'lidc-baseline-*,ga-*-s0') to run of the chosen "
         "parts; the report still covers every job of the parts and lists those not run",
     )
+    parser.add_argument(
+        "--rerun",
+        help="comma-separated job-name patterns to run again even though they finished here or the ledger keeps "
+        "them (the entries they replace move to LEDGER/.stale/)",
+    )
+    ledger_opts = parser.add_mutually_exclusive_group()
+    ledger_opts.add_argument(
+        "--ledger",
+        type=Path,
+        help=f"the ledger folder (default: {LEDGER.relative_to(LEDGER.parents[1])} for the full profile, none for "
+        "the others, which may not use that one)",
+    )
+    ledger_opts.add_argument("--no-ledger", action="store_true", help="no ledger: restore nothing, record nothing")
     parser.add_argument("--report-only", action="store_true", help="write the report from finished jobs only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -99,19 +144,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(out, args.tracking_uri)
     jobs = build_jobs(out, profile, parts, uri)
+    rerun = _matching(jobs, args.rerun) if args.rerun else []
+    if args.rerun and not rerun:
+        parser.error(f"--rerun {args.rerun!r} matches no job of the parts {', '.join(parts)}")
     todo = jobs
     if args.only:
-        patterns = [p.strip() for p in args.only.split(",") if p.strip()]
-        todo = [j for j in jobs if any(fnmatch.fnmatchcase(j.name, p) for p in patterns)]
+        todo = _matching(jobs, args.only)
         if not todo:
             parser.error(f"--only {args.only!r} matches no job of the parts {', '.join(parts)}")
+        todo += [j for j in rerun if j not in todo]
         needed = {a for j in todo for a in j.after}
         todo = [j for j in jobs if j in todo or j.name in needed]
+    ledger_dir = None if args.no_ledger else args.ledger or (LEDGER if args.profile == "full" else None)
+    if ledger_dir is not None and args.profile != "full" and ledger_dir.resolve() == LEDGER:
+        parser.error(f"the repository's ledger keeps the full profile only; give the {args.profile} profile another")
+    ledger = Ledger(ledger_dir, out, jobs) if ledger_dir is not None else None
+    if ledger is not None:
+        plan = plan_study(jobs, todo, out, ledger, {j.name for j in rerun})
+        for name, reason in plan.reasons.items():
+            print(f"{name}: {reason}", flush=True)
+        print(
+            f"ledger {ledger}: {len(plan.restored)} jobs restored, {len(plan.here)} finished in {out} "
+            f"({len(plan.recorded)} of them added to the ledger), {len(plan.run)} to run",
+            flush=True,
+        )
+        todo = plan.run
+    elif rerun:
+        _set_aside_finished(out, rerun)
     if not args.report_only:
         t0 = time.perf_counter()
         init_store(uri)
-        prepare_data(out, profile, parts)
-        run_jobs(todo, out, workers=args.workers, threads=args.threads, progress=not args.no_progress)
+        if todo:
+            prepare_data(out, profile, parts)
+        run_jobs(todo, out, workers=args.workers, threads=args.threads, progress=not args.no_progress, ledger=ledger)
         print(f"all {len(todo)} jobs finished ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     path = write_report(out, jobs, args.profile, publish=args.publish)
     print(f"report: {path}" + (f" (published to {args.publish / 'RESULTS.md'})" if args.publish else ""), flush=True)

@@ -1,4 +1,9 @@
-"""The job list of the study: every job a real command a user could type, run from the repository root."""
+"""The job list of the study: every job a real command a user could type, run from the repository root.
+
+Each job also says which of its outputs the report reads (:attr:`Job.keeps`), the only files the ledger
+(:mod:`.ledger`) keeps of it, and carries its command in a machine-independent form (:attr:`Job.command`), by
+which the ledger tells whether an entry was made by today's command.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ from .paths import BUNDLES, ROOT
 from .profiles import OUTLINE_METHODS, SELECTIONS, Profile
 from .variants import method_args
 
-__all__ = ["Job", "build_jobs"]
+__all__ = ["PLACEHOLDERS", "Job", "build_jobs", "portable_command"]
+
+#: what :func:`portable_command` writes for the parts of a command that differ between machines and folders
+PLACEHOLDERS = {"out": "{out}", "root": "{root}", "python": "{python}", "tracking_uri": "{tracking_uri}"}
 
 
 @dataclass
@@ -25,8 +33,15 @@ class Job:
         name: unique folder name under ``OUT/jobs``.
         part: the part it belongs to.
         argv: the command.
-        after: jobs that must have finished first.
+        after: jobs that must have finished first (each of them trains a model this job reads).
         meta: what the report needs to know about it (method, seed, fold...).
+        keeps: glob patterns, relative to ``OUT/jobs``, of the outputs the report reads (``done.json`` is
+            always kept): what the ledger keeps of the job.
+        writes: folders of other jobs, relative to ``OUT/jobs``, that this job writes into (the cue effect
+            goes into its site study's folder); they belong to this job's ledger entry, not to the other's.
+        command: ``argv`` with the study folder, the repository, the interpreter and the tracking store
+            replaced by :data:`PLACEHOLDERS` (:func:`portable_command`); empty for a job made by hand, whose
+            ``argv`` then stands for it.
     """
 
     name: str
@@ -34,6 +49,46 @@ class Job:
     argv: list[str]
     after: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
+    keeps: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    command: list[str] = field(default_factory=list)
+
+
+def portable_command(argv: Sequence[str], out: Path, root: Path, tracking_uri: str) -> list[str]:
+    """``argv`` as it reads on any machine: the same job in another study folder gives the same list.
+
+    Where the MLflow runs go does not change what a job computes, so the tracking store is a placeholder too.
+
+    Args:
+        argv: the job's command.
+        out: the study folder (absolute).
+        root: the repository root (absolute).
+        tracking_uri: the MLflow store the jobs log to.
+
+    Returns:
+        The command with :data:`PLACEHOLDERS` for ``tracking_uri`` (a whole argument), the interpreter (a whole
+        argument), and ``out`` and ``root`` (a whole argument or a path prefix; ``out`` first, since the default
+        study folder lies inside the repository).
+    """
+    folders = [(str(out), PLACEHOLDERS["out"]), (str(root), PLACEHOLDERS["root"])]
+    portable = []
+    for arg in argv:
+        if arg == tracking_uri:
+            arg = PLACEHOLDERS["tracking_uri"]
+        elif arg == sys.executable:
+            arg = PLACEHOLDERS["python"]
+        else:
+            for path, mark in folders:
+                arg = mark if arg == path else arg.replace(path + "/", mark + "/")
+        portable.append(arg)
+    return portable
+
+
+#: a training job's run outputs the report reads: held-out predictions, metrics (MLflow's, kept beside the run),
+#: the run's parameters (the epoch checkpoint selection starts at)
+_RUN_OUTPUTS = ("runs/*/test_predictions.csv", "runs/*/metrics.jsonl", "runs/*/params.json")
+#: what the report reads of a site study: its summary, verdict figures, heatmaps and pooled predictions
+_SITE_OUTPUTS = ("cv/summary.md", "cv/pooled_offdiag.json", "cv/predictions.csv", "cv/heatmap_*.png")
 
 
 def _bundle(*configs: str, run_id: str = "run") -> list[str]:
@@ -86,7 +141,9 @@ def _ga_jobs(out: Path, profile: Profile, parts: Sequence[str], common: list[str
                 *method_args(method),
                 *profile.ga,
             ]
-            jobs.append(Job(name, "ga", argv, meta={"method": method, "seed": seed}))
+            # the cost table reads the log's epoch times and the run's warm-up (params.json)
+            keeps = tuple(f"{name}/{p}" for p in ("log.txt", *_RUN_OUTPUTS))
+            jobs.append(Job(name, "ga", argv, meta={"method": method, "seed": seed}, keeps=keeps))
     return jobs
 
 
@@ -109,7 +166,10 @@ def _saliency_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
             *method_args(method),
             *profile.ga,
         ]
-        jobs.append(Job(name, "saliency", argv, after=(train,), meta={"method": method, "train_job": train}))
+        outputs = ("summary.csv", "deletion.csv", "localisation.csv", "localisation.png")
+        keeps = tuple(f"{name}/eval/{f}" for f in outputs)
+        meta = {"method": method, "train_job": train}
+        jobs.append(Job(name, "saliency", argv, after=(train,), meta=meta, keeps=keeps))
     return jobs
 
 
@@ -140,11 +200,14 @@ def _site_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
             *("--default_dataset_dir", str(out / "data" / data), "--dataset_dir", str(out / "data" / data)),
             *extra,
         ]
-        jobs.append(Job(name, "sites", argv))
+        jobs.append(Job(name, "sites", argv, keeps=tuple(f"{name}/{p}" for p in _SITE_OUTPUTS)))
     for sel in SELECTIONS:
         study = "sites-confounded" if sel == "train" else f"sites-confounded-{sel}"
         argv = [sys.executable, "-m", "pipelines.cue_effect", str(out / "jobs" / study / "cv"), "--no-progress"]
-        jobs.append(Job("sites-cue" if sel == "train" else f"sites-cue-{sel}", "sites", argv, after=(study,)))
+        cue = f"{study}/cv/cue_effect"
+        keeps = (f"{cue}/cue_effect.csv", f"{cue}/cue_effect.md")
+        name = "sites-cue" if sel == "train" else f"sites-cue-{sel}"
+        jobs.append(Job(name, "sites", argv, after=(study,), keeps=keeps, writes=(cue,)))
     return jobs
 
 
@@ -165,7 +228,8 @@ def _lidc_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
                 *method_args(method, mask),
                 *profile.lidc,
             ]
-            jobs.append(Job(name, "lidc", argv, meta={"variant": variant, "fold": fold}))
+            keeps = tuple(f"{name}/{p}" for p in _RUN_OUTPUTS)
+            jobs.append(Job(name, "lidc", argv, meta={"variant": variant, "fold": fold}, keeps=keeps))
     return jobs
 
 
@@ -179,15 +243,18 @@ def _shortcut_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
             *args,
         ]
 
-    jobs = [Job("shortcut", "shortcut", shortcut("shortcut", *profile.shortcut))]
+    # the benchmark's summaries and figures, one folder per cue (or the output folder itself for one cue)
+    keeps = tuple(f"shortcut/out/{p}" for p in ("summary.md", "*.png", "*/summary.md", "*/*.png"))
+    jobs = [Job("shortcut", "shortcut", shortcut("shortcut", *profile.shortcut), keeps=keeps)]
     for share in profile.outline_shares:
         name = f"shortcut-outlines-{share:g}"
         argv = shortcut(name, "--outline-share", f"{share:g}", "--methods", *OUTLINE_METHODS, *profile.outlines)
-        jobs.append(Job(name, "shortcut", argv, meta={"share": share}))
+        jobs.append(Job(name, "shortcut", argv, meta={"share": share}, keeps=(f"{name}/out/*/summary.csv",)))
     for sel in SELECTIONS:
         name = f"shortcut-comparators-{sel}"
         argv = shortcut(name, "--selection", sel, *profile.comparator_shortcut)
-        jobs.append(Job(name, "shortcut", argv, meta={"selection": sel}))
+        keeps = (f"{name}/out/*/results.csv", f"{name}/out/report.md")
+        jobs.append(Job(name, "shortcut", argv, meta={"selection": sel}, keeps=keeps))
     return jobs
 
 
@@ -201,7 +268,8 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
         tracking_uri: the MLflow store every job logs to.
 
     Returns:
-        The jobs in the order they are started.
+        The jobs in the order they are started (a job after those it waits on), each with its
+        :attr:`~Job.command`.
     """
     jobs: list[Job] = []
     common = ["--tracking_uri", tracking_uri]
@@ -218,5 +286,7 @@ def build_jobs(out: Path, profile: Profile, parts: Sequence[str], tracking_uri: 
     if "cost" in parts:
         script = str(ROOT / "benchmarks" / "bench_saliency_ppi.py")
         argv = [sys.executable, script, "--json", str(out / "jobs" / "cost" / "bench.json"), *profile.bench]
-        jobs.append(Job("cost", "cost", argv))
+        jobs.append(Job("cost", "cost", argv, keeps=("cost/bench.json",)))
+    for job in jobs:
+        job.command = portable_command(job.argv, out, ROOT, tracking_uri)
     return jobs

@@ -1,4 +1,8 @@
-"""The study's report: ``OUT/RESULTS.md`` and its figures, made from the finished jobs' outputs alone."""
+"""The study's report: ``OUT/RESULTS.md`` and its figures, made from the finished jobs' outputs alone.
+
+Jobs may come from several runs (the ledger, :mod:`.ledger`, keeps them across machines and days): the head says
+when and where they ran and how many were restored, and every section ends with the commits its rows came from.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .jobs import Job
+from .ledger import RESTORED
 from .scheduler import done_path
 from .sections import (
     comparators_section,
@@ -27,6 +32,78 @@ from .store import EXPERIMENTS, tracking_uri
 from .templates import render
 
 __all__ = ["write_report"]
+
+
+def _machine(done: dict) -> str:
+    """A job's machine in words, from its ``done.json`` (``unknown`` for one written before it was recorded)."""
+    m = done.get("machine")
+    if not isinstance(m, dict):
+        return "unknown"
+    return f"{m.get('platform')}, {m.get('cpus')} CPU cores, torch {m.get('torch')}, {m.get('gpu') or 'no GPU'}"
+
+
+def _accumulated(out: Path, jobs: Sequence[Job], done: list[dict]) -> list[str]:
+    """When, at which commits and on which machines the jobs ran, and how many the ledger gave; empty for jobs
+    all run in this folder at one commit."""
+    restored = [j for j in jobs if (out / "jobs" / j.name / RESTORED).is_file() and done_path(out, j).is_file()]
+    commits = {d["commit"] for d in done}
+    if not restored and len(commits) <= 1:
+        return []
+    ledgers = sorted({json.loads((out / "jobs" / j.name / RESTORED).read_text()).get("ledger") for j in restored})
+    days = sorted(str(d.get("finished", "?"))[:10] for d in done)
+    machines = sorted({_machine(d) for d in done})
+    return [
+        *render(
+            "report",
+            "accumulated",
+            jobs=len(done),
+            first=days[0],
+            last=days[-1],
+            commits=len(commits),
+            machines="; ".join(machines),
+            restored=len(restored),
+            ledger=", ".join(f"`{x}`" for x in ledgers) or "none",
+        ),
+        "",
+    ]
+
+
+def _sources(out: Path, jobs: Sequence[Job], pick: Callable[[Job], bool]) -> list[str]:
+    """The commits the finished jobs that ``pick`` chooses ran at, with how many and when; empty for none."""
+    by_commit: dict[str, list[str]] = {}
+    for j in jobs:
+        if pick(j) and done_path(out, j).is_file():
+            d = json.loads(done_path(out, j).read_text())
+            by_commit.setdefault(str(d.get("commit", "unknown"))[:12], []).append(str(d.get("finished", "?"))[:10])
+    if not by_commit:
+        return []
+    parts = []
+    for commit, days in sorted(by_commit.items(), key=lambda kv: min(kv[1])):
+        when = min(days) if min(days) == max(days) else f"{min(days)} to {max(days)}"
+        parts.append(f"{len(days)} job{'s' if len(days) > 1 else ''} at commit {commit} ({when})")
+    return render("report", "sources", sources="; ".join(parts))
+
+
+#: which jobs each section's rows come from (the goals table repeats figures of the others and has none)
+SECTION_JOBS: dict[str, Callable[[Job], bool]] = {
+    "ga": lambda j: j.part == "ga",
+    "sites": lambda j: j.name in ("sites", "sites-confounded", "sites-cue"),
+    "lidc": lambda j: j.part == "lidc",
+    "saliency": lambda j: j.part == "saliency",
+    "shortcut": lambda j: j.name == "shortcut",
+    "outlines": lambda j: j.name.startswith("shortcut-outlines-"),
+    "comparators": lambda j: j.name.startswith(("sites-confounded", "sites-cue", "shortcut-comparators-", "ga-")),
+    "cost": lambda j: j.part == "ga" or j.name == "cost",
+}
+
+
+def _with_sources(lines: list[str], out: Path, jobs: Sequence[Job], section: str) -> list[str]:
+    """A section's lines with the line naming the commits its rows came from at its end."""
+    if not lines:
+        return lines
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    return [*lines, "", *_sources(out, jobs, SECTION_JOBS[section]), ""]
 
 
 def _head(jobs: Sequence[Job], done: list[dict], profile_name: str, missing: list[Job]) -> list[str]:
@@ -82,17 +159,21 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
     client = MlflowClient(tracking_uri=tracking_uri(out))
     done = [json.loads(done_path(out, j).read_text()) for j in jobs if done_path(out, j).is_file()]
     missing = [j for j in jobs if not done_path(out, j).is_file()]
-    lines = _head(jobs, done, profile_name, missing)
+    lines = [*_head(jobs, done, profile_name, missing), *_accumulated(out, jobs, done)]
     goals: dict = {}  # the sections leave the figures the goals table measures; it goes before them
     at_goals = len(lines)
-    lines += ga_section(out, jobs, client, goals) if any(j.part == "ga" for j in jobs) else []
-    lines += sites_section(out, fig_dir)
-    lines += lidc_section(out, jobs, client, goals) if any(j.part == "lidc" for j in jobs) else []
-    lines += saliency_section(out, jobs, fig_dir, goals)
-    lines += shortcut_section(out, fig_dir)
-    lines += outlines_section(out, jobs)
-    lines += comparators_section(out, fig_dir)
-    lines += cost_section(out, jobs)
+    sections = {
+        "ga": lambda: ga_section(out, jobs, client, goals) if any(j.part == "ga" for j in jobs) else [],
+        "sites": lambda: sites_section(out, fig_dir),
+        "lidc": lambda: lidc_section(out, jobs, client, goals) if any(j.part == "lidc" for j in jobs) else [],
+        "saliency": lambda: saliency_section(out, jobs, fig_dir, goals),
+        "shortcut": lambda: shortcut_section(out, fig_dir),
+        "outlines": lambda: outlines_section(out, jobs),
+        "comparators": lambda: comparators_section(out, fig_dir),
+        "cost": lambda: cost_section(out, jobs),
+    }
+    for name, section in sections.items():
+        lines += _with_sources(section(), out, jobs, name)
     lines[at_goals:at_goals] = goals_section(goals)
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines).rstrip() + "\n")

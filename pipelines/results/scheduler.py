@@ -1,6 +1,7 @@
 """Running the study's jobs side by side, and the done-store that lets an interrupted study resume.
 
-A job has finished when ``OUT/jobs/<name>/done.json`` exists; a rerun skips those and starts the rest.
+A job has finished when ``OUT/jobs/<name>/done.json`` exists; a rerun skips those and starts the rest. With a
+ledger (:mod:`.ledger`), each job's small outputs go into it as soon as the job has finished.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from tqdm import tqdm
 from ppi_med.tracking import git_commit
 
 from .jobs import Job
+from .ledger import Ledger, job_command
+from .machine import machine_info
 from .paths import ROOT
 
 __all__ = ["done_path", "run_jobs"]
@@ -27,12 +30,20 @@ def done_path(out: Path, job: Job) -> Path:
     return out / "jobs" / job.name / "done.json"
 
 
-def run_jobs(jobs: Sequence[Job], out: Path, *, workers: int = 2, threads: int = 1, progress: bool = True) -> None:
+def run_jobs(
+    jobs: Sequence[Job],
+    out: Path,
+    *,
+    workers: int = 2,
+    threads: int = 1,
+    progress: bool = True,
+    ledger: Ledger | None = None,
+) -> None:
     """Run every unfinished job, ``workers`` at a time, each with ``threads`` CPU threads.
 
     A job's output goes to ``OUT/jobs/<name>/log.txt``; on success ``done.json`` records exit code, wall time,
-    peak resident memory (of the job's process, from ``wait4``) and the commit. A failed job's log is kept and
-    named; the others still run.
+    peak resident memory (of the job's process, from ``wait4``), the commit, the portable command and the
+    machine, and the job is added to ``ledger``. A failed job's log is kept and named; the others still run.
 
     Args:
         jobs: the jobs; those already done are skipped.
@@ -40,9 +51,11 @@ def run_jobs(jobs: Sequence[Job], out: Path, *, workers: int = 2, threads: int =
         workers: jobs at a time.
         threads: CPU threads per job (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``).
         progress: show a progress bar.
+        ledger: where each finished job's entry is written (none: no ledger).
 
     Raises:
-        RuntimeError: some jobs failed (each named with its log), or a job waits on a failed one.
+        RuntimeError: some jobs failed (each named with its log), a job waits on a failed one, or a finished
+            job could not be added to the ledger (named; the next run adds it from the study folder).
     """
     pending = [j for j in jobs if not done_path(out, j).is_file()]
     names = {j.name for j in jobs}
@@ -51,6 +64,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, *, workers: int = 2, threads: int =
     commit = git_commit(ROOT)
     running: dict[int, tuple[Job, float, object]] = {}
     failed: list[str] = []
+    unrecorded: list[str] = []
     bar = tqdm(total=len(pending), desc="results", unit="job", disable=not progress)
     while pending or running:
         ready = [j for j in pending if all((out / "jobs" / a / "done.json").is_file() for a in j.after if a in names)]
@@ -98,9 +112,22 @@ def run_jobs(jobs: Sequence[Job], out: Path, *, workers: int = 2, threads: int =
             "commit": commit,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "meta": job.meta,
+            "command": job_command(job),
+            "machine": machine_info(),
         }
         done_path(out, job).write_text(json.dumps(record, indent=1))
+        if ledger is not None:
+            try:
+                ledger.record(job)
+            except OSError as err:  # the job stays finished here; the next run records it from this folder
+                unrecorded.append(f"{job.name} ({err})")
+                tqdm.write(f"job {job.name} finished but could not be added to the ledger {ledger}: {err}")
     bar.close()
+    problems = []
     if failed:
         logs = ", ".join(f"{n} ({out / 'jobs' / n / 'log.txt'})" for n in failed)
-        raise RuntimeError(f"{len(failed)} job(s) failed or could not run: {logs}")
+        problems.append(f"{len(failed)} job(s) failed or could not run: {logs}")
+    if unrecorded:
+        problems.append(f"{len(unrecorded)} finished job(s) not added to the ledger {ledger}: {', '.join(unrecorded)}")
+    if problems:
+        raise RuntimeError("; ".join(problems))

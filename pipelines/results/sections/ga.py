@@ -31,7 +31,7 @@ def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]
     seeds = sorted({j.meta["seed"] for j in ga})
     methods = list(dict.fromkeys(j.meta["method"] for j in ga))
     preds = {(j.meta["method"], j.meta["seed"]): predictions(out, j.name) for j in ga}
-    metrics = {(j.meta["method"], j.meta["seed"]): run_metrics(client, "results_ga", j.name) for j in ga}
+    metrics = {(j.meta["method"], j.meta["seed"]): run_metrics(out, client, "results_ga", j.name) for j in ga}
     lines = render("ga", "intro", bundle=BUNDLES["ga"])
     for m in methods:
         aucs, ps, vals = [], [], []

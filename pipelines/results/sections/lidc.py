@@ -44,7 +44,7 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
             if p is not None:
                 frames.append(p)
             if v == "baseline":
-                ref.append(run_metrics(client, "results_lidc", j.name).get("ref_test_auc", np.nan))
+                ref.append(run_metrics(out, client, "results_lidc", j.name).get("ref_test_auc", np.nan))
         if frames:
             pooled[v] = pd.concat(frames, ignore_index=True)
             per_fold[v] = [
