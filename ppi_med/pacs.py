@@ -28,6 +28,11 @@ CLI (``python -m ppi_med.pacs --help``)::
     python -m ppi_med.pacs pull --host ... --study-uid 1.2.3 --out data/from_pacs
     python -m ppi_med.pacs find --host ... --level SERIES --study-uid 1.2.3
     python -m ppi_med.pacs push --host ... --index exports/lidc-wbp/index.csv
+    python -m ppi_med.pacs blend --index exports/lidc-wbp/index.csv --series-root data/from_pacs
+
+``blend`` (no node needed) writes each map as colour Secondary Captures over its scan
+(:mod:`ppi_med.dicom_blend`) into ``<case>/<stem>_blend/``, for viewers that do not show parametric maps; push
+those folders like any other.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ __all__ = [
     "PullResult",
     "PushResult",
     "TransferFailed",
+    "blend_export",
     "echo",
     "exported_maps",
     "find",
@@ -764,7 +770,64 @@ def _parser() -> argparse.ArgumentParser:
     _node_args(p)
     p.add_argument("paths", nargs="*", type=Path, help="DICOM files or folders")
     p.add_argument("--index", type=Path, help="an export's index.csv: push the Parametric Maps it lists")
+    p = sub.add_parser(
+        "blend",
+        help="write each Parametric Map of an export as colour Secondary Captures over its scan (no node needed)",
+    )
+    p.add_argument("--index", required=True, type=Path, help="the export's index.csv")
+    p.add_argument("--series-root", required=True, type=Path, help="where the maps' source series are (e.g. a pull)")
+    p.add_argument("--alpha", type=float, default=0.6, help="the saliency's opacity where |saliency| is 1")
     return parser
+
+
+def _series_folders(root: Path) -> dict[str, Path]:
+    """SeriesInstanceUID -> folder, for the folders of ``*.dcm`` files under ``root`` (by each one's first file)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"series root {root} is not a folder")
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = sorted(n for n in filenames if n.lower().endswith(".dcm") and not n.startswith("."))
+        if names:
+            try:
+                ds = pydicom.dcmread(Path(dirpath) / names[0], stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - a folder whose first file is not DICOM holds no series
+                continue
+            found.setdefault(str(ds.get("SeriesInstanceUID", "")), Path(dirpath))
+    return found
+
+
+def blend_export(index: str | Path, series_root: str | Path, *, alpha: float = 0.6) -> list[Path]:
+    """Blend every Parametric Map an export lists over its source series, found under ``series_root``.
+
+    Each map ``<case>/<stem>.dcm`` gets ``<case>/<stem>_blend/`` (see
+    :func:`ppi_med.dicom_blend.write_blended_series`); push those folders for viewers without parametric maps.
+
+    Returns:
+        The folders written.
+
+    Raises:
+        FileNotFoundError: the index, a map or ``series_root`` is missing, or a map's series is not under it.
+        FileExistsError: a ``_blend`` folder exists (checked for all maps first: then nothing is written).
+        ValueError: see :func:`ppi_med.dicom_blend.write_blended_series`.
+    """
+    from .dicom_blend import write_blended_series
+
+    maps = exported_maps(index)
+    folders = _series_folders(Path(series_root))
+    plan = []
+    for m in maps:
+        ref = pydicom.dcmread(m, stop_before_pixels=True).get("ReferencedSeriesSequence", [])
+        uid = str(ref[0].SeriesInstanceUID) if ref else ""
+        if uid not in folders:
+            raise FileNotFoundError(f"{m}: its source series {uid or '(none named)'} is not under {series_root}")
+        out = m.with_name(f"{m.stem}_blend")
+        if out.exists():
+            raise FileExistsError(f"{out} exists; blended images are never written over")
+        plan.append((m, folders[uid], out))
+    for m, series, out in plan:
+        write_blended_series(m, series, out, alpha=alpha)
+    return [out for _, _, out in plan]
 
 
 _COLUMNS = {
@@ -785,6 +848,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success, 1 when the node could not do it, 2 on bad arguments or input.
     """
     args = _parser().parse_args(argv)
+    if args.command == "blend":
+        try:
+            for folder in blend_export(args.index, args.series_root, alpha=args.alpha):
+                print(folder)
+        except (ValueError, FileNotFoundError, FileExistsError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         tls = None
         if args.tls_ca or args.tls_cert:

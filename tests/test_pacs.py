@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from matplotlib import colormaps
 from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRanged
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -33,11 +34,14 @@ from torch import nn
 
 from data_prep.dicom_series import DicomIndex, read_ct_series
 from ppi_med import pacs
+from ppi_med.dicom_blend import write_blended_series
+from ppi_med.dicom_overlay import write_parametric_map
 from ppi_med.export import export_saliency
 from ppi_med.pacs import AssociationRejected, DicomNode, NodeUnreachable, NotFound, TransferFailed
 from ppi_med.saliency_spec import SaliencySpec
 
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 ORTHANC_AET, TEST_AET = "PPI-PACS", "PPITEST"
 
 
@@ -306,6 +310,23 @@ def test_pull_prepare_export_push_and_query_the_map_back(orthanc, stored_ct, tmp
     assert orthanc.count() == count
     assert len(pacs.find(node, "IMAGE", {"SeriesInstanceUID": local.SeriesInstanceUID})) == 1
 
+    # for viewers without parametric maps: the map blended into the pulled scan, pushed as its own series
+    assert pacs.main(["blend", "--index", str(export_index), "--series-root", str(tmp_path / "pulled")]) == 0
+    blend = map_file.with_name(f"{map_file.stem}_blend")
+    n_frames = int(pm.NumberOfFrames)
+    sent = pacs.push(node, [blend])
+    assert len(sent.sop_instance_uids) == n_frames and orthanc.count() == count + n_frames
+    # done already, or without the scan's series: refused, nothing written
+    assert pacs.main(["blend", "--index", str(export_index), "--series-root", str(tmp_path / "pulled")]) == 2
+    shutil.rmtree(blend)
+    assert pacs.main(["blend", "--index", str(export_index), "--series-root", str(tmp_path / "maps")]) == 2
+    assert not blend.exists()
+    assert pacs.main(["blend", "--index", str(export_index), "--series-root", str(tmp_path / "pulled")]) == 0
+    series = pacs.find(node, "SERIES", {"StudyInstanceUID": first.StudyInstanceUID}, ["Modality"])
+    assert len(series) == 3
+    pacs.push(node, [blend])  # blended again and pushed again: the same instances, kept once
+    assert orthanc.count() == count + n_frames
+
 
 # -- bad inputs: a clear error naming the node, and nothing written ------------------------------------------------
 
@@ -537,3 +558,59 @@ def test_bad_requests_are_refused_before_connecting(tmp_path):
     with pytest.raises(ValueError, match="no dicom_overlay column"):
         pacs.exported_maps(tmp_path / "index.csv")
     assert not (tmp_path / "out").exists()
+
+
+def _map_over(folder: Path, path: Path, marks: dict[tuple[int, int, int], float]) -> Path:
+    """A Parametric Map over the axial series in ``folder`` that is ``value`` at each (slice, row, column) mark
+    and zero elsewhere: on the series' own grid, so each frame holds the marks exactly."""
+    (dr, dc), step, (x0, y0, z0) = GEOMETRY["spacing"], GEOMETRY["step"], GEOMETRY["origin"]
+    first = pydicom.dcmread(next(folder.glob("*.dcm")))
+    overlay = np.zeros((int(first.Columns), int(first.Rows), 8), dtype=np.float32)  # [column, row, slice]
+    for (k, r, c), value in marks.items():
+        overlay[c, r, k] = value
+    affine = np.diag([-dc, -dr, step, 1.0])  # LPS (x0 + c dc, y0 + r dr, z0 + k step) as RAS
+    affine[:3, 3] = [-x0, -y0, z0]
+    return write_parametric_map(path, overlay, affine, folder, description="marks")
+
+
+@pytest.mark.slow
+def test_a_map_blended_into_its_scan_as_secondary_captures(tmp_path):
+    files = _write_ct_series(tmp_path / "series", _ct_volume())
+    source = {float(ds.ImagePositionPatient[2]): ds for ds in (pydicom.dcmread(f) for f in files)}
+    pm_path = _map_over(tmp_path / "series", tmp_path / "map.dcm", {(2, 6, 5): 1.0, (2, 12, 10): -0.5, (5, 3, 3): 1.0})
+    pm = pydicom.dcmread(pm_path)
+    out = write_blended_series(pm_path, tmp_path / "series", tmp_path / "blend", alpha=0.6, window=(-400.0, 1600.0))
+    blended = {float(ds.ImagePositionPatient[2]): ds for ds in map(pydicom.dcmread, out)}
+    z0, step = GEOMETRY["origin"][2], GEOMETRY["step"]
+    assert sorted(blended) == [z0 + 2 * step, z0 + 5 * step]  # one image per map frame: slices 2 and 5
+    k2 = blended[z0 + 2 * step]
+    assert k2.SOPClassUID == SECONDARY_CAPTURE and k2.PhotometricInterpretation == "RGB"
+    src = source[z0 + 2 * step]
+    assert k2.ImageOrientationPatient == src.ImageOrientationPatient and k2.PixelSpacing == src.PixelSpacing
+    assert k2.FrameOfReferenceUID == src.FrameOfReferenceUID and k2.StudyInstanceUID == src.StudyInstanceUID
+    assert (k2.PatientID, k2.AccessionNumber, list(k2.PatientOrientation)) == ("PACS-PHANTOM", "ACC42", ["L", "P"])
+    assert k2.SeriesInstanceUID not in (src.SeriesInstanceUID, pm.SeriesInstanceUID)
+    slice_ref, map_ref = k2.SourceImageSequence
+    assert slice_ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert map_ref.ReferencedSOPInstanceUID == pm.SOPInstanceUID
+    frame = pm.PerFrameFunctionalGroupsSequence[int(map_ref.ReferencedFrameNumber) - 1]
+    assert frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    # grey is the window, red paints +1 at 60 % opacity, blue -0.5 at 30 %, and zero leaves the scan alone
+    rgb, hu = k2.pixel_array.astype(float), src.pixel_array.astype(float)
+    grey = np.clip((hu + 1200.0) / 1600.0, 0, 1) * 255
+    red, blue = (np.array(colormaps["RdBu_r"](v)[:3]) * 255 for v in (1.0, 0.25))
+    assert np.allclose(rgb[6, 5], 0.4 * grey[6, 5] + 0.6 * red, atol=0.51)
+    assert np.allclose(rgb[12, 10], 0.7 * grey[12, 10] + 0.3 * blue, atol=0.51)
+    assert red[0] > red[2] and blue[2] > blue[0]  # RdBu_r: red for +, blue for -
+    untouched = np.ones(hu.shape, bool)
+    untouched[5:8, 4:7] = untouched[11:14, 9:12] = False  # the marks and their linear spread
+    assert np.allclose(rgb[untouched], np.round(grey[untouched])[:, None], atol=0.51)
+    # blending again gives the same instances (a PACS keeps them once); nothing is written over
+    again = write_blended_series(pm_path, tmp_path / "series", tmp_path / "again", alpha=0.6, window=(-400.0, 1600.0))
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in again] == [pydicom.dcmread(p).SOPInstanceUID for p in out]
+    with pytest.raises(FileExistsError, match="blend exists"):
+        write_blended_series(pm_path, tmp_path / "series", tmp_path / "blend")
+    other = _write_ct_series(tmp_path / "other", _ct_volume())[0].parent
+    with pytest.raises(ValueError, match="references series .* but .*other holds series"):
+        write_blended_series(pm_path, other, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists() and not list(tmp_path.glob(".wrong.*"))
