@@ -68,6 +68,9 @@ def run_jobs(
     bar = tqdm(total=len(pending), desc="results", unit="job", disable=not progress)
     while pending or running:
         ready = [j for j in pending if all((out / "jobs" / a / "done.json").is_file() for a in j.after if a in names)]
+        # a job whose models another job reads is followed by that one as soon as possible: the ledger keeps no
+        # models, so a study cut short between the two would have to train the first again
+        ready.sort(key=lambda j: not j.after)
         blocked = [j for j in pending if any(a in failed for a in j.after)]
         for j in blocked:
             pending.remove(j)
