@@ -36,7 +36,8 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_saliency_ppi.py
 
-# every experiment behind docs/RESULTS.md, from scratch into runs/results (reruns resume); hours on 2 CPU cores
+# every experiment behind docs/RESULTS.md into runs/results, jobs kept in results/ledger restored instead of run;
+# each finished job is added to that ledger (commit it), so the study grows across machines; hours on 2 CPU cores
 results: install
 	$(PY) -m pipelines.results --out runs/results --publish docs
 
