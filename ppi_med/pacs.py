@@ -441,8 +441,19 @@ def _list_instances(
     what = ", ".join(
         f"{k} {v}" for k, v in (("patient", patient_id), ("study", study_uid), ("series", series_uid)) if v is not None
     )
-    study_match = {k: v for k, v in (("PatientID", patient_id), ("StudyInstanceUID", study_uid)) if v is not None}
-    studies = _find_on(assoc, node, "STUDY", study_match, ["PatientID", "StudyInstanceUID"])
+    if patient_id is None and study_uid is None:
+        # a series alone: ask for its study first, instead of listing every study of the archive
+        hits = _find_on(assoc, node, "SERIES", {"SeriesInstanceUID": series_uid}, ["StudyInstanceUID"])
+        study_matches = [{"StudyInstanceUID": u} for u in sorted({str(h.get("StudyInstanceUID", "")) for h in hits})]
+    else:
+        study_matches = [
+            {k: v for k, v in (("PatientID", patient_id), ("StudyInstanceUID", study_uid)) if v is not None}
+        ]
+    studies = [
+        found
+        for match in study_matches
+        for found in _find_on(assoc, node, "STUDY", match, ["PatientID", "StudyInstanceUID"])
+    ]
     result = []
     for study in studies:
         suid = _answered_uid(node, "StudyInstanceUID", study.get("StudyInstanceUID"))
@@ -497,7 +508,7 @@ def _fetch(node: DicomNode, listing: Sequence[_Series], tmp: Path) -> None:
         sop = str(event.request.AffectedSOPInstanceUID)
         if sop not in expected:
             unexpected.append(sop)
-            return 0xA900  # not asked for (the node's listing and its retrieval disagree)
+            return 0xC000  # not asked for (the node's listing and its retrieval disagree): refused
         study, series = expected[sop]
         folder = tmp / study / series
         folder.mkdir(parents=True, exist_ok=True)
@@ -550,7 +561,9 @@ def pull(
         out: the output folder (created; other content in it is left alone).
         patient_id: the PatientID (exact; wildcards are refused, so a typo cannot fetch the whole archive).
         study_uid: a StudyInstanceUID.
-        series_uid: a SeriesInstanceUID (within the study, or the patient, when those are given too).
+        series_uid: a SeriesInstanceUID (within the study, or the patient, when those are given too). Alone,
+            it is looked up with a SERIES-level query without the study, which most nodes answer (a strictly
+            hierarchical one needs ``study_uid`` too).
 
     Returns:
         The series folders written.

@@ -360,6 +360,9 @@ def test_a_study_the_node_does_not_hold_is_not_found(orthanc, stored_ct, tmp_pat
     with pytest.raises(NotFound, match=rf"{ORTHANC_AET}@127\.0\.0\.1:\d+ .*no instances found for study {missing}"):
         pacs.pull(orthanc.node, tmp_path / "deep" / "out", study_uid=missing)
     assert _nothing_written(tmp_path / "deep")
+    with pytest.raises(NotFound, match="no instances found for series"):
+        pacs.pull(orthanc.node, tmp_path / "deep" / "out", series_uid=generate_uid())
+    assert _nothing_written(tmp_path / "deep")
     # a series folder pulled before is not overwritten; nothing is fetched
     first = pydicom.dcmread(stored_ct[0])
     done = pacs.pull(orthanc.node, tmp_path / "out", series_uid=first.SeriesInstanceUID)
