@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from ppi_med.stats import delong_test
+from ppi_med.stats import DeLongResult, delong_test
 
 __all__ = [
     "PREDICTION_COLUMNS",
@@ -226,26 +226,36 @@ class PooledComparison:
     Attributes:
         method: the method tested.
         reference: the method compared against.
-        n_cases: concatenated off-diagonal cases (a case counts once per model that predicted it).
-        n_pos: positives among them.
+        n_pos: positives among the concatenated off-diagonal cases (a case counts once per model that
+            predicted it).
         n_neg: negatives among them.
         auc: AUC of the method's concatenated scores.
         auc_reference: AUC of the reference's concatenated scores.
-        z: DeLong statistic of ``auc - auc_reference``.
-        p_value: its two-sided p-value.
+        test: DeLong's paired test of ``auc`` against ``auc_reference`` (``None`` where it is undefined, e.g.
+            one class only).
         mean_cell_diff: mean over off-diagonal cells of the (seed-averaged) cell AUC difference.
     """
 
     method: str
     reference: str
-    n_cases: int
     n_pos: int
     n_neg: int
     auc: float
     auc_reference: float
-    z: float
-    p_value: float
+    test: DeLongResult | None
     mean_cell_diff: float
+
+    @property
+    def n_cases(self) -> int:
+        return self.n_pos + self.n_neg
+
+    @property
+    def z(self) -> float:
+        return self.test.z if self.test is not None else math.nan
+
+    @property
+    def p_value(self) -> float:
+        return self.test.p_value if self.test is not None else math.nan
 
     @property
     def auc_diff(self) -> float:
@@ -253,8 +263,9 @@ class PooledComparison:
         return self.auc - self.auc_reference
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values, with ``auc_diff``."""
-        return {**self.__dict__, "auc_diff": self.auc_diff}
+        """Plain values: the counts, both AUCs and their difference, DeLong's z and p, the mean cell difference."""
+        keys = ("method", "reference", "n_cases", "n_pos", "n_neg", "auc", "auc_reference", "auc_diff", "z")
+        return {**{k: getattr(self, k) for k in keys}, "p_value": self.p_value, "mean_cell_diff": self.mean_cell_diff}
 
 
 def pooled_offdiag(
@@ -290,10 +301,9 @@ def pooled_offdiag(
     labels = merged["label"].to_numpy()
     a, b = merged["score"].to_numpy(), merged["score_ref"].to_numpy()
     try:
-        res = delong_test(labels, a, b)
-        z, p = res.z, res.p_value
+        test = delong_test(labels, a, b)
     except ValueError:
-        z = p = math.nan
+        test = None
     if cell_diff is None:
         _, cell_diff = delong_matrix(sub, method, reference, train_sites, test_sites)
     same = np.array([[r == c for c in cell_diff.columns] for r in cell_diff.index], dtype=bool)
@@ -302,13 +312,11 @@ def pooled_offdiag(
     return PooledComparison(
         method=method,
         reference=reference,
-        n_cases=int(labels.size),
         n_pos=int(labels.sum()),
         n_neg=int(labels.size - labels.sum()),
         auc=cell_auc(labels, a),
         auc_reference=cell_auc(labels, b),
-        z=float(z),
-        p_value=float(p),
+        test=test,
         mean_cell_diff=float(diffs.mean()) if diffs.size else math.nan,
     )
 
