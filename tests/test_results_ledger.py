@@ -111,7 +111,7 @@ def test_portable_command_is_the_same_in_any_study_folder(tmp_path):
     assert portable_command([f"{out}-old/x"], out, ROOT, uri) == ["{root}/runs/results-old/x"]
 
 
-def test_an_entry_keeps_the_listed_outputs_and_never_a_checkpoint_or_store(tmp_path):
+def test_an_entry_keeps_the_listed_outputs_and_never_a_checkpoint_or_store(tmp_path, capsys):
     out, root = tmp_path / "out", tmp_path / "ledger"
     job = _jobs(out)[0]
     files = {
@@ -133,6 +133,10 @@ def test_an_entry_keeps_the_listed_outputs_and_never_a_checkpoint_or_store(tmp_p
         assert spec == {"bytes": (entry / rel).stat().st_size, "sha256": sha256_file(entry / rel)}
     # what was left out is counted, the checkpoint among the largest
     assert manifest["left_out"]["files"] == 4 and "jobs/train/runs/r1/model.pt" in manifest["left_out"]["largest"]
+    # an output the report reads that is too large is named, in the manifest and when it is left out
+    assert manifest["left_out"]["too_large"] == {"jobs/train/runs/r1/big.csv": 3 << 20}
+    printed = capsys.readouterr().out
+    assert "train's jobs/train/runs/r1/big.csv (3145728 bytes) is over 2097152 bytes: left out" in printed
     assert ledger.problems("train") == [] and ledger.state(job, {}).kind == "usable"
     assert not list(root.glob(".tmp-*"))
 
@@ -208,6 +212,7 @@ def test_a_job_writing_into_another_jobs_folder_owns_those_files(tmp_path):
     _finish_by_hand(out, cue, {})
     ledger = Ledger(root, out, [study, cue])
     assert sorted(ledger.payload(study)[0]) == ["jobs/study/cv/summary.md", "jobs/study/done.json"]
+    assert ledger.payload(study)[2] == {}
     assert sorted(ledger.payload(cue)[0]) == ["jobs/cue/done.json", "jobs/study/cv/cue/effect.csv"]
 
 

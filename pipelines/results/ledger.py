@@ -225,16 +225,16 @@ class Ledger:
                 return job
         return rel.split("/", 1)[0]
 
-    def payload(self, job: Job) -> tuple[dict[str, Path], dict[str, int]]:
+    def payload(self, job: Job) -> tuple[dict[str, Path], dict[str, int], dict[str, int]]:
         """The files of ``job`` the ledger keeps, and those it leaves out, from the study folder.
 
         Args:
             job: a finished job.
 
         Returns:
-            ``(kept, left_out)``: path relative to the study folder -> file; -> size in bytes. ``left_out`` is
-            every other file of the job's folders (checkpoints, logs the report does not read...) and a matched
-            file that is too large or of a kind never kept.
+            ``(kept, left_out, too_large)``: path relative to the study folder -> file; -> size in bytes, for
+            every other file of the job's folders (checkpoints, logs the report does not read...); -> size, for
+            the files :attr:`~pipelines.results.jobs.Job.keeps` asks for that are over :data:`MAX_FILE_BYTES`.
 
         Raises:
             FileNotFoundError: the job has no ``done.json``.
@@ -244,6 +244,7 @@ class Ledger:
             raise FileNotFoundError(f"job {job.name} has no {jobs_dir / job.name / 'done.json'}: it has not finished")
         kept: dict[str, Path] = {}
         left: dict[str, int] = {}
+        too_large: dict[str, int] = {}
         for pattern in (f"{job.name}/done.json", *job.keeps):
             for path in sorted(jobs_dir.glob(pattern)):
                 rel = path.relative_to(jobs_dir).as_posix()
@@ -251,6 +252,8 @@ class Ledger:
                     continue
                 if path.name.endswith(NEVER_KEPT) or path.stat().st_size > MAX_FILE_BYTES:
                     left[f"jobs/{rel}"] = path.stat().st_size
+                    if not path.name.endswith(NEVER_KEPT):
+                        too_large[f"jobs/{rel}"] = path.stat().st_size
                 else:
                     kept[f"jobs/{rel}"] = path
         for folder in (job.name, *job.writes):
@@ -258,13 +261,15 @@ class Ledger:
                 rel = path.relative_to(jobs_dir).as_posix()
                 if path.is_file() and f"jobs/{rel}" not in kept and self._owner(rel) == job.name:
                     left[f"jobs/{rel}"] = path.stat().st_size
-        return kept, left
+        return kept, left, too_large
 
     def record(self, job: Job) -> Path:
         """Write ``job``'s entry from the study folder, replacing (and keeping aside) the one it had.
 
         The files are copied into a temporary folder inside the ledger, hashed there, the manifest written,
-        and the folder renamed into place: the entry appears complete or not at all.
+        and the folder renamed into place: the entry appears complete or not at all. An output the report
+        reads that is over :data:`MAX_FILE_BYTES` is left out, listed in the manifest (``left_out``,
+        ``too_large``) and named on stdout: the report will lack it for a restored job.
 
         Args:
             job: a finished job (its ``done.json`` is in the study folder).
@@ -276,7 +281,9 @@ class Ledger:
             FileNotFoundError: the job has not finished.
             OSError: a file could not be copied (the ledger is left as it was).
         """
-        kept, left = self.payload(job)
+        kept, left, too_large = self.payload(job)
+        for rel, size in too_large.items():
+            print(f"ledger {self}: {job.name}'s {rel} ({size} bytes) is over {MAX_FILE_BYTES} bytes: left out")
         done = json.loads(kept[f"jobs/{job.name}/done.json"].read_text())
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TEMPORARY}{job.name}-", dir=self.root))
@@ -298,7 +305,12 @@ class Ledger:
                 "machine": done.get("machine"),
                 "after": {dep: self.entry_id(dep) for dep in job.after},
                 "files": files,
-                "left_out": {"files": len(left), "bytes": sum(left.values()), "largest": _largest(left)},
+                "left_out": {
+                    "files": len(left),
+                    "bytes": sum(left.values()),
+                    "largest": _largest(left),
+                    "too_large": too_large,
+                },
             }
             atomic_write_json(tmp / MANIFEST, manifest, indent=1)
             target = self.entry(job.name)
