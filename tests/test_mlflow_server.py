@@ -118,6 +118,11 @@ def test_bundle_logs_run_metrics_and_artifacts_over_http(server, tmp_path):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "ppi_wbp"
     assert run.data.params["max_epochs"] == "2" and run.data.params["ppi.saliency"] == "wbp"
+    # the datalist's parts reach the server as the run's dataset inputs
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted((i.dataset.name, i.tags[0].value) for i in inputs) == [
+        ("synthetic-oct-ga", "training"), ("synthetic-oct-ga", "validation")
+    ]  # fmt: skip
     for key in ("loss", "loss_cls", "loss_con", "val_auc"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     # artifacts travel through the server's artifact proxy; the checkpoint there is the one on disk
