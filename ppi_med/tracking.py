@@ -236,23 +236,22 @@ def log_batch(
     )
 
 
-def _under(value: str, folder: str) -> str | None:
-    """``value`` relative to ``folder`` (both absolute-normalised) when it names a path inside it, else ``None``."""
-    path = os.path.abspath(value)
-    if path == folder or not path.startswith(folder + os.sep):
-        return None
-    return Path(os.path.relpath(path, folder)).as_posix()
+def _dataset_row(record: Mapping[str, Any], folder: str | None) -> dict[str, Any]:
+    """A datalist record as a table row: lists and objects as JSON and, with ``folder``, paths as the datalist
+    writes them.
 
-
-def _dataset_row(record: Mapping[str, Any], folder: str) -> dict[str, Any]:
-    """A datalist record as a table row: paths relative to the datalist's folder, lists and objects as JSON."""
+    Reading a datalist (MONAI's decathlon loader) joins every value that names an existing file with the
+    datalist's folder; with ``folder`` given, such a value is written relative to it again (``A/x.nii.gz``,
+    ``../dicom/...``). Only path-like strings are considered: a bare identifier (site ``A``) is never a file.
+    """
     row: dict[str, Any] = {}
     for key, value in record.items():
         if isinstance(value, (str, os.PathLike)):
-            text = os.fspath(value)
-            # only path-like strings: a bare identifier (site "A") is never taken for a file
-            looks_like_path = os.path.isabs(text) or "/" in text or os.sep in text
-            value = (_under(text, folder) if looks_like_path else None) or text
+            value = os.fspath(value)
+            if folder is not None and (os.path.isabs(value) or "/" in value or os.sep in value):
+                path = os.path.abspath(value)
+                if path.startswith(folder + os.sep) or os.path.exists(path):
+                    value = Path(os.path.relpath(path, folder)).as_posix()
         elif isinstance(value, (list, tuple, dict)):
             value = json.dumps(value, sort_keys=True, default=str)
         elif value is not None and not isinstance(value, (bool, int, float)):
@@ -273,18 +272,19 @@ def _read_datalist(path: Path) -> dict[str, Any]:
 
 def _display_path(path: Path) -> str:
     """``path`` relative to the working folder (the project's root when a bundle runs) if inside it, else absolute."""
-    return _under(str(path), os.getcwd()) or os.path.abspath(path)
+    absolute, cwd = os.path.abspath(path), os.getcwd()
+    return Path(os.path.relpath(absolute, cwd)).as_posix() if absolute.startswith(cwd + os.sep) else absolute
 
 
 def datalist_inputs(datalist: str | Path, parts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[Any]:
     """MLflow dataset inputs that name a run's datalist: one per split part, or one for the whole list.
 
-    Each input is a table of the part's records (a pandas DataFrame; paths relative to the datalist's folder, so
-    the same eyes give the same table wherever the data lives), named by the datalist's ``name``, with the
-    datalist's path (relative to the working folder when inside it) as its source and a digest of the records
-    (the first 8 hex digits of the SHA-256 of their JSON). Its context tag (``mlflow.data.context``) is the part's
-    key, e.g. ``training``, ``validation``, ``test``; without ``parts`` there is one input without a context, of
-    the datalist's ``training`` list as written.
+    Each input is a table of the part's records as the datalist writes them (a pandas DataFrame; file paths
+    relative to the datalist's folder again, so the same eyes give the same table wherever the data lives), named
+    by the datalist's ``name``, with the datalist's path (relative to the working folder when inside it) as its
+    source and a digest of the records (the first 8 hex digits of the SHA-256 of their JSON). Its context tag
+    (``mlflow.data.context``) is the part's key, e.g. ``training``, ``validation``, ``test``; without ``parts``
+    there is one input without a context, of the datalist's ``training`` list as written.
 
     Args:
         datalist: the datalist JSON.
@@ -315,10 +315,11 @@ def datalist_inputs(datalist: str | Path, parts: Mapping[str, Sequence[Mapping[s
         chosen: dict[str | None, Sequence[Mapping[str, Any]]] = {None: records}
     else:
         chosen = {str(context): records for context, records in parts.items() if records}
+    written = parts is None  # the file's records as they are; a run's parts hold paths joined with the folder
     source = get_dataset_source_from_json(json.dumps({"uri": _display_path(path)}), source_type="local")
     inputs = []
     for context, records in chosen.items():
-        rows = [_dataset_row(r, folder) for r in records]
+        rows = [_dataset_row(r, None if written else folder) for r in records]
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:8]
         with warnings.catch_warnings():
             # MLflow's schema inference hints that integer columns cannot hold missing values: a model

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 from ignite.engine import Engine
 
+from ppi_med.data import load_datalist
 from ppi_med.tracking import RunTracker, datalist_inputs
 
 pytestmark = pytest.mark.slow  # four Python processes that each import MLflow
@@ -40,15 +41,27 @@ def test_processes_creating_one_sqlite_store_together_all_succeed(tmp_path) -> N
 
 
 def _datalist(folder, name: str | None = "eyes") -> tuple:
-    """A datalist as the data tools write it (paths relative to its folder) and its records as a bundle reads them."""
-    folder.mkdir(parents=True)
+    """A datalist as the data tools write it (paths relative to its folder, one outside it) and its records as the
+    bundle reads them (``load_datalist``, which joins the paths with the folder)."""
     written = [
-        {"image": f"A/A-{i:03d}_img.nii.gz", "label": i % 2, "site": "A", "subject": f"A-{i:03d}", "ratings": [3, i]}
+        {
+            "image": f"A/A-{i:03d}_img.nii.gz",
+            "scan": f"../scans/A-{i:03d}.nii.gz",
+            "label": i % 2,
+            "site": "A",
+            "subject": f"A-{i:03d}",
+            "ratings": [3, i],
+        }
         for i in range(6)
     ]
+    for record in written:
+        for key in ("image", "scan"):
+            (folder / record[key]).parent.mkdir(parents=True, exist_ok=True)
+            (folder / record[key]).touch()  # the reader checks that they exist, not what they hold
     raw = {"training": written, **({"name": name} if name else {})}
     (folder / "datalist.json").write_text(json.dumps(raw))
-    read = [{**r, "image": str(folder / r["image"])} for r in written]  # resolved against the folder on reading
+    read = load_datalist(folder / "datalist.json", ndim=None)
+    assert read[0]["scan"] != written[0]["scan"]  # as a run holds them
     return folder / "datalist.json", written, read
 
 
@@ -87,6 +100,7 @@ def test_a_run_logs_its_datalist_parts_as_dataset_inputs(tmp_path, monkeypatch):
         columns = {c["name"]: c["type"] for c in json.loads(data.schema)["mlflow_colspec"]}
         assert columns == {
             "image": "string",
+            "scan": "string",
             "label": "long",
             "site": "string",
             "subject": "string",
