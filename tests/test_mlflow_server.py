@@ -166,6 +166,9 @@ def test_site_cv_logs_parent_and_nested_runs_over_http(server, tmp_path, monkeyp
         assert run.info.status == "FINISHED" and run.data.tags["train_site"] == "A"
         assert {"auc_A", "auc_B", "val_auc", "loss"} <= set(run.data.metrics)
         assert "model_best.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        # a cell is a bundle run: its datalist's parts are its dataset inputs
+        contexts = {i.tags[0].value for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+        assert {"training", "validation"} <= contexts, contexts
 
 
 @pytest.mark.slow
