@@ -335,7 +335,7 @@ def test_a_new_study_folder_is_restored_from_the_ledger_and_runs_nothing(ledger_
     # the report reads the restored files as it read the originals: every section is the same
     first, again = ((o / "RESULTS.md").read_text() for o in (out, new))
     assert again[again.index("\n## ") :] == first[first.index("\n## ") :]
-    assert "**Accumulated over several runs:**" in again and "2 of them were restored from the ledger" in again
+    assert "**Accumulated:**" in again and "2 of them were restored from the ledger" in again
     assert "**Accumulated" not in first
     commit = json.loads((out / "jobs" / "ga-baseline-s0" / "done.json").read_text())["commit"][:12]
     assert f"*Rows from 1 job at commit {commit} (" in again
