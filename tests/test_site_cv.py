@@ -441,6 +441,9 @@ def test_mlflow_parent_and_children(cv_twice):
     assert {"summary.md", "summary.json", "figures", "tables"} <= top
     figs = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert "figures/heatmap_pvalue.png" in figs
+    (study_input,) = parent.inputs.dataset_inputs  # the study's datalist, one input without a split context
+    assert study_input.dataset.source_type == "local" and study_input.dataset.digest
+    assert not [t for t in study_input.tags if t.key == "mlflow.data.context"]
 
     children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ppi_med.data import load_datalist
 from ppi_med.robust import check_selection
-from ppi_med.tracking import check_tracking_uri, ensure_experiment, git_commit
+from ppi_med.tracking import check_tracking_uri, datalist_inputs, ensure_experiment, git_commit
 
 from ..bundle_config import open_config
 from .cells import Cell, CellRunner, StudySettings, cell_key, check_bundle, sha256_file
@@ -269,6 +269,8 @@ class Study:
         }
         for k, v in params.items():
             self.client.log_param(self.parent_id, k, v)
+        # the study's datalist as one input (its cells log their own training and validation parts)
+        self.client.log_inputs(self.parent_id, datasets=datalist_inputs(self.datalist))
 
         self.runner = CellRunner(
             StudySettings(
