@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from pipelines.results import BUNDLES, PROFILES, Job, Profile, build_jobs, main, run_jobs
 from pipelines.results.paths import ROOT
+from pipelines.results.sections.cost import epoch_seconds
 from pipelines.results.templates import render
 from ppi_med.stats import auc_ci
 
@@ -192,3 +194,16 @@ def test_templates_fill_every_placeholder_and_ship_as_package_data():
     folder = ROOT / "pipelines" / "results"
     shipped = [p for p in folder.rglob("*.md") if any(fnmatch(str(p.relative_to(folder)), g) for g in globs[PKG])]
     assert shipped and sorted(shipped) == sorted((folder / "templates").glob("*.md"))
+
+
+def test_epoch_seconds_reads_the_bundle_consoles_epoch_lines(tmp_path):
+    log = tmp_path / "log.txt"
+    bar = "train [2/3]: [4/4] 100%|##########| [00:01<00:00]" + " " * 20
+    log.write_text(
+        "epoch 1/3  loss 0.7000  loss_cls 0.7000  val_auc 0.5000  2.0 s\n"
+        f"{bar}epoch 2/3  loss 0.6000  loss_cls 0.6000  val_auc 0.6000  best 0.6000 (epoch 2)  4.5 s\n"
+        "epoch 3/3  loss 0.9000  loss_cls 0.5000  loss_con 0.4000  val_auc 0.7000  best 0.7000 (epoch 3)  9.0 s\n"
+    )
+    assert epoch_seconds(log, until=2) == pytest.approx(3.25)
+    assert epoch_seconds(log, after=2) == pytest.approx(9.0)
+    assert math.isnan(epoch_seconds(log, after=3))

@@ -17,13 +17,15 @@ from .outputs import fmt
 
 __all__ = ["bench_lines", "cost_section", "epoch_seconds", "gpu_lines"]
 
-_EPOCH = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
+# the bundle console's line per epoch (ppi_med.console.EpochSummary), which ends with the epoch's seconds
+# (training, precise batch norm and validation); a progress bar's remains may precede it on the same line
+_EPOCH = re.compile(r"epoch +(\d+)/\d+  .*?  ([\d.]+) s$", re.M)
 
 
 def epoch_seconds(log: Path, after: int = 0, until: int | None = None) -> float:
-    """Median training-epoch time in a bundle log over the epochs ``after < epoch <= until``; NaN for none."""
+    """Median epoch time in a bundle log over the epochs ``after < epoch <= until``; NaN for none."""
     times = [
-        int(m.group(2)) * 3600 + int(m.group(3)) * 60 + float(m.group(4))
+        float(m.group(2))
         for m in _EPOCH.finditer(log.read_text(errors="replace"))
         if after < int(m.group(1)) <= (until if until is not None else 1 << 30)
     ]
