@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from bundle_files import GA_BUNDLE, MULTI_GPU, config_list, workdir
 from ignite.engine import Events
+from local_servers import free_ports
 from monai.data import DistributedSampler
 from monai.engines import SupervisedTrainer
 from torch import nn
@@ -92,15 +92,9 @@ def _worker(rank: int, port: int, mode: str, out: str) -> None:
         dist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_ranks_train_the_weights_one_process_computes_from_their_shards(mode, tmp_path):
-    procs = mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=False)
+    procs = mp.spawn(_worker, args=(free_ports()[0], mode, str(tmp_path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 240
     while not procs.join(timeout=5):  # raises if a rank failed
         if time.monotonic() > deadline:
@@ -134,7 +128,7 @@ def test_two_ranks_train_the_weights_one_process_computes_from_their_shards(mode
 
 def test_the_ga_bundle_under_torchrun_writes_one_run_once(tmp_path):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_ports()[0]),
         "-m", "monai.bundle", "run",
         "--config_file", config_list(GA_BUNDLE, MULTI_GPU),
         "--default_dataset_dir", str(tmp_path / "data"), "--dataset_dir", str(tmp_path / "data"),

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from bundle_files import workdir
+from local_servers import free_ports, stop_group
 from test_ga_bundle import BUNDLE, _tiny
 from test_site_cv import TINY
 
@@ -35,30 +34,11 @@ class Server:
     store: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Kill the server's process group (the server and the workers it started), which this test started."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
 @contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[Server]:
     """``mlflow server`` on a free loopback port, SQLite store and served artifacts under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_ports()[0]
     store = root / "server.db"
     log = open(root / "server.log", "w")
     cmd = [
@@ -76,7 +56,7 @@ def mlflow_server(root: Path) -> Iterator[Server]:
             time.sleep(0.5)
         yield Server(uri, proc, store)
     finally:
-        _stop(proc)
+        stop_group(proc)
         log.close()
 
 
@@ -173,7 +153,7 @@ def test_site_cv_logs_parent_and_nested_runs_over_http(server, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_a_server_that_is_down_stops_before_any_training(tmp_path, monkeypatch, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_ports()[0]}"  # nothing listens there
     done = _bundle(tmp_path, uri)
     assert done.returncode != 0
     assert f"MLflow tracking server {uri} does not answer" in done.stderr

@@ -23,8 +23,8 @@ from pathlib import Path
 import mlflow
 import pytest
 from bundle_files import GA_BUNDLE, workdir
+from local_servers import free_ports, stop_group
 from PIL import Image
-from test_mlflow_server import _free_port, _stop
 
 from ppi_med.tracking import check_tracking_uri, log_batch, server_problem
 
@@ -109,7 +109,7 @@ class MlflowUI:
         self._start()
 
     def _start(self) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_ports()[0]}"
         cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", self.uri, "--host", "127.0.0.1"]
         with open(self.root / "ui.log", "w") as log:
             self.proc = subprocess.Popen(
@@ -131,7 +131,7 @@ class MlflowUI:
         return self.url
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_group(self.proc)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,6 +24,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from local_servers import free_ports
 from matplotlib import colormaps
 from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRanged
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -50,15 +50,6 @@ def _orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).is_file()), None)
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` different loopback ports that nothing listens on (all held open while choosing, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
 def _rest(port: int, path: str) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         return json.load(resp)
@@ -81,7 +72,7 @@ def _running_orthanc(root: Path, **settings) -> Iterator[Orthanc]:
     binary = _orthanc_binary()
     if binary is None:
         pytest.skip("Orthanc is not installed (apt-get install orthanc; .ci/run installs it)")
-    dicom_port, http_port, modality_port = _free_ports(3)
+    dicom_port, http_port, modality_port = free_ports(3)
     config = {
         "Name": "ppi-med test PACS",
         "StorageDirectory": str(root / "db"),
@@ -523,7 +514,7 @@ def test_tls_with_a_client_certificate(tmp_path):
 
 
 def test_nothing_listening_names_the_node_and_writes_nothing(tmp_path):
-    (port,) = _free_ports(1)  # bound and released: nothing listens there
+    (port,) = free_ports(1)  # bound and released: nothing listens there
     node = DicomNode("127.0.0.1", port, "SOMEPACS", "PPIMED", timeout=3)
     with pytest.raises(NodeUnreachable, match=rf"SOMEPACS@127\.0\.0\.1:{port} \(calling AE PPIMED\): nothing answers"):
         pacs.pull(node, tmp_path / "out", study_uid="1.2.3")
