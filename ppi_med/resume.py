@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,8 @@ class ResumeHandler:
         tracker: the run's :class:`~ppi_med.tracking.RunTracker`, which logs after the checkpoint is written:
             if the kill came in between, the resumed-from epoch's metrics (kept in the checkpoint) are logged
             on resume, so every epoch is in MLflow once.
+        optional: names in ``load_dict`` that a checkpoint written by an earlier version may lack (e.g. the
+            weight average, added later): they are left as they are, and a line says so.
 
     Raises:
         FileNotFoundError: resuming, but ``ckpt_dir`` holds no epoch checkpoint (names the folder).
@@ -204,9 +207,11 @@ class ResumeHandler:
         enabled: bool = True,
         map_location: Any = None,
         tracker: Any = None,
+        optional: Sequence[str] = (),
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.load_dict = load_dict
+        self.optional = tuple(optional)
         self.enabled = bool(enabled)
         self.map_location = map_location
         self.tracker = tracker
@@ -239,6 +244,13 @@ class ResumeHandler:
                 f"nothing to resume in {self.ckpt_dir}: no checkpoint_epoch=N.pt (the run was killed before its "
                 "first epoch ended; start it afresh without resume_from)"
             )
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
+        load_dict = self.load_dict
+        if self.optional:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            lacking = [k for k in self.optional if k in load_dict and k not in saved]
+            load_dict = {k: v for k, v in load_dict.items() if k not in lacking}
+            if lacking:
+                write(f"{path.name} predates {', '.join(lacking)}: left as the run starts it")
+        CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location=self.map_location)(engine)
         # printed, not logged: the bundles keep the trainer's own INFO records quiet (ppi_med.console)
         write(f"resumed from {path}: epoch {engine.state.epoch} of {engine.state.max_epochs} done")

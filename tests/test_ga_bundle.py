@@ -252,3 +252,22 @@ def test_jtt_restarts_after_its_first_stage_with_the_error_set_written(tmp_path)
     lines = errors.read_text().splitlines()
     assert lines[0] == "case" and all(line.endswith("_img.nii.gz") for line in lines[1:])
     assert run.data.metrics["jtt_errors"] == len(lines) - 1
+
+
+def test_weight_average_is_what_is_validated_and_chosen_while_training_steps_the_raw_weights(tmp_path):
+    """``--weight_average 1``: the checkpoint chosen on validation is the average (with its precise batch-norm
+    statistics), the resume checkpoint keeps the raw weights and the average beside them."""
+    done = _run_bundle(
+        tmp_path, "--ppi#enabled", "false", "--max_epochs", "1", "--ppi#warmup_epochs", "0", "--weight_average", "1"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, (run,) = _runs(tmp_path)
+    assert run.data.params["weight_average"] == "1"
+    (models,) = (tmp_path / "runs").glob("ga-baseline-*/models")
+    best = torch.load(models / "model_best.pt", map_location="cpu", weights_only=True)
+    final = torch.load(models / "model_final.pt", map_location="cpu", weights_only=True)
+    average, raw = final["weight_average"]["average"], final["model"]
+    assert set(best) == set(average) == set(raw)
+    for k in best:
+        assert torch.equal(best[k], average[k]), k
+    assert not torch.equal(best["backbone.conv1.weight"], raw["backbone.conv1.weight"])

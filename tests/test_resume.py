@@ -18,7 +18,8 @@ from bundle_files import GA_BUNDLE as BUNDLE
 from bundle_files import workdir
 from ignite.engine import Engine
 
-from ppi_med.resume import TrainingProgress, latest_epoch_checkpoint
+from ppi_med.resume import ResumeHandler, TrainingProgress, latest_epoch_checkpoint
+from ppi_med.weight_average import WeightAverage
 
 EPOCHS = 8
 
@@ -30,7 +31,7 @@ def _cmd(tmp: Path, *extra: str) -> list[str]:
         "--synthetic#sites", "['A','B']", "--synthetic#subjects_per_site", "8", "--synthetic#n_bscans", "4",
         "--synthetic#height", "32", "--synthetic#width", "48", "--synthetic#cue_site", "B",
         "--spatial_size", "[4,32,48]", "--network_def#width", "4", "--batch_size", "4",
-        "--max_epochs", str(EPOCHS), "--linear_reference", "false",
+        "--max_epochs", str(EPOCHS), "--linear_reference", "false", "--weight_average", "1",
         "--runs_dir", str(tmp / "runs"), "--tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra,
     ]  # fmt: skip
 
@@ -59,6 +60,7 @@ def killed_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     run_dir = _kill_after_epoch(tmp, 2)
     killed_at = latest_epoch_checkpoint(run_dir / "models")
+    killed_average = torch.load(killed_at, map_location="cpu", weights_only=True)["weight_average"]["average"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ga_ppi")
     (before,) = client.search_runs([exp.experiment_id])
@@ -67,7 +69,15 @@ def killed_and_resumed(tmp_path_factory):
     resumed = subprocess.run(
         _cmd(tmp, "--resume_from", str(run_dir)), cwd=workdir(tmp), capture_output=True, text=True, timeout=300
     )
-    return dict(tmp=tmp, run_dir=run_dir, killed_at=killed_at, before=before, resumed=resumed, client=client)
+    return dict(
+        tmp=tmp,
+        run_dir=run_dir,
+        killed_at=killed_at,
+        killed_average=killed_average,
+        before=before,
+        resumed=resumed,
+        client=client,
+    )
 
 
 @pytest.mark.slow
@@ -99,6 +109,10 @@ def test_resume_continues_the_same_run_without_repeating_or_losing_epochs(killed
     assert (models / "model_final.pt").is_file() and (models / "model_best.pt").is_file()
     assert latest_epoch_checkpoint(models).name == f"checkpoint_epoch={EPOCHS}.pt"
     assert not (models / "tmpkilledwrite").exists()  # the interrupted write's leftover is cleared
+    # the killed run's weight average went on after the resume: the final checkpoint holds it, not the weights
+    final = torch.load(models / "model_final.pt", map_location="cpu", weights_only=True)
+    assert k["killed_average"] and set(final["weight_average"]["average"]) == set(final["model"])
+    assert any(not torch.equal(final["weight_average"]["average"][n], v) for n, v in final["model"].items())
 
 
 @pytest.mark.slow
@@ -131,3 +145,17 @@ def test_training_progress_round_trip_restores_counters_best_and_random_state():
     assert (trainer.state.epoch, trainer.state.iteration, evaluator.state.best_metric) == (5, 40, 0.8)
     assert torch.equal(torch.rand(2), draws[0]) and np.array_equal(np.random.rand(2), draws[1])
     assert random.random() == draws[2]
+
+
+def test_a_checkpoint_from_before_the_weight_average_resumes_and_the_average_starts_there(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save({"model": {k: v + 1 for k, v in net.state_dict().items()}}, models / "checkpoint_epoch=3.pt")
+    trainer = Engine(lambda e, b: None)
+    average = WeightAverage(net, epochs=1, steps_per_epoch=2)
+    with pytest.raises(ValueError, match="weight_average"):  # without the allowance, ignite names the missing object
+        ResumeHandler(models, {"model": net, "weight_average": average})(trainer)
+    ResumeHandler(models, {"model": net, "weight_average": average}, optional=["weight_average"])(trainer)
+    assert not average.average  # left as the run starts it: the average begins from the resumed weights
+    torch.testing.assert_close(net.weight, torch.load(models / "checkpoint_epoch=3.pt")["model"]["weight"])
