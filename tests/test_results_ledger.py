@@ -1,5 +1,6 @@
 """The ``make results`` ledger: entries written as jobs finish, restored into a new study folder, stale and
-damaged entries run again and kept aside, no checkpoint ever kept.
+damaged entries run again and kept aside, no checkpoint ever kept; an entry is stale when a bundle file its
+job reads changed (tests edit copies of the bundles, never the repository's).
 
 Every ledger here is a temporary folder; the repository's ``results/ledger`` is never written (one test checks
 that the quick profile leaves it as it was).
@@ -17,11 +18,12 @@ from pathlib import Path
 import pytest
 
 import pipelines.results.cli as results_cli
-from pipelines.results import PROFILES, Job, main, run_jobs
+from pipelines.results import BUNDLES, PARTS, PROFILES, Job, build_jobs, main, run_jobs
 from pipelines.results.jobs import portable_command
-from pipelines.results.ledger import LEDGER, MANIFEST, RESTORED, STALE, Ledger, sha256_file
+from pipelines.results.ledger import LEDGER, MANIFEST, RESTORED, STALE, Ledger, bundle_hashes, sha256_file
 from pipelines.results.paths import ROOT
 from pipelines.results.plan import plan_study
+from pipelines.results.store import tracking_uri
 
 # ----- jobs made by hand: a "training" job that leaves a model, and a job that reads it -------------------------
 
@@ -176,6 +178,81 @@ def test_an_entry_is_stale_for_another_command_or_another_run_of_what_it_needs(t
     assert state.kind == "stale" and "made by another command (argument 3: '{out}', now '{out}/other')" in state.reason
 
 
+def _small_repo(path: Path) -> Path:
+    """A repository with one bundle laid out as the real ones: a link to its train config, which includes a
+    shared file, and the metadata beside the link as a link too."""
+    (path / "bundles" / "common").mkdir(parents=True)
+    (path / "bundles" / "x" / "configs").mkdir(parents=True)
+    (path / "bundles" / "common" / "base.json").write_text('{"lr": 0.1}')
+    train = {"common": "%bundles/common/base.json", "ppi": "%bundles/common/base.json#lr", "own": "%ppi"}
+    (path / "bundles" / "x" / "configs" / "train.json").write_text(json.dumps(train))
+    (path / "bundles" / "x" / "configs" / "metadata.json").write_text('{"version": "0.1"}')
+    (path / "bundles" / "x.json").symlink_to("x/configs/train.json")
+    (path / "bundles" / "metadata.json").symlink_to("x/configs/metadata.json")
+    return path
+
+
+def test_bundle_hashes_follow_links_includes_and_the_metadata_beside_the_config(tmp_path):
+    repo = _small_repo(tmp_path)
+    hashes = bundle_hashes(["bundles/x.json"], repo)
+    files = ["bundles/common/base.json", "bundles/x/configs/metadata.json", "bundles/x/configs/train.json"]
+    assert list(hashes) == files and all(hashes[f] == sha256_file(repo / f) for f in files)
+    assert bundle_hashes([], repo) == {}
+    (repo / "bundles" / "common" / "base.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"bundles/x.json includes \['bundles/common/base.json'\]"):
+        bundle_hashes(["bundles/x.json"], repo)
+    (repo / "bundles" / "x" / "configs" / "train.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bundle file .*bundles/x.json is not JSON"):
+        bundle_hashes(["bundles/x.json"], repo)
+
+
+def test_every_bundle_job_names_the_bundle_files_it_reads_and_the_others_none():
+    jobs = build_jobs(ROOT / "runs" / "results", PROFILES["quick"], PARTS, "sqlite://")
+    named = {j.name: j.bundles for j in jobs}
+    ga, saliency, lidc = (BUNDLES[k] for k in ("ga", "saliency", "lidc"))
+    assert named["ga-baseline-s0"] == named["sites"] == named["sites-cue"] == (ga,)
+    assert named["saliency-ppi_wbp"] == (ga, saliency) and named["lidc-baseline-f0"] == (lidc,)
+    assert named["shortcut"] == named["cost"] == ()
+    # the site studies pass the same bundle on their command line
+    assert all(j.argv[j.argv.index("--config_file") + 1] == ga for j in jobs if j.name.startswith("sites-conf"))
+    assert list(bundle_hashes([ga, saliency])) == [
+        "bundles/common/base.json", "bundles/common/saliency.json",
+        "bundles/ga_ppi/configs/metadata.json", "bundles/ga_ppi/configs/train.json",
+    ]  # fmt: skip
+    assert list(bundle_hashes([lidc])) == [
+        "bundles/common/base.json", "bundles/lidc_ppi/configs/metadata.json", "bundles/lidc_ppi/configs/train.json",
+    ]  # fmt: skip
+
+
+def test_an_entry_is_stale_once_a_bundle_file_it_read_changed(tmp_path):
+    repo, out, root = _small_repo(tmp_path / "repo"), tmp_path / "out", tmp_path / "ledger"
+    jobs = _jobs(out)
+    jobs[0].bundles = ("bundles/x.json",)
+    _finish_by_hand(out, jobs[0], {"train/runs/r1/test_predictions.csv": b"p"})
+    _finish_by_hand(out, jobs[1], {"explain/eval.csv": b"e"})
+    ledger = Ledger(root, out, jobs, repo=repo)
+    ledger.record(jobs[0])
+    ledger.record(jobs[1])
+    assert json.loads((root / "train" / MANIFEST).read_text())["bundles"] == bundle_hashes(jobs[0].bundles, repo)
+    assert json.loads((root / "explain" / MANIFEST).read_text())["bundles"] == {}  # it runs no bundle
+    assert Ledger(root, out, jobs, repo=repo).state(jobs[0], {}).kind == "usable"
+    (repo / "bundles" / "common" / "base.json").write_text('{"lr": 0.2}')  # an included default changes
+    state = Ledger(root, out, jobs, repo=repo).state(jobs[0], {})
+    assert state.kind == "stale"
+    assert state.reason.endswith(f"is stale: bundles/common/base.json changed since commit {'a' * 12}")
+    # this folder's run is that entry: it was made from the old file, so it runs again and is set aside
+    plan = plan_study(jobs, jobs, out, Ledger(root, out, jobs, repo=repo))
+    assert [j.name for j in plan.run] == ["train", "explain"] and plan.here == []
+    assert plan.reasons["train"] == f"{state.reason} (this folder's run is that entry's)"
+    assert len(list((out / "jobs").glob("train.attempt-*/done.json"))) == 1
+    # an entry written before the hashes were recorded cannot say what it was made from
+    manifest = json.loads((root / "explain" / MANIFEST).read_text())
+    del manifest["bundles"]
+    (root / "explain" / MANIFEST).write_text(json.dumps(manifest))
+    state = Ledger(root, out, jobs, repo=repo).state(jobs[1], {"train": Ledger(root, out).entry_id("train")})
+    assert state.kind == "stale" and state.reason.endswith("was made before bundle hashes were recorded")
+
+
 def test_writing_an_entry_is_all_or_nothing_and_keeps_the_one_it_replaces(tmp_path, monkeypatch):
     out, root = tmp_path / "out", tmp_path / "ledger"
     jobs = _finish_both(out, Ledger(root, out))
@@ -297,6 +374,8 @@ def ledger_study(tmp_path_factory):
     """The quick profile's seed-0 GA baseline and its saliency evaluation, run once into a temporary ledger."""
     base = tmp_path_factory.mktemp("ledger_study")
     out, root = base / "first", base / "ledger"
+    # the bundle files the jobs read, copied as they run: a test edits the copy, never the repository's
+    shutil.copytree(ROOT / "bundles", base / "repo" / "bundles", symlinks=True)
     assert main(["--out", str(out), "--ledger", str(root), *QUICK]) == 0
     return out, root
 
@@ -362,6 +441,49 @@ def test_a_changed_command_reruns_exactly_that_job_and_keeps_the_old_entry_aside
     assert (root / "ga-baseline-s0").is_dir() and Ledger(root, out).entry_id("ga-baseline-s0") == Ledger(
         original, first
     ).entry_id("ga-baseline-s0")
+
+
+@pytest.mark.slow
+def test_a_quick_entry_is_restorable_until_a_copy_of_its_bundle_files_is_edited(ledger_study, tmp_path):
+    first, original = ledger_study
+    repo, root = tmp_path / "repo", tmp_path / "ledger"
+    shutil.copytree(original.parent / "repo", repo, symlinks=True)  # the bundles as the fixture's jobs read them
+    shutil.copytree(original, root)
+    names = ("ga-baseline-s0", "saliency-baseline")
+
+    def study(folder: str) -> tuple[list[Job], Ledger]:
+        out = tmp_path / folder
+        jobs = [j for j in build_jobs(out, PROFILES["quick"], ["ga", "saliency"], tracking_uri(out)) if j.name in names]
+        return jobs, Ledger(root, out, jobs, repo=repo)
+
+    jobs, ledger = study("same")
+    unchanged = plan_study(jobs, jobs, tmp_path / "same", ledger)
+    assert unchanged.restored == list(names) and unchanged.run == []
+    manifest = json.loads((root / "saliency-baseline" / MANIFEST).read_text())
+    assert "bundles/common/saliency.json" in manifest["bundles"]
+    commit = manifest["commit"][:12]
+    # the saliency runs' own config: only the evaluation's entry is stale, the GA model's still holds
+    saliency = repo / "bundles" / "common" / "saliency.json"
+    saliency.write_text(saliency.read_text() + "\n")
+    jobs, ledger = study("saliency")
+    ga_id = ledger.entry_id("ga-baseline-s0")
+    assert ledger.state(jobs[0], {}).kind == "usable"
+    state = ledger.state(jobs[1], {"ga-baseline-s0": ga_id})
+    assert state.kind == "stale"
+    assert state.reason.endswith(f"is stale: bundles/common/saliency.json changed since commit {commit}")
+    # a PPI default of the GA bundle (read through the link bundles/ga_ppi.json): the model and its evaluation run
+    train = repo / "bundles" / "ga_ppi" / "configs" / "train.json"
+    config = json.loads(train.read_text())
+    config["ppi"]["warmup_epochs"] = 99
+    train.write_text(json.dumps(config, indent=4))
+    jobs, ledger = study("ga")
+    plan = plan_study(jobs, jobs, tmp_path / "ga", ledger)
+    assert [j.name for j in plan.run] == list(names) and plan.restored == []
+    assert plan.reasons["ga-baseline-s0"].endswith(
+        f"is stale: bundles/ga_ppi/configs/train.json changed since commit {commit}"
+    )
+    changed = "bundles/common/saliency.json, bundles/ga_ppi/configs/train.json changed"
+    assert changed in plan.reasons["saliency-baseline"]
 
 
 @pytest.mark.slow

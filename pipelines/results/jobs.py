@@ -1,8 +1,9 @@
 """The job list of the study: every job a real command a user could type, run from the repository root.
 
 Each job also says which of its outputs the report reads (:attr:`Job.keeps`), the only files the ledger
-(:mod:`.ledger`) keeps of it, and carries its command in a machine-independent form (:attr:`Job.command`), by
-which the ledger tells whether an entry was made by today's command.
+(:mod:`.ledger`) keeps of it, carries its command in a machine-independent form (:attr:`Job.command`) and names
+the bundle configs it runs or reads (:attr:`Job.bundles`), by which the ledger tells whether an entry was made
+by today's command from today's bundle files.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Job:
         command: ``argv`` with the study folder, the repository, the interpreter and the tracking store
             replaced by :data:`PLACEHOLDERS` (:func:`portable_command`); empty for a job made by hand, whose
             ``argv`` then stands for it.
+        bundles: the bundle configs the job runs or reads (:data:`BUNDLES` values, relative to the repository,
+            as the command names them); the ledger records the SHA-256 of each, of the files they include and
+            of the metadata beside the first (:func:`~pipelines.results.ledger.bundle_files`).
     """
 
     name: str
@@ -52,6 +56,7 @@ class Job:
     keeps: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     command: list[str] = field(default_factory=list)
+    bundles: tuple[str, ...] = ()
 
 
 def portable_command(argv: Sequence[str], out: Path, root: Path, tracking_uri: str) -> list[str]:
@@ -143,7 +148,8 @@ def _ga_jobs(out: Path, profile: Profile, parts: Sequence[str], common: list[str
             ]
             # the cost table reads the log's epoch times and the run's warm-up (params.json)
             keeps = tuple(f"{name}/{p}" for p in ("log.txt", *_RUN_OUTPUTS))
-            jobs.append(Job(name, "ga", argv, meta={"method": method, "seed": seed}, keeps=keeps))
+            meta = {"method": method, "seed": seed}
+            jobs.append(Job(name, "ga", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["ga"],)))
     return jobs
 
 
@@ -169,7 +175,8 @@ def _saliency_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
         outputs = ("summary.csv", "deletion.csv", "localisation.csv", "localisation.png")
         keeps = tuple(f"{name}/eval/{f}" for f in outputs)
         meta = {"method": method, "train_job": train}
-        jobs.append(Job(name, "saliency", argv, after=(train,), meta=meta, keeps=keeps))
+        bundles = (BUNDLES["ga"], BUNDLES["saliency"])
+        jobs.append(Job(name, "saliency", argv, after=(train,), meta=meta, keeps=keeps, bundles=bundles))
     return jobs
 
 
@@ -200,14 +207,16 @@ def _site_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
             *("--default_dataset_dir", str(out / "data" / data), "--dataset_dir", str(out / "data" / data)),
             *extra,
         ]
-        jobs.append(Job(name, "sites", argv, keeps=tuple(f"{name}/{p}" for p in _SITE_OUTPUTS)))
+        keeps = tuple(f"{name}/{p}" for p in _SITE_OUTPUTS)
+        jobs.append(Job(name, "sites", argv, keeps=keeps, bundles=(BUNDLES["ga"],)))
     for sel in SELECTIONS:
         study = "sites-confounded" if sel == "train" else f"sites-confounded-{sel}"
         argv = [sys.executable, "-m", "pipelines.cue_effect", str(out / "jobs" / study / "cv"), "--no-progress"]
         cue = f"{study}/cv/cue_effect"
         keeps = (f"{cue}/cue_effect.csv", f"{cue}/cue_effect.md")
         name = "sites-cue" if sel == "train" else f"sites-cue-{sel}"
-        jobs.append(Job(name, "sites", argv, after=(study,), keeps=keeps, writes=(cue,)))
+        # the cue effect builds the network and preprocessing from the bundle its study ran
+        jobs.append(Job(name, "sites", argv, after=(study,), keeps=keeps, writes=(cue,), bundles=(BUNDLES["ga"],)))
     return jobs
 
 
@@ -229,7 +238,8 @@ def _lidc_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
                 *profile.lidc,
             ]
             keeps = tuple(f"{name}/{p}" for p in _RUN_OUTPUTS)
-            jobs.append(Job(name, "lidc", argv, meta={"variant": variant, "fold": fold}, keeps=keeps))
+            meta = {"variant": variant, "fold": fold}
+            jobs.append(Job(name, "lidc", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["lidc"],)))
     return jobs
 
 

@@ -4,8 +4,9 @@ A study folder (``runs/results``) does not outlive the machine it was made on; t
 in the repository, committed) does. Each finished job has one entry, ``LEDGER/<job name>/``:
 
 - ``manifest.json``: the job, its command with the machine's paths replaced by placeholders
-  (:func:`~pipelines.results.jobs.portable_command`), the commit, wall time, finish time and machine it ran on,
-  the entries of the jobs it ran after (``after``: name -> entry id), and every file with its size and SHA-256;
+  (:func:`~pipelines.results.jobs.portable_command`), the SHA-256 of every bundle file the job reads
+  (``bundles``: :func:`bundle_hashes`), the commit, wall time, finish time and machine it ran on, the entries
+  of the jobs it ran after (``after``: name -> entry id), and every file with its size and SHA-256;
 - ``jobs/...``: the files themselves, at the paths they have under the study folder: ``done.json`` and the
   outputs the report reads (:attr:`~pipelines.results.jobs.Job.keeps`), never checkpoints, MLflow stores,
   data sets (:data:`NEVER_KEPT`) or a file over :data:`MAX_FILE_BYTES`.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from ppi_med.atomic import atomic_write_bytes, atomic_write_json
 
+from ..bundle_config import include_root, includes
 from .jobs import Job
 from .paths import ROOT
 
@@ -44,6 +46,8 @@ __all__ = [
     "STALE",
     "EntryState",
     "Ledger",
+    "bundle_files",
+    "bundle_hashes",
     "sha256_file",
 ]
 
@@ -79,6 +83,63 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+def bundle_files(configs: Sequence[str], repo: Path = ROOT) -> list[Path]:
+    """Every bundle file a job that runs ``configs`` reads, symbolic links resolved.
+
+    That is each config, the files its ``%path#id`` macros include (found as
+    :func:`~pipelines.bundle_config.include_root` finds them, and their own includes in turn), and the
+    ``metadata.json`` beside the first config as the command names it, which ``monai.bundle run`` and site CV
+    read by default (``bundles/metadata.json`` links to the GA bundle's).
+
+    Args:
+        configs: bundle configs, relative to ``repo``, as the job's command names them (``Job.bundles``).
+        repo: the repository they lie in.
+
+    Returns:
+        The files, each once, in the order they were found.
+
+    Raises:
+        FileNotFoundError: a config or an included file does not exist.
+        ValueError: a config is not JSON.
+    """
+    pending = [repo / c for c in configs]
+    if configs and (repo / configs[0]).parent.joinpath("metadata.json").is_file():
+        pending.append((repo / configs[0]).parent / "metadata.json")
+    found: list[Path] = []
+    while pending:
+        path = pending.pop(0)
+        if not path.is_file():
+            raise FileNotFoundError(f"bundle file {path} not found")
+        if path.resolve() in found:
+            continue
+        found.append(path.resolve())
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"bundle file {path} is not JSON: {err}") from err
+        paths = includes(config)
+        if paths:
+            root = include_root(path, config)
+            pending += [root / p for p in sorted(paths)]
+    return found
+
+
+def bundle_hashes(configs: Sequence[str], repo: Path = ROOT) -> dict[str, str]:
+    """The SHA-256 of every file of :func:`bundle_files`, by its path relative to ``repo``.
+
+    Raises:
+        FileNotFoundError: a bundle file does not exist.
+        ValueError: a config is not JSON, or a file lies outside ``repo`` (its path would name this machine).
+    """
+    top = Path(repo).resolve()
+    hashes = {}
+    for path in bundle_files(configs, repo):
+        if not path.is_relative_to(top):
+            raise ValueError(f"bundle file {path} lies outside the repository {top}")
+        hashes[path.relative_to(top).as_posix()] = sha256_file(path)
+    return dict(sorted(hashes.items()))
+
+
 def job_command(job: Job) -> list[str]:
     """The command the ledger compares: the portable one, or ``argv`` for a job made by hand."""
     return list(job.command or job.argv)
@@ -90,7 +151,8 @@ class EntryState:
 
     Attributes:
         kind: ``usable``; ``missing`` (no entry); ``refused`` (damaged: a file missing, changed or unlisted, or
-            no readable manifest); ``stale`` (made by another command, or after another run of a job it needs).
+            no readable manifest); ``stale`` (made by another command, from other bundle files, or after another
+            run of a job it needs).
         reason: why it cannot be used (empty when usable), naming the entry.
         entry_id: the entry's id (``None`` when missing or without a readable manifest).
     """
@@ -107,13 +169,16 @@ class Ledger:
         root: the ledger folder (created when the first entry is written).
         out: the study folder.
         jobs: the study's jobs (which folders each job writes into decides which entry a file belongs to).
+        repo: the repository whose bundle files the jobs read (:attr:`~pipelines.results.jobs.Job.bundles`).
     """
 
-    def __init__(self, root: Path, out: Path, jobs: Sequence[Job] = ()) -> None:
+    def __init__(self, root: Path, out: Path, jobs: Sequence[Job] = (), repo: Path = ROOT) -> None:
         self.root = Path(root).resolve()
         self.out = Path(out).resolve()
+        self.repo = Path(repo)
         #: folders (relative to OUT/jobs) that a job other than their folder's own writes into
         self.claimed = {w.rstrip("/"): j.name for j in jobs for w in j.writes}
+        self._bundle_hashes: dict[tuple[str, ...], dict[str, str]] = {}
 
     def __str__(self) -> str:
         return _display(self.root)
@@ -142,6 +207,29 @@ class Ledger:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+    def bundle_hashes(self, job: Job) -> dict[str, str]:
+        """:func:`bundle_hashes` of ``job``'s bundle files, read once per ledger object.
+
+        A study plans with the ledger it records with, so a job that finishes hours later is recorded with the
+        bundle files as they were when the study started, not with an edit made while it ran.
+        """
+        if job.bundles not in self._bundle_hashes:
+            self._bundle_hashes[job.bundles] = bundle_hashes(job.bundles, self.repo)
+        return self._bundle_hashes[job.bundles]
+
+    def changed_bundle_files(self, job: Job) -> list[str] | None:
+        """The bundle files of ``job`` whose SHA-256 differs from its entry's (added or no longer read too).
+
+        Returns:
+            The paths, relative to the repository (empty when none changed); ``None`` when the entry (or its
+            manifest) is missing or was made before bundle hashes were recorded.
+        """
+        recorded = (self.manifest(job.name) or {}).get("bundles")
+        if not isinstance(recorded, dict):
+            return None
+        today = self.bundle_hashes(job)
+        return sorted(p for p in recorded.keys() | today.keys() if recorded.get(p) != today.get(p))
 
     def problems(self, name: str) -> list[str]:
         """What is wrong with ``name``'s entry as stored: empty when every file matches its manifest.
@@ -205,6 +293,13 @@ class Ledger:
                 "stale", f"ledger entry {where} was made by another command (argument {at}: {was!r}, now {now!r})",
                 entry_id,
             )  # fmt: skip
+        changed = self.changed_bundle_files(job)
+        if changed is None:
+            return EntryState("stale", f"ledger entry {where} was made before bundle hashes were recorded", entry_id)
+        if changed:
+            commit = str(data.get("commit") or "unknown")[:12]
+            reason = f"ledger entry {where} is stale: {', '.join(changed)} changed since commit {commit}"
+            return EntryState("stale", reason, entry_id)
         recorded = data.get("after") or {}
         for dep in job.after:
             if recorded.get(dep) is None or recorded.get(dep) != after_ids.get(dep):
@@ -299,6 +394,7 @@ class Ledger:
                 "job": job.name,
                 "part": job.part,
                 "command": job_command(job),
+                "bundles": self.bundle_hashes(job),
                 "commit": done.get("commit"),
                 "finished": done.get("finished"),
                 "wall_s": done.get("wall_s"),

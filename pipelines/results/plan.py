@@ -3,7 +3,8 @@
 Each job of the study is, after :func:`plan_study`:
 
 - ``here``: finished in this study folder by today's command (with its checkpoints); added to the ledger when
-  the ledger lacks it or holds a damaged or stale entry of it;
+  the ledger lacks it or holds a damaged or stale entry of it (but a folder whose run is the ledger's entry,
+  stale because a bundle file changed since, runs again: it was made from the old files);
 - ``ledger``: restored from a usable ledger entry (a restored copy already in the folder is kept when it is
   of the same entry);
 - ``run``: to run, because the ledger has no usable entry (missing, refused, stale), ``--rerun`` names it, a
@@ -114,9 +115,12 @@ def plan_study(
         restored = ledger.restored_entry(job.name)
         finished = (folder / "done.json").is_file()
         if finished and restored is None and all(state.get(d) == "here" for d in deps):
-            if finished_command(folder, job) == job_command(job):
+            ran_here = ledger.done_sha(job.name) == sha256_file(folder / "done.json")
+            if ran_here and ledger.changed_bundle_files(job):  # the entry is this folder's run: old bundle files
+                plan.reasons[job.name] = f"{entry.reason} (this folder's run is that entry's)"
+            elif finished_command(folder, job) == job_command(job):
                 state[job.name] = "here"
-                same = entry.kind == "usable" and ledger.done_sha(job.name) == sha256_file(folder / "done.json")
+                same = entry.kind == "usable" and ran_here
                 if entry.kind == "usable" and not same:  # another machine's run of it, in the ledger: it wins
                     state[job.name], ids[job.name] = "ledger", entry.entry_id
                     plan.reasons[job.name] = "the ledger holds another run of it; this folder's is set aside"
@@ -126,7 +130,8 @@ def plan_study(
                     record.add(job.name)
                     ids[job.name] = None
                 continue
-            plan.reasons[job.name] = "this folder's run was made by another command"
+            else:
+                plan.reasons[job.name] = "this folder's run was made by another command"
         if entry.kind == "usable":
             state[job.name], ids[job.name] = "ledger", entry.entry_id
         else:
