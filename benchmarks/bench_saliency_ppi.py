@@ -1,8 +1,11 @@
 """Speed of the saliency methods and of one PPI training step, against their plain counterparts.
 
 Not a test. Everything is measured in one process on one fixed batch: warm-up runs first, then the
-candidates are timed round-robin (so a change in machine load hits all of them alike) and the median of
-the repeats is reported, in milliseconds and as a ratio to the baseline.
+candidates are timed round-robin (so a change in machine load hits all of them alike), every other round in
+reverse order (so none always runs right after the same one), and the median of the repeats is reported in
+milliseconds. The ratio to the baseline that the targets judge is paired: each round's time over the
+baseline's in the same round, the median over the rounds, with the interquartile range of those per-round
+ratios beside it (a wide range says the machine was too busy for the figure to mean much).
 
 1. Saliency on a 3D MONAI ResNet-18 (``monai.networks.nets.resnet18``, 1 input channel, 2 classes): WBP,
    vanilla gradient, input x gradient, Grad-CAM and LRP through ``ppi_med.saliency.compute``, with the
@@ -17,17 +20,22 @@ the repeats is reported, in milliseconds and as a ratio to the baseline.
    + backward + optimizer step, against cross-entropy + backward + optimizer step.
 
 Targets (docs/DESIGN.md sections 3 and 4): WBP <= 1.15 x the gradient; LRP <= 1.2 x Captum's LRP; a PPI
-step <= 3.5 x a plain step in detached mode and <= 4.5 x in differentiable mode. Each prints PASS or FAIL.
+step <= 3.5 x a plain step in detached mode and <= 4.5 x in differentiable mode. Each prints PASS or FAIL,
+judged on the paired wall-clock ratio.
 
 Process CPU time is printed beside the wall-clock figures: on a shared machine, where other jobs take the
 cores, it is the steadier of the two. ``--threads 1`` also steadies CPU figures there (torch's default of
 one thread per core oversubscribes a busy machine); by default the thread count is left as torch sets it.
+Where the load average at the start exceeds the cores left over, the run says so: with two threads on two
+busy cores a call's time swings several-fold from one round to the next, and a ratio of two such calls
+with it (docs/performance.md has the figures).
 
 Usage:
     python benchmarks/bench_saliency_ppi.py [--device cpu|cuda] [--repeats 5] [--json OUT.json]
     python benchmarks/bench_saliency_ppi.py --phases      # also time each phase of the PPI step
     python benchmarks/bench_saliency_ppi.py --threads 1   # one intra-op thread
     python benchmarks/bench_saliency_ppi.py --keep-heap   # glibc keeps freed memory (fewer page faults)
+    python benchmarks/bench_saliency_ppi.py --skip-ppi --lrp-repeats 31   # saliency and LRP only
     python -m benchmarks.bench_saliency_ppi --help
 """
 
@@ -114,16 +122,18 @@ def time_round_robin(
         desc: progress bar label.
 
     Returns:
-        name -> ``{"wall": [...], "cpu": [...]}``, ``repeats`` wall-clock and process-CPU durations. CPU
-        time is the steadier figure on a shared machine, where other jobs steal the cores.
+        name -> ``{"wall": [...], "cpu": [...]}``, ``repeats`` wall-clock and process-CPU durations, in the
+        order of the rounds (so that round ``i`` of two candidates can be paired). CPU time is the steadier
+        figure on a shared machine, where other jobs steal the cores.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        for name, fn in fns.items():
+    for round_ in tqdm(range(repeats), desc=desc, leave=False):
+        order = list(fns.items())
+        for name, fn in order if round_ % 2 == 0 else order[::-1]:
             _sync(device)
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
@@ -133,18 +143,37 @@ def time_round_robin(
     return times
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def _summary(times: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, dict[str, float]]:
+    """Medians, ratios of the medians and paired ratios (round by round) to ``baseline``.
+
+    ``paired_ratio`` is the median over the rounds of the candidate's time over the baseline's in the same
+    round, ``paired_q1``/``paired_q3`` the quartiles of those ratios; ``cpu_paired_ratio`` the same in CPU time.
+    """
     base = statistics.median(times[baseline]["wall"])
     base_cpu = statistics.median(times[baseline]["cpu"])
     out = {}
     for name, ts in times.items():
         med, cpu = statistics.median(ts["wall"]), statistics.median(ts["cpu"])
+        paired = [t / b for t, b in zip(ts["wall"], times[baseline]["wall"])]
+        paired_cpu = [t / b for t, b in zip(ts["cpu"], times[baseline]["cpu"])]
+        q1, q3 = _quartiles(paired)
         out[name] = {
             "median_ms": 1e3 * med,
             "min_ms": 1e3 * min(ts["wall"]),
             "ratio": med / base,
+            "paired_ratio": statistics.median(paired),
+            "paired_q1": q1,
+            "paired_q3": q3,
             "cpu_median_ms": 1e3 * cpu,
             "cpu_ratio": cpu / base_cpu,
+            "cpu_paired_ratio": statistics.median(paired_cpu),
         }
     return out
 
@@ -320,12 +349,16 @@ def ppi_phase_timings(
 
 def _print_table(title: str, rows: dict[str, dict[str, float]], baseline: str) -> None:
     print(f"\n{title}")
-    head = f"  {'':<22}{'median ms':>11}{'min ms':>10}{'x ' + baseline:>12}{'cpu ms':>10}{'cpu x':>8}"
+    head = (
+        f"  {'':<22}{'median ms':>11}{'min ms':>10}{'x ' + baseline:>14}{'paired x':>10}{'quartiles':>13}"
+        f"{'cpu ms':>10}{'cpu x':>8}"
+    )
     print(head)
     for name, r in rows.items():
+        quartiles = f"{r['paired_q1']:.2f}-{r['paired_q3']:.2f}"
         print(
-            f"  {name:<22}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}{r['ratio']:>12.2f}"
-            f"{r['cpu_median_ms']:>10.1f}{r['cpu_ratio']:>8.2f}"
+            f"  {name:<22}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}{r['ratio']:>14.2f}{r['paired_ratio']:>10.2f}"
+            f"{quartiles:>13}{r['cpu_median_ms']:>10.1f}{r['cpu_paired_ratio']:>8.2f}"
         )
 
 
@@ -342,6 +375,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds (default 2)")
+    parser.add_argument(
+        "--lrp-repeats",
+        type=int,
+        default=15,
+        help="timed rounds of LRP against Captum's LRP (cheap calls, noisy ratio; default 15)",
+    )
     parser.add_argument("--batch3d", type=int, help="3D batch size (default 2 on CPU, 8 on CUDA)")
     parser.add_argument("--size3d", type=int, help="3D volume side (default 32 on CPU, 96 on CUDA)")
     parser.add_argument("--mv-batch", type=int, help="multi-view batch N (default 4 on CPU, 16 on CUDA)")
@@ -360,8 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file (must not exist)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be at least 1 and --warmup at least 0")
+    if args.repeats < 1 or args.lrp_repeats < 1 or args.warmup < 0:
+        parser.error("--repeats and --lrp-repeats must be at least 1 and --warmup at least 0")
     if args.json is not None and args.json.exists():
         parser.error(f"--json {args.json} already exists; choose a new file name")
     if args.threads is not None:
@@ -383,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "repeats": args.repeats,
+        "lrp_repeats": args.lrp_repeats,
         "warmup": args.warmup,
         "sizes": sizes,
         "keep_heap": args.keep_heap,
@@ -394,8 +434,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if report["load_average"]:
         print(f"load average at start: {', '.join(f'{v:.2f}' for v in report['load_average'])}")
+        spare = (os.cpu_count() or 1) - report["threads"]
+        if report["load_average"][0] > spare + 0.5:
+            print(
+                f"  busy machine: load {report['load_average'][0]:.1f} on {os.cpu_count()} cores with "
+                f"{report['threads']} thread(s) here; the ratios swing from round to round (see the quartiles)"
+                + ("; --threads 1 steadies them" if report["threads"] > 1 else "")
+            )
 
-    # targets are judged on the median wall-clock ratio; the CPU-time ratio is printed beside it
+    # targets are judged on the paired wall-clock ratio (median over the rounds); the CPU-time one is printed beside it
     checks: list[tuple[str, float, float]] = []
     if not args.skip_saliency:
         b, s = sizes["batch3d"], sizes["size3d"]
@@ -403,14 +450,14 @@ def main(argv: list[str] | None = None) -> dict:
         report["saliency"] = sal
         for mode, rows in sal.items():
             _print_table(f"saliency, 3D ResNet-18, batch {b} x 1 x {s}^3, {mode} mode", rows, "gradient")
-            checks.append((f"wbp_vs_gradient ({mode})", rows["wbp"]["ratio"], TARGETS["wbp_vs_gradient"]))
-        lrp_rows = lrp_captum_timings(device, b, s, args.repeats, args.warmup)
+            checks.append((f"wbp_vs_gradient ({mode})", rows["wbp"]["paired_ratio"], TARGETS["wbp_vs_gradient"]))
+        lrp_rows = lrp_captum_timings(device, b, s, args.lrp_repeats, args.warmup)
         if lrp_rows is None:
             print("\nLRP vs Captum: skipped, Captum is not installed (pip install -e '.[dev]')")
         else:
             report["lrp_vs_captum"] = lrp_rows
             _print_table(f"LRP vs Captum, 3D ResNet-18, batch {b} x 1 x {s}^3, eval mode", lrp_rows, "captum_lrp")
-            checks.append(("lrp_vs_captum", lrp_rows["lrp"]["ratio"], TARGETS["lrp_vs_captum"]))
+            checks.append(("lrp_vs_captum", lrp_rows["lrp"]["paired_ratio"], TARGETS["lrp_vs_captum"]))
     if not args.skip_ppi:
         n, v, s = sizes["mv_batch"], sizes["views"], sizes["mv_size"]
         steps = ppi_step_timings(device, n, v, s, args.repeats, args.warmup)
@@ -418,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         _print_table(f"training step, MVCNN (2D ResNet-18), batch {n} x 1 x {v} x {s} x {s}", steps, "plain")
         for mode in ("detached", "differentiable"):
             key = f"ppi_{mode}_vs_plain"
-            checks.append((key, steps[f"ppi_{mode}"]["ratio"], TARGETS[key]))
+            checks.append((key, steps[f"ppi_{mode}"]["paired_ratio"], TARGETS[key]))
         if args.phases:
             phases = ppi_phase_timings(device, n, v, s, args.repeats, args.warmup)
             report["phases_ms"] = phases
@@ -432,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, ratio, limit in checks:
         ok = ratio <= limit
         report["targets"][name] = {"ratio": ratio, "limit": limit, "pass": ok}
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {ratio:.2f} x (target <= {limit} x, median wall-clock)")
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {ratio:.2f} x (target <= {limit} x, paired wall-clock)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
