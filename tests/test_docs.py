@@ -110,6 +110,7 @@ def test_the_readme_states_the_ga_bundles_ppi_defaults() -> None:
         "guide": ("study", "`ppi#guide study`"),
         "fill": ("other_class", "`fill other_class`"),
         "contrast_classes": ([1], "`contrast_classes [1]`"),
+        "adversarial_classes": ([1], "`adversarial_classes [1]`"),
         "partner": ("same_class", "`same_class` partner"),
         "exclusive": (True, "`exclusive` contrast"),
         "saliency": ("wbp", "PPI with WBP"),
@@ -119,6 +120,8 @@ def test_the_readme_states_the_ga_bundles_ppi_defaults() -> None:
     for key, (value, words) in stated.items():
         assert ppi[key] == value, f"train.json's ppi#{key} is {ppi[key]!r}; README.md says {words}: update it"
         assert words in text, f"README.md no longer states ppi#{key} as {words!r}"
+    average = json.loads((ROOT / "bundles" / "ga_ppi" / "configs" / "train.json").read_text())["weight_average"]
+    assert average == 2 and "`weight_average 2`" in text, f"train.json's weight_average is {average!r}"
 
 
 @pytest.mark.slow
