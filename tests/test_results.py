@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def test_failed_job_is_named_with_its_log_and_its_dependants_do_not_run(tmp_path
     assert not (tmp_path / "jobs" / "broken" / "done.json").exists()
     done = json.loads((tmp_path / "jobs" / "fine" / "done.json").read_text())
     assert done["returncode"] == 0 and done["max_rss_mb"] > 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    clean = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=ROOT).returncode == 0
+    assert done["commit"] == head and done["tree_clean"] is clean  # the code the job ran, read at its start
     # a second attempt keeps the failed one's folder aside instead of overwriting it
     with pytest.raises(RuntimeError):
         run_jobs([fail], tmp_path, workers=1, progress=False)

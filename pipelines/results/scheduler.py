@@ -25,6 +25,15 @@ from .paths import ROOT
 __all__ = ["done_path", "run_jobs"]
 
 
+def _tree_clean() -> bool:
+    """Whether the repository's tracked files equal its checked-out commit (no uncommitted change)."""
+    try:
+        done = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
 def done_path(out: Path, job: Job) -> Path:
     """The record a finished job leaves (exit code, wall time, peak memory, commit, its ``meta``)."""
     return out / "jobs" / job.name / "done.json"
@@ -61,8 +70,7 @@ def run_jobs(
     names = {j.name for j in jobs}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    commit = git_commit(ROOT)
-    running: dict[int, tuple[Job, float, object]] = {}
+    running: dict[int, tuple[Job, float, object, str, bool]] = {}
     failed: list[str] = []
     unrecorded: list[str] = []
     bar = tqdm(total=len(pending), desc="results", unit="job", disable=not progress)
@@ -88,8 +96,10 @@ def run_jobs(
             log = open(folder / "log.txt", "a")
             log.write(f"$ {' '.join(job.argv)}\n")
             log.flush()
+            # the code a job runs is the tree at its start: another commit may land while a study runs
+            commit, clean = git_commit(ROOT), _tree_clean()
             proc = subprocess.Popen(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[proc.pid] = (job, time.perf_counter(), log)
+            running[proc.pid] = (job, time.perf_counter(), log, commit, clean)
         if not running:
             if pending:  # waiting on jobs outside this run that never finished
                 raise RuntimeError(f"jobs wait on unfinished jobs: {[j.name for j in pending]}")
@@ -97,7 +107,7 @@ def run_jobs(
         pid, status, usage = os.wait4(-1, 0)
         if pid not in running:
             continue
-        job, t0, log = running.pop(pid)
+        job, t0, log, commit, clean = running.pop(pid)
         log.close()
         rc = os.waitstatus_to_exitcode(status)
         bar.update(1)
@@ -113,6 +123,9 @@ def run_jobs(
             # ru_maxrss is in KiB on Linux
             "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "commit": commit,
+            # False: tracked files differed from the commit when the job started, so the commit alone does not
+            # name the code it ran
+            "tree_clean": clean,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "meta": job.meta,
             "command": job_command(job),
