@@ -40,6 +40,7 @@ __all__ = [
     "latest_checkpoint",
     "log_batch",
     "metric_key",
+    "monai_handlers_on_batch_output",
     "server_problem",
     "unique_run_name",
     "RunTracker",
@@ -355,6 +356,33 @@ class _GuardedClient:
             return self._tracker._send(attr, *args, **kwargs)
 
         return call
+
+
+def _single(transform: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def unwrapped(output: Any) -> Any:
+        value = transform(output)
+        return value[0] if isinstance(value, tuple) and len(value) == 1 else value
+
+    return unwrapped
+
+
+def monai_handlers_on_batch_output(handlers: Sequence[Any]) -> list[Any]:
+    """``handlers``, with MONAI's own MLflow handlers made to read the trainers' one-dict-per-batch output.
+
+    The bundles' trainers do not decollate (``decollate: false``): ``state.output`` is one dict for the batch.
+    MONAI's ``--tracking mlflow`` appends an :class:`~monai.handlers.MLFlowHandler` whose ``output_transform`` is
+    ``from_engine(["loss"], first=True)``, written for decollated lists; on a dict it returns a 1-tuple, which
+    MLflow cannot log as a number, and the run stopped at its first iteration. The transform is kept and its
+    1-tuple unwrapped. The project's own :class:`RunTracker` logs no iterations and is left alone; nested lists
+    are spliced as :func:`ppi_med.distributed.for_this_rank` does.
+    """
+    flat: list[Any] = []
+    for h in handlers:
+        flat.extend(h if isinstance(h, (list, tuple)) else [h])
+    for h in flat:
+        if isinstance(h, MLFlowHandler) and not isinstance(h, RunTracker):
+            h.output_transform = _single(h.output_transform)
+    return flat
 
 
 class RunTracker(MLFlowHandler):

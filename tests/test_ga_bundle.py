@@ -271,3 +271,15 @@ def test_weight_average_is_what_is_validated_and_chosen_while_training_steps_the
     for k in best:
         assert torch.equal(best[k], average[k]), k
     assert not torch.equal(best["backbone.conv1.weight"], raw["backbone.conv1.weight"])
+
+
+def test_monai_tracking_mlflow_logs_the_training_loss_of_every_iteration(tmp_path):
+    """MONAI's own ``--tracking mlflow`` (it finds ``train#trainer``, ``train#handlers``, ``validate#evaluator``)
+    adds its handler to the bundle's run: the batch loss of every iteration beside the bundle's own metrics."""
+    done = _run_bundle(tmp_path, "--tracking", "mlflow", "--max_epochs", "1", "--ppi#warmup_epochs", "0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client, (run,) = _runs(tmp_path)
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    n_train = int(run.data.params["n_train"])
+    assert len(history) == -(-n_train // 4) and all(m.value > 0 for m in history)  # batch 4, one epoch
+    assert {"loss", "loss_con", "val_auc"} <= set(run.data.metrics)
