@@ -52,7 +52,9 @@ def test_readme_is_a_first_page() -> None:
     # .ci/run runs `make test`; the set-up commands and the fast loop are the ones the Makefile and pytest know
     for command in ("make run", "make test", '.venv/bin/python -m pytest -m "not slow" -q'):
         assert command in text, f"README.md lacks `{command}`"
-    # result figures go stale at the next `make results`: the README links to them instead of copying them
+    # a figure typed by hand goes stale at the next study: only the generated results block may hold figures
+    begin, end = text.index("<!-- results:begin -->"), text.index("<!-- results:end -->")
+    text = text[:begin] + text[end:]
     lines = enumerate(text.splitlines(), 1)
     figures = [(n, m.group(0)) for n, line in lines for m in re.finditer(r"\b0\.\d{3}\b", line)]
     assert not figures, f"README.md types result figures by hand (line, figure): {figures}"
@@ -153,3 +155,18 @@ def test_portable_paths_are_relative_to_the_repository_or_the_output_folder(tmp_
     overrides = json.dumps({"dataset_dir": str(REPO / "data" / "ga"), "uri": "http://host:5000/x"})
     assert portable_text(overrides) == '{"dataset_dir": "data/ga", "uri": "http://host:5000/x"}'
     assert portable_text(f"sqlite:///{REPO}/mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_the_readmes_results_block_is_what_its_source_files_say(tmp_path: Path) -> None:
+    """The README's figures are generated: the block between the markers equals the block rendered now."""
+    from pipelines.readme_results import BEGIN, END, render_block, update_readme
+
+    text = README.read_text()
+    block = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip("\n")
+    assert block == render_block(), "README.md's results block is stale: run python -m pipelines.readme_results"
+    copy = tmp_path / "README.md"
+    copy.write_text(text.replace(block, "- 0.999 typed by hand"))
+    assert update_readme(copy, render_block()) and copy.read_text() == text
+    copy.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        update_readme(copy, render_block())
