@@ -37,7 +37,6 @@ from torch import nn
 
 from ..flags import as_bool
 from ..saliency import frozen_buffers, make_tracer, plain
-from ..saliency.conv_input import single_channel_input_gradient
 from .guides import SitePrototypes, annotation_regions, site_regions
 from .interventions import FILLS, fill_values, intervene, random_erase, relocate
 from .masks import MASKS, dilate, make_mask, normalize
@@ -464,7 +463,7 @@ class PPIObjective:
                 x_adv, y_adv, ad_w = _rows(_member(y_adv, cfg.adversarial_classes), x_adv, y_adv, ad_w)
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
         contrasts = torch.cat([x_neg, x_adv])
-        with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm), single_channel_input_gradient(model):
+        with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm):
             out = model(contrasts) if contrasts.shape[0] else logits[:0]
         out_neg, out_adv = out[: x_neg.shape[0]], out[x_neg.shape[0] :]
         zero = loss_cls.new_zeros(())
