@@ -321,9 +321,7 @@ def ppi_phase_timings(
                 t = mark("forward x", t)
             else:
                 xg = x.detach().requires_grad_(True)
-                tracer = make_tracer("wbp", model)
-                tracer.input_gradient = False  # as the objective: no loss reads xg's gradient
-                with tracer:
+                with make_tracer("wbp", model) as tracer:
                     logits = model(xg)
                 loss_cls = F.cross_entropy(logits, y)
                 t = mark("forward x", t)
