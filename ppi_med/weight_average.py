@@ -52,7 +52,10 @@ class WeightAverage:
         ValueError: a negative horizon or fewer than one step an epoch.
     """
 
-    def __init__(self, network: nn.Module, epochs: float | None, steps_per_epoch: int, start_epoch: int = 1) -> None:
+    def __init__(
+        self, network: nn.Module, epochs: float | str | None, steps_per_epoch: int, start_epoch: int = 1
+    ) -> None:
+        epochs = _horizon(epochs)
         if epochs is not None and epochs < 0:
             raise ValueError(f"weight_average is a horizon in epochs (>= 0, or null for none), got {epochs}")
         if steps_per_epoch < 1:
@@ -109,6 +112,20 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.average = {k: v.clone() for k, v in state.get("average", {}).items()}
+
+
+def _horizon(value: float | str | None) -> float | None:
+    """The horizon as a number; from the command line ``--weight_average null`` (or none, false, off) arrives as a
+    string and means no average."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("", "null", "none", "false", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"weight_average is a horizon in epochs or null, got {value!r}") from None
 
 
 class _Restore:

@@ -98,6 +98,11 @@ def test_off_attaches_nothing_and_bad_settings_are_refused() -> None:
         average.attach(trainer)
         average.restore.attach(trainer)
     assert not trainer._event_handlers.get(Events.EPOCH_COMPLETED)
+    # from the command line the setting arrives as text
+    assert not WeightAverage(net, epochs="null", steps_per_epoch=3).enabled
+    assert WeightAverage(net, epochs="2", steps_per_epoch=3).decay == pytest.approx(1 - 1 / 6)
+    with pytest.raises(ValueError, match="horizon in epochs"):
+        WeightAverage(net, epochs="two", steps_per_epoch=3)
     with pytest.raises(ValueError, match="horizon in epochs"):
         WeightAverage(net, epochs=-1, steps_per_epoch=3)
     with pytest.raises(ValueError, match="one step an epoch"):
