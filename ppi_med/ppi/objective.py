@@ -462,10 +462,16 @@ class PPIObjective:
                 x_adv, y_adv, ad_w = _rows(_member(y_adv, cfg.adversarial_classes), x_adv, y_adv, ad_w)
         # the contrasts must not move batch-norm running statistics: they are not the data distribution
         contrasts = torch.cat([x_neg, x_adv])
+        # DDP pairs every rank's forwards and collectives: a rank whose batch forms no contrast (no GA eye, with
+        # contrast_classes and adversarial_classes [1]) still runs one, on a clean sample weighted 0
+        placeholder = not contrasts.shape[0] and isinstance(model, nn.parallel.DistributedDataParallel)
+        if placeholder:
+            contrasts = x[:1]
         with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm):
             out = model(contrasts) if contrasts.shape[0] else logits[:0]
+        zero = out.sum() * 0.0 if placeholder else loss_cls.new_zeros(())
+        out = out[:0] if placeholder else out
         out_neg, out_adv = out[: x_neg.shape[0]], out[x_neg.shape[0] :]
-        zero = loss_cls.new_zeros(())
         loss_con = contrast_loss(out_neg, y_neg, cfg.contrast_loss, con_w) if x_neg.shape[0] else zero
         if x_adv.shape[0]:
             loss_ad = _weighted_mean(F.cross_entropy(out_adv, y_adv, reduction="none"), ad_w)
