@@ -70,7 +70,9 @@ def run_jobs(
     names = {j.name for j in jobs}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    running: dict[int, tuple[Job, float, object, str, bool]] = {}
+    # the Popen objects stay referenced: one dropped while its process runs is reaped by the next Popen (Python's
+    # subprocess cleanup), and os.wait4 below would then wait for it forever
+    running: dict[int, tuple[Job, float, object, str, bool, subprocess.Popen]] = {}
     failed: list[str] = []
     unrecorded: list[str] = []
     bar = tqdm(total=len(pending), desc="results", unit="job", disable=not progress)
@@ -99,7 +101,7 @@ def run_jobs(
             # the code a job runs is the tree at its start: another commit may land while a study runs
             commit, clean = git_commit(ROOT), _tree_clean()
             proc = subprocess.Popen(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[proc.pid] = (job, time.perf_counter(), log, commit, clean)
+            running[proc.pid] = (job, time.perf_counter(), log, commit, clean, proc)
         if not running:
             if pending:  # waiting on jobs outside this run that never finished
                 raise RuntimeError(f"jobs wait on unfinished jobs: {[j.name for j in pending]}")
@@ -107,7 +109,8 @@ def run_jobs(
         pid, status, usage = os.wait4(-1, 0)
         if pid not in running:
             continue
-        job, t0, log, commit, clean = running.pop(pid)
+        job, t0, log, commit, clean, proc = running.pop(pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: the object must not wait again
         log.close()
         rc = os.waitstatus_to_exitcode(status)
         bar.update(1)
