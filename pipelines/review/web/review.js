@@ -237,13 +237,22 @@ async function loadViewer() {
     applyOverlaySettings();
     goToPeak();
   } catch (err) {
-    window.review.error = String(err);
-    $("problems").textContent = `could not show ${c.case_id}: ${err}`;
+    showLoadError(c, err);
     return;
   }
+  markLoaded(c, o);
+}
+
+// what the browser test waits for: the case, method and target now on screen, and a count of loads
+function markLoaded(c, o) {
   window.review.loads += 1;
   window.review.ready = true;
   document.body.dataset.viewer = `${c.case_id}|${o.method}|${o.target}`;
+}
+
+function showLoadError(c, err) {
+  window.review.error = String(err);
+  $("problems").textContent = `could not show ${c.case_id}: ${err}`;
 }
 
 async function loadOct(c, o, token) {
@@ -256,13 +265,10 @@ async function loadOct(c, o, token) {
     applyOverlaySettings();
   } catch (err) {
     if (token !== state.loadToken) return;
-    window.review.error = String(err);
-    $("problems").textContent = `could not show ${c.case_id}: ${err}`;
+    showLoadError(c, err);
     return;
   }
-  window.review.loads += 1;
-  window.review.ready = true;
-  document.body.dataset.viewer = `${c.case_id}|${o.method}|${o.target}`;
+  markLoaded(c, o);
 }
 
 function fillOverlaySelect() {
