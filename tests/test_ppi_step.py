@@ -155,3 +155,43 @@ def test_activation_checkpointing_changes_nothing_in_a_step(mode: str, form: str
         torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-10)
     assert all(torch.equal(b, c) for b, c in zip(ck_buffers, buffers))
     assert any(not torch.equal(b, c) for b, c in zip(buffers, _model().buffers()))  # the statistics did move once
+
+
+def _unoptimised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WBP as it ran before its fast paths: autograd's own convolution backward (and double backward), the
+    batch-norm variance recomputed from the input, a copy at every rerouting node, the input gradient of the
+    first convolution computed by every backward."""
+    import sys
+
+    from ppi_med.saliency import rules
+    from ppi_med.saliency.core import Reroute
+
+    wbp_module = sys.modules["ppi_med.saliency.wbp"]
+    monkeypatch.setattr(wbp_module, "conv_geometry", lambda module: None)
+    monkeypatch.setattr(wbp_module, "RerouteInPlace", Reroute)
+    monkeypatch.setattr(rules, "forward_invstd", lambda v, y: None)
+
+
+@pytest.mark.parametrize("mode", ["detached", "differentiable"])
+@pytest.mark.parametrize("form", ["partner", "study_positive"])
+def test_the_fast_paths_give_the_loss_and_gradients_of_the_unoptimised_step(
+    mode: str, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, y, outline, annotated = _batch()
+    cfg = PPIConfig(mode=mode, warmup_epochs=0, **FORMS[form])
+    results = []
+    for slow in (False, True):
+        if slow:
+            _unoptimised(monkeypatch)
+        model = _model()
+        torch.manual_seed(7)
+        out = PPIObjective(cfg)(model, x, y, epoch=1, annotation=outline, annotated=annotated)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()))
+        results.append((out, grads, [b.clone() for b in model.buffers()]))
+    (fast, fast_grads, fast_buffers), (slow, slow_grads, slow_buffers) = results
+    for key, value in slow.terms.items():
+        torch.testing.assert_close(fast.terms[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    torch.testing.assert_close(fast.saliency, slow.saliency, rtol=1e-10, atol=1e-12)
+    for (name, _), g, h in zip(_model().named_parameters(), fast_grads, slow_grads):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-10, msg=name)
+    assert all(torch.equal(b, c) for b, c in zip(fast_buffers, slow_buffers))

@@ -284,6 +284,34 @@ def test_a_traced_forward_still_backpropagates_the_exact_gradient() -> None:
     torch.testing.assert_close(s, reference_wbp(model, x, target), rtol=1e-10, atol=1e-12)
 
 
+def test_without_input_gradient_the_exact_backward_stops_at_the_first_convolution() -> None:
+    """``input_gradient = False`` (the PPI step's input): the saliency and the parameters' gradients (the
+    loss's and the map's, second order) are unchanged; only the input's gradient from the loss is dropped."""
+    torch.manual_seed(31)
+    model = rich_sequential(2).double().train()
+    _randomize_bn(model, torch.Generator().manual_seed(32))
+    x = _input(2, n=3, side=8, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    params = list(model.parameters())
+    results = []
+    for input_gradient in (True, False):
+        xg = x.clone().requires_grad_(True)
+        tracer = WBPTracer(model)
+        tracer.input_gradient = input_gradient
+        with tracer:
+            logits = model(xg)
+        s = tracer.saliency(logits, xg, target, create_graph=True, retain_graph=True)
+        loss = F.cross_entropy(logits, target) + s.square().sum()
+        grads = torch.autograd.grad(loss, [xg, *params], allow_unused=True, retain_graph=True)
+        direct = torch.autograd.grad(F.cross_entropy(logits, target), [xg], allow_unused=True)[0]
+        results.append((s, grads, direct))
+    (s, grads, direct), (s_off, grads_off, direct_off) = results
+    torch.testing.assert_close(s_off, s, rtol=1e-12, atol=1e-14)
+    for g, h in zip(grads_off[1:], grads[1:]):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-13)
+    assert direct is not None and direct.abs().max() > 0 and direct_off is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # WBP == input x gradient for ReLU / BN / pooling networks
 

@@ -419,6 +419,7 @@ class PPIObjective:
         if active and cfg.guide == "partner":  # pairs from the labels before work is queued on the device
             i, j = adversarial_partners(y, cfg.partner)
         tracer = make_tracer(cfg.saliency, model, **cfg.saliency_kwargs)
+        tracer.input_gradient = False  # xg is made for the saliency: no loss reads its gradient
         differentiable = cfg.mode == "differentiable" and tracer.differentiable
         x = plain(x).detach()
         xg = x.detach().requires_grad_(active)

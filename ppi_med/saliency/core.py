@@ -12,6 +12,7 @@ __all__ = [
     "Tracer",
     "Switch",
     "Reroute",
+    "RerouteInPlace",
     "as_target",
     "class_score",
     "frozen_buffers",
@@ -134,6 +135,19 @@ class Reroute(torch.autograd.Function):
         return grad, None, None, None
 
 
+class RerouteInPlace(Reroute):
+    """:class:`Reroute` on ``y`` itself instead of a copy, for a layer whose own backward does not keep its
+    output (batch norm keeps its input and statistics): the residual add that may follow then writes into
+    ``y`` as it would without the tracer."""
+
+    @staticmethod
+    def forward(ctx, y, v, slope, switch):  # noqa: D102
+        ctx.switch = switch
+        ctx.save_for_backward(slope)
+        ctx.mark_dirty(y)
+        return y
+
+
 class Tracer:
     """A saliency method split around the model's forward pass.
 
@@ -144,6 +158,11 @@ class Tracer:
 
     #: whether the saliency can be kept in the autograd graph (``create_graph=True``)
     differentiable: bool = True
+
+    #: whether an ordinary backward of the traced forward's outputs must reach the input too. A caller whose
+    #: input is a leaf made only for the saliency (the PPI step) sets it to ``False``, and WBP then leaves the
+    #: input gradient of the layers that read the input to the saliency's own backward
+    input_gradient: bool = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -162,6 +162,59 @@ def population_var(v: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return _PopulationVar.apply(v, tuple(d % v.ndim for d in dims))
 
 
+def saved_tensor_hooks_active() -> bool:
+    """True inside :func:`torch.autograd.graph.saved_tensors_hooks` (activation checkpointing installs them).
+
+    There, reading a tensor a node has saved would unpack it (for a checkpointed segment: recompute it).
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # pragma: no cover - a torch without it: assume hooks, the safe answer
+        return True
+    return top(False) is not None
+
+
+class _SavedInvStd(torch.autograd.Function):
+    """A training-mode batch norm's ``1 / sqrt(var + eps)``, as its forward computed it, differentiable in ``v``.
+
+    The forward reads nothing new (the batch norm's node keeps its batch mean and inverse deviation for its
+    own backward); the backward is ``d invstd / dv = -invstd^3 (v - mean) / count``, what autograd gives for
+    ``rsqrt(population_var(v) + eps)``. Once differentiable: the mean and the inverse deviation it uses are
+    constants of the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, v, mean, invstd):  # noqa: D102
+        ctx.save_for_backward(v, mean, invstd)
+        return invstd.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        v, mean, invstd = ctx.saved_tensors
+        count = v.numel() // invstd.numel()
+        return (v - mean) * (grad * invstd.pow(3) * (-1.0 / count)), None, None
+
+
+def forward_invstd(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """``rsqrt(var + eps)`` per channel, shaped ``(1, C, 1, ...)``, of the batch norm ``v -> y`` in batch
+    statistics mode, taken from its forward; ``None`` where it cannot be read without cost (another kernel
+    than the native one, half precision, or saved-tensor hooks active, under which reading would recompute).
+    """
+    node = y.grad_fn
+    if (
+        type(node).__name__ != "NativeBatchNormBackward0"
+        or v.dtype not in (torch.float32, torch.float64)
+        or not getattr(node, "_saved_training", False)
+        or saved_tensor_hooks_active()
+    ):
+        return None
+    mean, invstd = node._saved_result1, node._saved_result2
+    if mean.dtype != v.dtype or invstd.dtype != v.dtype or invstd.numel() != v.shape[1]:
+        return None
+    shape = (1, -1, *([1] * (v.ndim - 2)))
+    return _SavedInvStd.apply(v, mean.view(shape), invstd.view(shape))
+
+
 class NormScale(Rule):
     """Normalisation: keep only the affine scale ``gamma / sqrt(var + eps)``.
 
@@ -174,9 +227,9 @@ class NormScale(Rule):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not (module.training or module.running_var is None):
                 return None
-            dims = [0, *range(2, v.ndim)]
-            var = population_var(v, dims)
-            scale = torch.rsqrt(var + module.eps)
+            scale = forward_invstd(v, y)
+            if scale is None:
+                scale = torch.rsqrt(population_var(v, [0, *range(2, v.ndim)]) + module.eps)
             weight = module.weight
             shape = [1, -1] + [1] * (v.ndim - 2)
         elif isinstance(module, nn.modules.instancenorm._InstanceNorm):

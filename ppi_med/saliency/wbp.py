@@ -29,7 +29,17 @@ import weakref
 import torch
 from torch import nn
 
-from .core import Reroute, Switch, Tracer, as_target, frozen_buffers, input_requiring_grad, score_gradient
+from .conv_input import ConvRoute, conv_geometry, depends_on_input_only
+from .core import (
+    Reroute,
+    RerouteInPlace,
+    Switch,
+    Tracer,
+    as_target,
+    frozen_buffers,
+    input_requiring_grad,
+    score_gradient,
+)
 from .guard import ForwardGuard
 from .rules import Linear, Rule, Secant, UnsupportedLayerError, layer_rules
 
@@ -99,13 +109,20 @@ class WBPTracer(Tracer):
         super().__init__(model)
         self.rules = check_supported(model, rules)
         self.switch = Switch()
+        self._traced: torch.Tensor | None = None  # the traced forward's input, while it runs
 
     def __enter__(self) -> WBPTracer:
         modules = dict(self.model.named_modules())
+        self._traced = None
+        self._handles.append(self.model.register_forward_pre_hook(self._note_input))
         for name, rule in self.rules.items():
-            if isinstance(rule, Linear):
-                continue
             module = modules[name]
+            if isinstance(rule, Linear):
+                geometry = conv_geometry(module)
+                if geometry is not None:
+                    self._handles.append(module.register_forward_pre_hook(self._detach_input))
+                    self._handles.append(module.register_forward_hook(self._conv_hook(geometry)))
+                continue
             if getattr(module, "inplace", False):
                 self._handles.append(module.register_forward_pre_hook(self._keep_input))
             self._handles.append(module.register_forward_hook(self._make_hook(name, rule)))
@@ -119,7 +136,33 @@ class WBPTracer(Tracer):
         if guard is not None:
             guard.__exit__(None, None, None)
             guard.remove()
+        self._traced = None
         super().__exit__(*exc)
+
+    def _note_input(self, module, inputs):
+        if self._traced is None and inputs and isinstance(inputs[0], torch.Tensor):
+            self._traced = inputs[0]
+
+    def _detach_input(self, module, inputs):
+        # a convolution reading the input: its input gradient serves the saliency only (Tracer.input_gradient)
+        v = inputs[0]
+        if self.input_gradient or not torch.is_grad_enabled() or not depends_on_input_only(v, self._traced):
+            return None
+        module._wbp_entry = v
+        return (v.detach(), *inputs[1:])
+
+    def _conv_hook(self, geometry: tuple):
+        switch = self.switch
+
+        def hook(module, inputs, output):
+            v = module.__dict__.pop("_wbp_entry", None)
+            if v is None:
+                v = inputs[0]
+            if not torch.is_grad_enabled() or not v.requires_grad:
+                return None
+            return ConvRoute.apply(output, v, module.weight, geometry, switch)
+
+        return hook
 
     @staticmethod
     def _keep_input(module, inputs):
@@ -136,12 +179,14 @@ class WBPTracer(Tracer):
                 v = inputs[0]
             if not torch.is_grad_enabled() or not v.requires_grad:
                 return None
+            # batch norm's node keeps its input and statistics, not its output: no copy needed
+            in_place = type(output.grad_fn).__name__ == "NativeBatchNormBackward0"
             slope = rule.slope(module, v, output)
             if slope is None:
                 return None
             if check and module not in _WARNED:
                 _warn_exploding(name, module, rule, v, slope)
-            return Reroute.apply(output, v, slope, switch)
+            return (RerouteInPlace if in_place else Reroute).apply(output, v, slope, switch)
 
         return hook
 

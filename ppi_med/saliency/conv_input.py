@@ -1,0 +1,131 @@
+"""A convolution's input gradient as WBP's own node, so that a differentiable map is trained through fast kernels.
+
+A convolution's rule is its own backward (:class:`~ppi_med.saliency.rules.Linear`), so WBP could leave it to
+autograd. With ``create_graph=True``, though, the loss on the map then differentiates autograd's convolution
+backward a second time, and PyTorch's generic double backward computes the weight gradient of that step as a
+convolution over the batch axis, which on CPU costs up to twice the native weight-gradient kernel. Here the
+tracer wraps each plain convolution's output in :class:`ConvRoute`: its backward is the exact one (the
+convolution's own node) for a training loss, and while the saliency runs it sends the gradient to the input
+through :class:`ConvInputGrad`, whose own backward is the forward convolution and the native weight-gradient
+kernel. The values are those of autograd's backward (the same kernels, summed in another order for the
+weight).
+
+The tracer can also take the input gradient of the first convolutions (those whose input depends on the
+traced input alone, through parameter-free operations) only for the saliency: the convolution then runs on
+the detached input, and the exact backward of a training loss stops there instead of computing an input
+gradient nobody reads (on a full-resolution stem with one input channel the costliest convolution backward
+of the network). :attr:`ppi_med.saliency.core.Tracer.input_gradient` switches this on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ConvInputGrad", "ConvRoute", "conv_geometry", "depends_on_input_only"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def conv_geometry(module: nn.Module) -> tuple | None:
+    """``(stride, padding, dilation, groups)`` of a plain convolution, or ``None`` for any other layer.
+
+    Plain: ``nn.Conv1d/2d/3d`` with zero padding given as numbers (not ``"same"``, not reflect or circular
+    padding, which run a padding operation before the convolution).
+    """
+    if type(module) not in _CONV or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    return list(module.stride), list(module.padding), list(module.dilation), module.groups
+
+
+def _input_grad(grad: torch.Tensor, like: torch.Tensor, weight: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    stride, padding, dilation, groups = geometry
+    zeros = [0] * len(stride)
+    return torch.ops.aten.convolution_backward(
+        grad, like, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False]
+    )[0]
+
+
+class ConvInputGrad(torch.autograd.Function):
+    """``dL/dv = conv^T(grad, W)``, differentiable in ``grad`` and ``W`` by the native kernels.
+
+    Its backward, for an upstream ``gg`` shaped like the input: ``conv(gg, W)`` for ``grad`` and the weight
+    gradient of a convolution of ``gg`` seen from ``grad`` for ``W`` (the adjoint identity
+    ``<gg, conv^T(grad, W)> = <conv(gg, W), grad>``).
+    """
+
+    @staticmethod
+    def forward(ctx, grad, weight, like, geometry):  # noqa: D102
+        ctx.geometry = geometry
+        ctx.save_for_backward(grad, weight)
+        return _input_grad(grad, like, weight, geometry)
+
+    @staticmethod
+    def backward(ctx, gg):  # noqa: D102
+        grad, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        g_grad = g_weight = None
+        if ctx.needs_input_grad[0]:
+            conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[weight.ndim - 3]
+            g_grad = conv(gg, weight, None, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            zeros = [0] * len(stride)
+            g_weight = torch.ops.aten.convolution_backward(
+                grad, gg, weight, None, stride, padding, dilation, False, zeros, groups, [False, True, False]
+            )[1]
+        return g_grad, g_weight, None, None
+
+
+class ConvRoute(torch.autograd.Function):
+    """Identity on a convolution's output ``y``; backward exact, or (switch on) :class:`ConvInputGrad` to ``v``.
+
+    ``y`` is taken in place (the convolution's own node keeps its input and weight, not its output), so no
+    copy is made. Where the convolution ran on the detached input (``v`` is then not in ``y``'s graph) the
+    exact backward stops at the weight.
+    """
+
+    @staticmethod
+    def forward(ctx, y, v, weight, geometry, switch):  # noqa: D102
+        ctx.geometry, ctx.switch = geometry, switch
+        ctx.save_for_backward(v, weight)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        if not ctx.switch.on:
+            return grad, None, None, None, None
+        v, weight = ctx.saved_tensors
+        return None, ConvInputGrad.apply(grad, weight, v.detach(), ctx.geometry), None, None, None
+
+
+def depends_on_input_only(v: torch.Tensor, traced: torch.Tensor | None, budget: int = 16) -> bool:
+    """True when ``v`` is ``traced`` or made from it by a few operations that involve no other leaf.
+
+    The walk over ``v``'s graph stops after ``budget`` nodes (a deep layer's input is never taken for the
+    network's input).
+    """
+    if traced is None or not v.requires_grad:
+        return False
+    if v is traced:
+        return True
+    if v.grad_fn is None:
+        return False
+    seen: set[int] = set()
+    stack = [v.grad_fn]
+    reached = False
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > budget:
+            return False
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # an AccumulateGrad: a leaf
+            if variable is not traced:
+                return False
+            reached = True
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return reached
