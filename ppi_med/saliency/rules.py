@@ -192,7 +192,9 @@ class _SavedInvStd(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         v, mean, invstd = ctx.saved_tensors
         count = v.numel() // invstd.numel()
-        return (v - mean) * (grad * invstd.pow(3) * (-1.0 / count)), None, None
+        k = grad * invstd.pow(3) * (-1.0 / count)
+        # (v - mean) * k in one pass over v: -mean * k + v * k
+        return torch.addcmul(-mean * k, v, k), None, None
 
 
 def forward_invstd(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
