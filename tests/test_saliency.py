@@ -312,6 +312,33 @@ def test_without_input_gradient_the_exact_backward_stops_at_the_first_convolutio
     assert direct is not None and direct.abs().max() > 0 and direct_off is None
 
 
+def test_neither_backward_carries_zeros_through_the_batch_norm_slopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slope of a training batch norm's rerouting node gets a gradient only where a loss on a
+    differentiable map is backpropagated; the saliency's own backward and a training loss's send it none (a
+    tensor of zeros there would be computed and carried back through the whole network)."""
+    from ppi_med.saliency import rules
+
+    received: list[bool] = []
+    backward = rules._SavedInvStd.backward
+
+    def counting(ctx, grad):
+        received.append(grad is not None)
+        return backward(ctx, grad)
+
+    monkeypatch.setattr(rules._SavedInvStd, "backward", staticmethod(counting))
+    torch.manual_seed(31)
+    model = rich_sequential(2).double().train()
+    x = _input(2, n=3, side=8, dtype=torch.float64).requires_grad_(True)
+    target = torch.tensor([0, 1, 2])
+    with WBPTracer(model) as tracer:
+        logits = model(x)
+    s = tracer.saliency(logits, x, target, create_graph=True, retain_graph=True)
+    F.cross_entropy(logits, target).backward(retain_graph=True)
+    assert not any(received)
+    s.square().sum().backward()
+    assert sum(received) == 2  # the two batch norms, once each
+
+
 # ---------------------------------------------------------------------------------------------------------
 # WBP == input x gradient for ReLU / BN / pooling networks
 

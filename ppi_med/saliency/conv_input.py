@@ -56,12 +56,15 @@ class ConvInputGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad, weight, like, geometry):  # noqa: D102
+        ctx.set_materialize_grads(False)  # a part of the loss that does not reach the map sends nothing here
         ctx.geometry = geometry
         ctx.save_for_backward(grad, weight)
         return _input_grad(grad, like, weight, geometry)
 
     @staticmethod
     def backward(ctx, gg):  # noqa: D102
+        if gg is None:
+            return None, None, None, None
         grad, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
         g_grad = g_weight = None
@@ -86,6 +89,7 @@ class ConvRoute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, v, weight, geometry, switch):  # noqa: D102
+        ctx.set_materialize_grads(False)
         ctx.geometry, ctx.switch = geometry, switch
         ctx.save_for_backward(v, weight)
         ctx.mark_dirty(y)
@@ -93,7 +97,7 @@ class ConvRoute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        if not ctx.switch.on:
+        if grad is None or not ctx.switch.on:
             return grad, None, None, None, None
         v, weight = ctx.saved_tensors
         return None, ConvInputGrad.apply(grad, weight, v.detach(), ctx.geometry), None, None, None

@@ -122,6 +122,9 @@ class Reroute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, v, slope, switch):  # noqa: D102
+        # an undefined gradient stays undefined: materialised, it would be a tensor of zeros carried (and in a
+        # differentiable map recorded and differentiated again) through every node behind
+        ctx.set_materialize_grads(False)
         ctx.switch = switch
         ctx.save_for_backward(slope)
         # a clone, not a view: models add residuals in place on these outputs
@@ -129,6 +132,8 @@ class Reroute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        if grad is None:
+            return None, None, None, None
         if ctx.switch.on:
             (slope,) = ctx.saved_tensors
             return None, grad * slope, None, None
@@ -142,6 +147,7 @@ class RerouteInPlace(Reroute):
 
     @staticmethod
     def forward(ctx, y, v, slope, switch):  # noqa: D102
+        ctx.set_materialize_grads(False)
         ctx.switch = switch
         ctx.save_for_backward(slope)
         ctx.mark_dirty(y)

@@ -51,11 +51,14 @@ class _Relay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, z, eps):  # noqa: D102
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(y / _stab(z, eps))
         return y.clone()  # not a view: models add residuals in place on this output
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        if grad is None:
+            return None, None, None
         (ratio,) = ctx.saved_tensors
         return None, grad * ratio, None
 

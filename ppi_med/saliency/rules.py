@@ -139,6 +139,7 @@ class _PopulationVar(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, dims):  # noqa: D102
+        ctx.set_materialize_grads(False)  # the exact backward sends nothing to a rerouting node's slope
         ctx.dims = dims
         ctx.save_for_backward(v)
         mean = v.mean(dim=dims, keepdim=True)
@@ -146,6 +147,8 @@ class _PopulationVar(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        if grad is None:
+            return None, None
         (v,) = ctx.saved_tensors
         count = v.numel() // grad.numel()
         return grad * (2.0 / count) * (v - v.mean(dim=ctx.dims, keepdim=True)), None
@@ -184,12 +187,16 @@ class _SavedInvStd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, mean, invstd):  # noqa: D102
+        # the exact backward and the saliency's send nothing to the slope: no zeros computed and carried back
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(v, mean, invstd)
         return invstd.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
+        if grad is None:
+            return None, None, None
         v, mean, invstd = ctx.saved_tensors
         count = v.numel() // invstd.numel()
         k = grad * invstd.pow(3) * (-1.0 / count)
