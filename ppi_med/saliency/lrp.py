@@ -3,7 +3,8 @@
 Rules (Montavon et al.'s "LRP-epsilon / z-plus" composite):
 
 * convolutions: z-plus, ``R_i = sum_j (w+_ij a+_i + w-_ij a-_i) / z+_j R_j``; where the input is non-negative
-  (after a ReLU: checked once per layer and call) the ``a-`` term is zero and is not computed;
+  (after a ReLU: checked once per layer and call) the ``a-`` term is zero and is not computed, elsewhere both
+  terms are one convolution of ``[a+, a-]`` (channels side by side) with ``[w+, w-]``;
 * dense layers: epsilon, ``R_i = sum_j a_i w_ij / (z_j + eps sign z_j) R_j``;
 * a batch norm that directly follows a convolution or dense layer is merged into it first (the canonical
   form: ``W' = s W``, ``b' = s b + t``), then the rule applies to the merged layer; any other batch norm (eval
@@ -83,7 +84,8 @@ class _Plan:
         self._weights: dict[nn.Module, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     def weights(self, conv: nn.Module, sign: str) -> torch.Tensor:
-        """The convolution's weight with its batch norm merged, clamped to ``sign`` ("pos" or "neg")."""
+        """The convolution's weight with its batch norm merged, clamped to ``sign`` ("pos" or "neg"), or both
+        side by side along the input channels ("both": ``[w+, w-]``, for the input ``[a+, a-]``)."""
         bn = self.pairs.get(conv)
         stats = [bn.weight, bn.running_var] if bn is not None else []
         key = (*_versions([conv.weight, *stats]), bn.eps if bn is not None else None)
@@ -92,6 +94,10 @@ class _Plan:
             cached = (key, {})
             self._weights[conv] = cached
         parts = cached[1]
+        if sign == "both":
+            if sign not in parts:
+                parts[sign] = torch.cat([self.weights(conv, "pos"), self.weights(conv, "neg")], dim=1)
+            return parts[sign]
         if sign not in parts:
             with torch.no_grad():
                 w = conv.weight.detach()
@@ -184,6 +190,11 @@ class LRPTracer(Tracer):
             a = inputs[0]
             if bool(a.min() >= 0):  # after a ReLU: the a- term is zero
                 zp = module._conv_forward(a, plan.weights(module, "pos"), None)
+            elif module.groups == 1:
+                # both terms in one convolution over [a+, a-] with [w+, w-]: the large output is written and
+                # its gradient read once, not twice (the first layer of a network on signed images)
+                both = torch.cat([a.clamp(min=0), a.clamp(max=0)], dim=1)
+                zp = module._conv_forward(both, plan.weights(module, "both"), None)
             else:
                 zp = module._conv_forward(a.clamp(min=0), plan.weights(module, "pos"), None)
                 zp = zp + module._conv_forward(a.clamp(max=0), plan.weights(module, "neg"), None)
