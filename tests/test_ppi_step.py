@@ -160,9 +160,11 @@ def test_activation_checkpointing_changes_nothing_in_a_step(mode: str, form: str
 def _unoptimised(monkeypatch: pytest.MonkeyPatch) -> None:
     """WBP as it ran before its fast paths: autograd's own convolution backward (and double backward), the
     batch-norm variance recomputed from the input, a copy at every rerouting node, the input gradient of the
-    first convolution computed by every backward."""
+    first convolution computed by every backward, the contrasts' stem backward left to autograd."""
+    import contextlib
     import sys
 
+    import ppi_med.ppi.objective as objective
     from ppi_med.saliency import rules
     from ppi_med.saliency.core import Reroute
 
@@ -170,6 +172,7 @@ def _unoptimised(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wbp_module, "conv_geometry", lambda module: None)
     monkeypatch.setattr(wbp_module, "RerouteInPlace", Reroute)
     monkeypatch.setattr(rules, "forward_invstd", lambda v, y: None)
+    monkeypatch.setattr(objective, "single_channel_input_gradient", lambda model: contextlib.nullcontext())
 
 
 @pytest.mark.parametrize("mode", ["detached", "differentiable"])

@@ -8,6 +8,7 @@ version. Grad-CAM is checked against MONAI's post-hoc implementation, LRP agains
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -337,6 +338,27 @@ def test_neither_backward_carries_zeros_through_the_batch_norm_slopes(monkeypatc
     assert not any(received)
     s.square().sum().backward()
     assert sum(received) == 2  # the two batch norms, once each
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_single_channel_stem_gives_autograd_s_gradients_through_its_own_kernel(dtype: torch.dtype) -> None:
+    from ppi_med.saliency.conv_input import single_channel_input_gradient
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 8, 7, padding=3, bias=False), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+    model = model.to(dtype)
+    x = torch.randn(3, 1, 12, 12, dtype=dtype)
+    probe = torch.randn(3, 4, 5, 5, dtype=dtype)
+    results = []
+    for native in (False, True):
+        xg = x.clone().requires_grad_(True)
+        with single_channel_input_gradient(model) if native else contextlib.nullcontext():
+            out = model(xg)
+        results.append(torch.autograd.grad((out * probe).sum(), [xg, *model.parameters()]))
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for g, h in zip(*results):
+        torch.testing.assert_close(h, g, **tol)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------------------

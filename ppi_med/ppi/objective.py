@@ -37,6 +37,7 @@ from torch import nn
 
 from ..flags import as_bool
 from ..saliency import frozen_buffers, make_tracer, plain
+from ..saliency.conv_input import single_channel_input_gradient
 from .guides import SitePrototypes, annotation_regions, site_regions
 from .interventions import FILLS, fill_values, intervene, random_erase, relocate
 from .masks import MASKS, dilate, make_mask, normalize
@@ -468,7 +469,7 @@ class PPIObjective:
         placeholder = not contrasts.shape[0] and isinstance(model, nn.parallel.DistributedDataParallel)
         if placeholder:
             contrasts = x[:1]
-        with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm):
+        with frozen_buffers(model), _norm_mode(model, cfg.contrast_norm), single_channel_input_gradient(model):
             out = model(contrasts) if contrasts.shape[0] else logits[:0]
         zero = out.sum() * 0.0 if placeholder else loss_cls.new_zeros(())
         out = out[:0] if placeholder else out
