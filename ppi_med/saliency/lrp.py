@@ -29,6 +29,7 @@ import weakref
 import torch
 from torch import nn
 
+from .conv_input import ConvInputRoute, conv_geometry, native_input_gradient
 from .core import Reroute, Switch, Tracer, as_target, frozen_buffers, plain, score_gradient
 from .guard import ForwardGuard
 from .rules import RULES, Linear, NormScale, Secant, UnsupportedLayerError, layer_rules
@@ -186,15 +187,22 @@ class LRPTracer(Tracer):
         eps = self.epsilon
         pending: dict[nn.Module, torch.Tensor] = {}  # z+ of a convolution, for the batch norm merged into it
 
+        def z_plus(module, a, w):
+            geometry = conv_geometry(module)
+            if geometry is None or not native_input_gradient(w, module.groups):
+                return module._conv_forward(a, w, None)
+            # a stem on one or two channels: its input gradient from ATen's kernel (conv_input.py)
+            return ConvInputRoute.apply(module._conv_forward(a.detach(), w, None), a, w, geometry)
+
         def conv_hook(module, inputs, z):
             a = inputs[0]
             if bool(a.min() >= 0):  # after a ReLU: the a- term is zero
-                zp = module._conv_forward(a, plan.weights(module, "pos"), None)
+                zp = z_plus(module, a, plan.weights(module, "pos"))
             elif module.groups == 1:
                 # both terms in one convolution over [a+, a-] with [w+, w-]: the large output is written and
                 # its gradient read once, not twice (the first layer of a network on signed images)
                 both = torch.cat([a.clamp(min=0), a.clamp(max=0)], dim=1)
-                zp = module._conv_forward(both, plan.weights(module, "both"), None)
+                zp = z_plus(module, both, plan.weights(module, "both"))
             else:
                 zp = module._conv_forward(a.clamp(min=0), plan.weights(module, "pos"), None)
                 zp = zp + module._conv_forward(a.clamp(max=0), plan.weights(module, "neg"), None)
