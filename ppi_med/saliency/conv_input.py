@@ -49,15 +49,18 @@ def conv_geometry(module: nn.Module) -> tuple | None:
     return list(module.stride), list(module.padding), list(module.dilation), module.groups
 
 
+_MEASURED = (torch.float32, torch.float64)  # the dtypes the kernel choice below was measured for
+
+
 def _single_channel(weight: torch.Tensor, groups: int) -> bool:
-    return weight.device.type == "cpu" and groups == 1 and weight.shape[1] == 1
+    return weight.device.type == "cpu" and weight.dtype in _MEASURED and groups == 1 and weight.shape[1] == 1
 
 
 def native_input_gradient(weight: torch.Tensor, groups: int) -> bool:
     """Whether ATen's kernel beats oneDNN's for this convolution's input gradient on CPU: one or two input
     channels (measured, one thread, 64 output channels: 2D 7 x 7 on 64^2, 131-134 ms against 19-48 ms for one to
     three channels; 3D 7^3 on 32^3, 358 against 117 ms for one channel, 361 against 230 for two, even for three)."""
-    return weight.device.type == "cpu" and groups == 1 and weight.shape[1] <= 2
+    return weight.device.type == "cpu" and weight.dtype in _MEASURED and groups == 1 and weight.shape[1] <= 2
 
 
 def _native_weight_gradient(weight: torch.Tensor, groups: int) -> bool:
