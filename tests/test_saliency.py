@@ -362,6 +362,137 @@ def test_a_single_channel_stem_gives_autograd_s_gradients_through_its_own_kernel
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Autocast: torch.autocast casts a convolution's input and weight to bfloat16 (CPU) and leaves float64 alone;
+# the routing nodes must compute in the dtype the convolution ran in
+
+
+@pytest.mark.parametrize("node", ["route", "input_route"])
+def test_the_routing_nodes_under_bfloat16_autocast_give_autograd_s_first_and_second_order_gradients(
+    node: str,
+) -> None:
+    """A float32 convolution under autocast: the node's input gradient (and, differentiated again, the
+    weight's and the output gradient's) are those of autograd's own bfloat16 convolution backward."""
+    from ppi_med.saliency.conv_input import ConvInputRoute, ConvRoute, conv_geometry
+    from ppi_med.saliency.core import Switch
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    probe = torch.randn(2, 4, 8, 8, requires_grad=True)  # the output's gradient, itself differentiated
+    probe2 = torch.randn(2, 2, 8, 8)
+    results = []
+    for routed in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if not routed:
+                y = conv(x)
+            elif node == "route":
+                y = ConvRoute.apply(conv(x), x, conv.weight, conv_geometry(conv), Switch(on=True))
+            else:
+                y = ConvInputRoute.apply(conv(x.detach()), x, conv.weight, conv_geometry(conv))
+            assert y.dtype == torch.bfloat16
+            (g_x,) = torch.autograd.grad(y, x, probe, create_graph=True)
+            second = torch.autograd.grad((g_x * probe2).sum(), [conv.weight, probe])
+        assert g_x.dtype == torch.float32 and all(g.dtype == torch.float32 for g in second)
+        results.append((g_x, *second))
+    for routed, plain in zip(*reversed(results)):
+        assert torch.isfinite(routed).all()
+        torch.testing.assert_close(routed, plain, rtol=2e-2, atol=2e-2 * float(plain.detach().abs().max()))
+
+
+def _map_and_second_order_gradients(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, amp: bool, input_gradient: bool = True
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A differentiable WBP map and the parameters' gradients of a loss on the logits and on the map."""
+    xg = x.clone().requires_grad_(True)
+    tracer = WBPTracer(model)
+    tracer.input_gradient = input_gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with tracer:
+            logits = model(xg)
+        s = tracer.saliency(logits, xg, target, create_graph=True, retain_graph=True)
+        loss = F.cross_entropy(logits.to(x.dtype), target) + s.to(x.dtype).square().sum()
+    return s.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("input_gradient", [True, False])
+def test_wbp_under_bfloat16_autocast_is_the_float32_map_and_gradients_to_bfloat16_precision(
+    input_gradient: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float32 network with a single-channel stem, in training mode, traced under CPU bfloat16 autocast:
+    map and second-order gradients are finite, within bfloat16 precision of float32's, and those of autograd's
+    own convolution backward in bfloat16 (the routing switched off)."""
+    import sys
+
+    torch.manual_seed(31)
+    model = rich_sequential(2).train()
+    _randomize_bn(model, torch.Generator().manual_seed(32))
+    x = _input(2, n=3, side=16)
+    target = torch.tensor([0, 1, 2])
+    s32, g32 = _map_and_second_order_gradients(model, x, target, amp=False, input_gradient=input_gradient)
+    s16, g16 = _map_and_second_order_gradients(model, x, target, amp=True, input_gradient=input_gradient)
+    monkeypatch.setattr(sys.modules["ppi_med.saliency.wbp"], "conv_geometry", lambda module: None)
+    s_ref, g_ref = _map_and_second_order_gradients(model, x, target, amp=True)
+    assert s16.dtype == torch.float32 and torch.isfinite(s16).all()
+    assert all(torch.isfinite(g).all() for g in g16)
+    torch.testing.assert_close(s16, s32, rtol=0, atol=0.03 * float(s32.abs().max()))
+    scale = max(float(g.abs().max()) for g in g32)
+    for (name, _), g, h, r in zip(model.named_parameters(), g16, g32, g_ref):
+        torch.testing.assert_close(g, h, rtol=0, atol=0.1 * scale, msg=name)
+        torch.testing.assert_close(g, r, rtol=0, atol=0.01 * scale, msg=name)
+
+
+def test_autocast_leaves_a_float64_network_s_map_and_gradients_in_float64() -> None:
+    torch.manual_seed(31)
+    model = rich_sequential(2).double().train()
+    _randomize_bn(model, torch.Generator().manual_seed(32))
+    x = _input(2, n=3, side=16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    s, grads = _map_and_second_order_gradients(model, x, target, amp=False)
+    s_amp, grads_amp = _map_and_second_order_gradients(model, x, target, amp=True)
+    assert s_amp.dtype == torch.float64
+    torch.testing.assert_close(s_amp, s, rtol=1e-12, atol=1e-14)
+    for g, h in zip(grads_amp, grads):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lrp_under_bfloat16_autocast_keeps_aten_s_stem_kernel_to_the_dtypes_it_was_measured_for(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LRP's first convolution on [a+, a-] (two channels): ATen's input gradient in float64 even under
+    autocast (which leaves float64 alone), oneDNN's for the bfloat16 that autocast makes of float32; the map
+    is the one without autocast, exactly in float64 and to bfloat16 precision in float32."""
+    import sys
+
+    lrp_module = sys.modules["ppi_med.saliency.lrp"]
+    chosen: list[bool] = []
+    choose = lrp_module.native_input_gradient
+
+    def spy(*args):
+        chosen.append(choose(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(lrp_module, "native_input_gradient", spy)
+    torch.manual_seed(0)
+    model = vgg(2).to(dtype).eval()
+    _randomize_bn(model, torch.Generator().manual_seed(1))
+    x = _input(2, dtype=dtype)  # signed: the stem runs on [a+, a-]
+    target = torch.tensor([2, 0])
+    plain = lrp(model, x, target)
+    assert chosen == [True, False]  # the stem; the second convolution, on four channels, keeps oneDNN
+    chosen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = lrp(model, x, target)
+    assert amp.dtype == dtype and torch.isfinite(amp).all()
+    if dtype == torch.float64:
+        assert chosen == [True, False]
+        torch.testing.assert_close(amp, plain, rtol=1e-12, atol=1e-14)
+    else:
+        assert chosen == [False, False]
+        torch.testing.assert_close(amp, plain, rtol=0, atol=0.03 * float(plain.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # WBP == input x gradient for ReLU / BN / pooling networks
 
 

@@ -10,6 +10,12 @@ through :class:`ConvInputGrad`, whose own backward is the forward convolution an
 kernel. The values are those of autograd's backward (the same kernels, summed in another order for the
 weight).
 
+Under ``torch.autocast`` a convolution computes in the autocast dtype: autocast casts its input and weight
+(bfloat16 on CPU) while the parameter and the layer's input keep theirs. The routing nodes record the dtype
+the convolution's output came in, compute the input gradient in it from input and weight cast the same way
+(the weight's cast is recorded, so a differentiable map's gradient reaches the float32 parameter through it),
+and hand the gradient back in the input's own dtype, as autograd does at autocast's casts.
+
 The tracer can also take the input gradient of the first convolutions (those whose input depends on the
 traced input alone, through parameter-free operations) only for the saliency: the convolution then runs on
 the detached input, and the exact backward of a training loss stops there instead of computing an input
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "compute_dtype",
     "native_input_gradient",
     "ConvInputGrad",
     "ConvRoute",
@@ -52,20 +59,47 @@ def conv_geometry(module: nn.Module) -> tuple | None:
 _MEASURED = (torch.float32, torch.float64)  # the dtypes the kernel choice below was measured for
 
 
-def _single_channel(weight: torch.Tensor, groups: int) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in _MEASURED and groups == 1 and weight.shape[1] == 1
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution with this weight computes in here: where autocast is on for the weight's device,
+    its dtype (autocast casts a convolution's input and weight to it, float64 excepted), the weight's otherwise.
+
+    Args:
+        weight: the convolution's weight as the module holds it.
+
+    Returns:
+        The dtype of the convolution's output when it runs now.
+    """
+    device = weight.device.type
+    if weight.is_floating_point() and weight.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
-def native_input_gradient(weight: torch.Tensor, groups: int) -> bool:
+def _single_channel(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> bool:
+    return weight.device.type == "cpu" and dtype in _MEASURED and groups == 1 and weight.shape[1] == 1
+
+
+def native_input_gradient(weight: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> bool:
     """Whether ATen's kernel beats oneDNN's for this convolution's input gradient on CPU: one or two input
     channels (measured, one thread, 64 output channels: 2D 7 x 7 on 64^2, 131-134 ms against 19-48 ms for one to
-    three channels; 3D 7^3 on 32^3, 358 against 117 ms for one channel, 361 against 230 for two, even for three)."""
-    return weight.device.type == "cpu" and weight.dtype in _MEASURED and groups == 1 and weight.shape[1] <= 2
+    three channels; 3D 7^3 on 32^3, 358 against 117 ms for one channel, 361 against 230 for two, even for three).
+
+    Args:
+        weight: the convolution's weight.
+        groups: its groups.
+        dtype: the dtype it computes in (:func:`compute_dtype`); the weight's when not given. Only float32 and
+            float64 were measured: any other (bfloat16 under autocast) keeps oneDNN.
+
+    Returns:
+        True where ATen's kernel is the faster one.
+    """
+    dtype = weight.dtype if dtype is None else dtype
+    return weight.device.type == "cpu" and dtype in _MEASURED and groups == 1 and weight.shape[1] <= 2
 
 
 def _native_weight_gradient(weight: torch.Tensor, groups: int) -> bool:
     # ATen's weight gradient is faster for a one-channel 1D/2D convolution, four times slower in 3D
-    return _single_channel(weight, groups) and weight.ndim <= 4
+    return _single_channel(weight, groups, weight.dtype) and weight.ndim <= 4
 
 
 @contextlib.contextmanager
@@ -130,6 +164,15 @@ class ConvInputGrad(torch.autograd.Function):
         return g_grad, g_weight, None, None
 
 
+def _routed_input_gradient(
+    grad: torch.Tensor, weight: torch.Tensor, v: torch.Tensor, geometry: tuple, dtype: torch.dtype
+) -> torch.Tensor:
+    """``v``'s gradient from the gradient of a convolution's output that was computed in ``dtype``: input and
+    weight cast as autocast cast them for the forward, the result in ``v``'s dtype (differentiable casts)."""
+    g_v = ConvInputGrad.apply(grad.to(dtype), weight.to(dtype), v.detach().to(dtype), geometry)
+    return g_v.to(v.dtype)
+
+
 class ConvRoute(torch.autograd.Function):
     """Identity on a convolution's output ``y``; backward exact, or (switch on) :class:`ConvInputGrad` to ``v``.
 
@@ -141,7 +184,7 @@ class ConvRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, v, weight, geometry, switch):  # noqa: D102
         ctx.set_materialize_grads(False)
-        ctx.geometry, ctx.switch = geometry, switch
+        ctx.geometry, ctx.switch, ctx.dtype = geometry, switch, y.dtype
         ctx.save_for_backward(v, weight)
         ctx.mark_dirty(y)
         return y
@@ -151,7 +194,7 @@ class ConvRoute(torch.autograd.Function):
         if grad is None or not ctx.switch.on:
             return grad, None, None, None, None
         v, weight = ctx.saved_tensors
-        return None, ConvInputGrad.apply(grad, weight, v.detach(), ctx.geometry), None, None, None
+        return None, _routed_input_gradient(grad, weight, v, ctx.geometry, ctx.dtype), None, None, None
 
 
 def depends_on_input_only(v: torch.Tensor, traced: torch.Tensor | None, budget: int = 16) -> bool:
@@ -194,7 +237,7 @@ class ConvInputRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, v, weight, geometry):  # noqa: D102
         ctx.set_materialize_grads(False)
-        ctx.geometry = geometry
+        ctx.geometry, ctx.dtype = geometry, y.dtype
         ctx.save_for_backward(v, weight)
         ctx.mark_dirty(y)
         return y
@@ -204,7 +247,9 @@ class ConvInputRoute(torch.autograd.Function):
         if grad is None:
             return None, None, None, None
         v, weight = ctx.saved_tensors
-        g_v = ConvInputGrad.apply(grad, weight, v.detach(), ctx.geometry) if ctx.needs_input_grad[1] else None
+        g_v = None
+        if ctx.needs_input_grad[1]:
+            g_v = _routed_input_gradient(grad, weight, v, ctx.geometry, ctx.dtype)
         return grad if ctx.needs_input_grad[0] else None, g_v, None, None
 
 
@@ -223,6 +268,8 @@ def single_channel_input_gradient(model: nn.Module) -> Iterator[None]:
         v = inputs[0]
         if not (torch.is_grad_enabled() and isinstance(v, torch.Tensor) and v.requires_grad):
             return None
+        if not _single_channel(module.weight, module.groups, compute_dtype(module.weight)):
+            return None  # under autocast: a dtype the kernel choice was not measured for
         module._native_entry = v
         return (v.detach(), *inputs[1:])
 
@@ -235,7 +282,7 @@ def single_channel_input_gradient(model: nn.Module) -> Iterator[None]:
 
     for module in model.modules():
         geometry = conv_geometry(module)
-        if geometry is None or not _single_channel(module.weight, module.groups):
+        if geometry is None or not _single_channel(module.weight, module.groups, module.weight.dtype):
             continue
         handles.append(module.register_forward_pre_hook(detach))
         handles.append(module.register_forward_hook(route(geometry)))

@@ -29,7 +29,7 @@ import weakref
 import torch
 from torch import nn
 
-from .conv_input import ConvInputRoute, conv_geometry, native_input_gradient
+from .conv_input import ConvInputRoute, compute_dtype, conv_geometry, native_input_gradient
 from .core import Reroute, Switch, Tracer, as_target, frozen_buffers, plain, score_gradient
 from .guard import ForwardGuard
 from .rules import RULES, Linear, NormScale, Secant, UnsupportedLayerError, layer_rules
@@ -189,7 +189,7 @@ class LRPTracer(Tracer):
 
         def z_plus(module, a, w):
             geometry = conv_geometry(module)
-            if geometry is None or not native_input_gradient(w, module.groups):
+            if geometry is None or not native_input_gradient(w, module.groups, compute_dtype(w)):
                 return module._conv_forward(a, w, None)
             # a stem on one or two channels: its input gradient from ATen's kernel (conv_input.py)
             return ConvInputRoute.apply(module._conv_forward(a.detach(), w, None), a, w, geometry)
