@@ -108,7 +108,11 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
         argv = by_name[f"shortcut-comparators-{sel}"].argv
         assert argv[argv.index("--selection") + 1] == sel and "patch,line,intensity,texture" in argv
     lidc = [j for j in jobs if j.part == "lidc"]
-    assert len(lidc) == 5 * 5
+    # baseline, four masks and the two controls (the bundle's pairing is the earlier default's already)
+    assert len(lidc) == 7 * 5 and "lidc-ppi_wbp_partner_zero-f0" not in names
+    rm, re_ = by_name["lidc-random_mask-f2"].argv, by_name["lidc-random_erasing-f2"].argv
+    assert rm[rm.index("--ppi#control") + 1] == "random_mask" and "--ppi#mask" not in rm
+    assert re_[re_.index("--ppi#enabled") + 1] == "false" and float(re_[re_.index("--ppi#random_erasing") + 1]) > 0
     # each rotation holds out the fold after the one that chooses the checkpoint
     (box_f4,) = [j for j in lidc if j.name == "lidc-ppi_wbp_box-f4"]
     argv = box_f4.argv

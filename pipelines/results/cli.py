@@ -11,9 +11,10 @@ Parts (each a set of independent jobs, every job a real command a user could typ
               the watermark and on site C, generated with the correlation reversed, 5 seeds, with the cue
               effect of its models (:mod:`pipelines.cue_effect`)
     lidc      tables 2.4/2.5 form: the LIDC bundle, baseline and PPI-WBP with each mask (soft, adaptive soft,
-              hard point, box), rotating the held-out fold over every patient-level fold; the folds' test
-              predictions are pooled, so every labelled nodule is scored once by a model that neither trained on
-              it nor chose its checkpoint on it (DeLong CI, DeLong paired test against the baseline)
+              hard point, box) and the two controls (random masks, random erasing), rotating the held-out fold
+              over every patient-level fold; the folds' test predictions are pooled, so every labelled nodule is
+              scored once by a model that neither trained on it nor chose its checkpoint on it (DeLong CI,
+              DeLong paired test against the baseline)
     saliency  figures 2.4/2.6 form: deletion curves and localisation of every saliency method on the seed-0 GA
               baseline and PPI-WBP models (test part), with WBP's localisation on the true positives
     shortcut  the shortcut benchmark (:mod:`pipelines.shortcut`, patch and line cues, default grid), the outline

@@ -98,6 +98,7 @@ class Profile:
         lidc_masks: the PPI-WBP masks of the LIDC table (registered PPI masks).
         ga_controls, site_controls: the other methods of the GA table and the site studies: the pairing of the
             earlier default (``ppi_wbp_partner_zero``) and the two controls (docs/DESIGN.md section 4.5).
+        lidc_controls: the controls of the LIDC table (its bundle pairs as ``ppi_wbp_partner_zero`` does already).
         comparators: the comparators of the GA table and the site studies (docs/DESIGN.md section 9).
         oracle_site: the confounded study's cue-reversed site, which ``oracle`` selection validates on.
         comparator_shortcut: arguments of the shortcut comparators' jobs (one per selection rule).
@@ -123,6 +124,7 @@ class Profile:
     lidc_masks: tuple[str, ...] = LIDC_MASKS
     ga_controls: tuple[str, ...] = CONTROLS
     site_controls: tuple[str, ...] = CONTROLS
+    lidc_controls: tuple[str, ...] = tuple(c for c in CONTROLS if c != "ppi_wbp_partner_zero")
     comparators: tuple[str, ...] = COMPARATOR_METHODS
     oracle_site: str = "C"
     comparator_shortcut: tuple[str, ...] = (
@@ -168,6 +170,7 @@ PROFILES = {
         lidc_masks=("soft",),
         ga_controls=(),
         site_controls=(),
+        lidc_controls=(),
         comparators=("dfr",),
         oracle_site="B",
         comparator_shortcut=("--cue", "patch", "--methods", "baseline", "ppi", "dfr", "--seeds", "1", "--epochs", "1"),
