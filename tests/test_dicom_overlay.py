@@ -16,7 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from ct_series import write_ct_series
 from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd
+from pydicom.uid import generate_uid
 from review_export import LesionNet
 
 from data_prep.lidc import preprocess
@@ -128,36 +130,22 @@ def test_the_scan_written_as_a_map_gives_back_each_slices_pixels(lidc, tmp_path)
 
 
 def test_an_oblique_series_and_bad_series_are_handled(tmp_path):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
     c, s = np.cos(np.deg2rad(25)), np.sin(np.deg2rad(25))
     row_dir, col_dir = np.array([c, s, 0.0]), np.array([0.0, c, -s])  # tilted about two axes
-    normal = np.cross(row_dir, col_dir)
     folder = tmp_path / "series"
-    folder.mkdir()
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
     rng = np.random.default_rng(0)
     vol = rng.integers(-1000, 1000, size=(5, 12, 10)).astype(np.int16)
-    for k in (3, 0, 4, 1, 2):  # written out of order
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID = "CT", "PHANTOM"
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.array([-20.0, 5.0, 30.0]) + 2.5 * k * normal]
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
-        ds.PixelSpacing = ["0.7", "0.9"]
-        ds.SliceThickness, ds.InstanceNumber = "2.5", k + 1
-        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
-        ds.Rows, ds.Columns = vol.shape[1:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = vol[k].tobytes()
-        ds.save_as(folder / f"s{k}.dcm", enforce_file_format=True)
+    write_ct_series(
+        folder,
+        vol,
+        pixel_spacing=(0.7, 0.9),
+        step=2.5,
+        origin=(-20.0, 5.0, 30.0),
+        row_dir=row_dir,
+        col_dir=col_dir,
+        order=(3, 0, 4, 1, 2),  # written out of order
+        name="s{k}.dcm",
+    )
     scan = read_source(folder)
     pm = pydicom.dcmread(write_parametric_map(tmp_path / "m.dcm", scan.array + 5000.0, scan.affine, folder))
     source = _frames_match_their_source_slices(pm, folder)

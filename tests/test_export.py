@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from bundle_files import GA_BUNDLE, SALIENCY, config_list, workdir
+from ct_series import write_ct_series
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -30,8 +31,6 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from torch import nn
 
 from ppi_med.cases import case_ids, parse_targets
@@ -58,40 +57,10 @@ def _rotation(axis: str, degrees: float) -> np.ndarray:
     }[axis]
 
 
-def _write_dicom_series(folder: Path, vol: np.ndarray, pixel_spacing, step, ipp0, row_dir, col_dir) -> None:
-    """``vol[k, r, c]``: slice k, row r, column c. ``row_dir`` is IOP's first triplet (direction of increasing
-    column), ``col_dir`` the second; slices advance along their cross product by ``step`` mm."""
-    folder.mkdir(parents=True)
-    normal = np.cross(row_dir, col_dir)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    order = [3, 0, 5, 1, 4, 2][: vol.shape[0]]  # written out of order: the reader must sort by position
-    for n, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID = "CT", "PHANTOM"
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(ipp0) + k * step * normal]
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
-        ds.PixelSpacing = [f"{pixel_spacing[0]}", f"{pixel_spacing[1]}"]
-        ds.SliceThickness = f"{step}"
-        ds.InstanceNumber = k + 1
-        ds.Rows, ds.Columns = vol.shape[1:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
-        ds.PixelData = vol[k].astype(np.int16).tobytes()
-        ds.save_as(folder / f"img{n:03d}.dcm", enforce_file_format=True)
-
-
-def _dicom_world_ras(k, r, c, pixel_spacing, step, ipp0, row_dir, col_dir) -> np.ndarray:
+def _dicom_world_ras(k, r, c, pixel_spacing, step, origin, row_dir, col_dir) -> np.ndarray:
     """The DICOM standard's pixel position (C.7.6.2.1.1), LPS, converted to RAS."""
     normal = np.cross(row_dir, col_dir)
-    lps = np.asarray(ipp0) + k * step * normal + c * pixel_spacing[1] * np.asarray(row_dir)
+    lps = np.asarray(origin) + k * step * normal + c * pixel_spacing[1] * np.asarray(row_dir)
     lps = lps + r * pixel_spacing[0] * np.asarray(col_dir)
     return lps * LPS_TO_RAS
 
@@ -174,7 +143,7 @@ def test_dicom_series_overlay_lands_on_the_marker(tmp_path):
     geo = {
         "pixel_spacing": (0.7, 0.9),
         "step": 2.5,
-        "ipp0": (12.5, -40.0, 88.0),
+        "origin": (12.5, -40.0, 88.0),
         "row_dir": row_dir,
         "col_dir": col_dir,
     }
@@ -182,7 +151,8 @@ def test_dicom_series_overlay_lands_on_the_marker(tmp_path):
     marker = (3, 6, 8)  # slice, row, column
     vol[marker] = 900
     vol[3, 5:8, 7:10] = 900
-    _write_dicom_series(tmp_path / "series", vol, **geo)
+    # written out of order: the reader must sort by position
+    write_ct_series(tmp_path / "series", vol, **geo, order=[3, 0, 5, 1, 4, 2], name="img{n:03d}.dcm")
     expected = np.mean([_dicom_world_ras(3, r, c, **geo) for r in range(5, 8) for c in range(7, 10)], axis=0)
 
     out = tmp_path / "out"

@@ -24,12 +24,12 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from ct_series import write_ct_series
 from local_servers import free_ports
 from matplotlib import colormaps
 from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRanged
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import MPEG2MPML, CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import MPEG2MPML, RLELossless, generate_uid
 from torch import nn
 
 from data_prep.dicom_series import DicomIndex, read_ct_series
@@ -132,35 +132,27 @@ GEOMETRY = {"spacing": (0.8, 0.7), "step": 2.5, "origin": (-12.0, 20.5, -60.0)}
 def _write_ct_series(
     folder: Path, vol: np.ndarray, patient: str = "PACS-PHANTOM", study: str | None = None, series: str | None = None
 ) -> list[Path]:
-    """``vol[k, r, c]`` as an axial CT series (slice k, row r, column c), written out of slice order."""
-    folder.mkdir(parents=True)
-    study, series, frame = study or generate_uid(), series or generate_uid(), generate_uid()
-    files = []
-    for n, k in enumerate(np.random.default_rng(0).permutation(vol.shape[0])):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = patient, "Phantom^Pacs", "O", "19700101"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240102", "101500", "ACC42", "7"
-        ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "CT", 3, "chest"
-        x0, y0, z0 = GEOMETRY["origin"]
-        ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{z0 + k * GEOMETRY['step']:.4f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.PixelSpacing = [str(v) for v in GEOMETRY["spacing"]]
-        ds.SliceThickness, ds.InstanceNumber = str(GEOMETRY["step"]), int(k) + 1
-        ds.Rows, ds.Columns = vol.shape[1:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
-        ds.PixelData = vol[k].astype(np.int16).tobytes()
-        path = folder / f"slice{n:02d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
+    """``vol[k, r, c]`` as an axial CT series (slice k, row r, column c) on GEOMETRY, written out of slice order,
+    with the patient and study attributes a PACS query shows."""
+    return write_ct_series(
+        folder,
+        vol,
+        pixel_spacing=GEOMETRY["spacing"],
+        step=GEOMETRY["step"],
+        origin=GEOMETRY["origin"],
+        patient=patient,
+        study=study,
+        series=series,
+        PatientName="Phantom^Pacs",
+        PatientSex="O",
+        PatientBirthDate="19700101",
+        StudyDate="20240102",
+        StudyTime="101500",
+        AccessionNumber="ACC42",
+        StudyID="7",
+        SeriesNumber=3,
+        SeriesDescription="chest",
+    )
 
 
 def _ct_volume() -> np.ndarray:
