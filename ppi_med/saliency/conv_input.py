@@ -75,10 +75,6 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _single_channel(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> bool:
-    return weight.device.type == "cpu" and dtype in _MEASURED and groups == 1 and weight.shape[1] == 1
-
-
 def native_input_gradient(weight: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> bool:
     """Whether ATen's kernel beats oneDNN's for this convolution's input gradient on CPU: one or two input
     channels (measured, one thread, 64 output channels: 2D 7 x 7 on 64^2, 131-134 ms against 19-48 ms for one to
@@ -95,6 +91,10 @@ def native_input_gradient(weight: torch.Tensor, groups: int, dtype: torch.dtype 
     """
     dtype = weight.dtype if dtype is None else dtype
     return weight.device.type == "cpu" and dtype in _MEASURED and groups == 1 and weight.shape[1] <= 2
+
+
+def _single_channel(weight: torch.Tensor, groups: int, dtype: torch.dtype) -> bool:
+    return native_input_gradient(weight, groups, dtype) and weight.shape[1] == 1
 
 
 def _native_weight_gradient(weight: torch.Tensor, groups: int) -> bool:
