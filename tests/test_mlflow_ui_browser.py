@@ -161,6 +161,7 @@ def _screenshot(driver, path: Path) -> None:
 
 
 def test_a_user_finds_a_ppi_and_a_baseline_run_and_compares_them(tmp_path, browser, monkeypatch):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -296,7 +297,13 @@ def test_a_user_finds_a_ppi_and_a_baseline_run_and_compares_them(tmp_path, brows
                 label,
             )
 
-        columns = beside("//*[normalize-space(text())='Run Name:']")
+        # the tables settle after the switches fold rows away; until then another row can share the line
+        run_names = "//*[normalize-space(text())='Run Name:']"
+        try:
+            wait.until(lambda d: sorted(beside(run_names)) == sorted(names.values()))
+        except TimeoutException:
+            pass  # the assertion below shows what the line holds
+        columns = beside(run_names)
         assert sorted(columns) == sorted(names.values())
         order = [next(run_id for run_id, name in names.items() if name == c) for c in columns]
         params = "//*[normalize-space(text())='Parameters']/following::*"
