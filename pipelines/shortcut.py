@@ -31,10 +31,12 @@ label are refused.
 Outputs in ``--out`` (default ``runs/shortcut/<time>``): ``report.md`` (every cue's table, the command
 and the commit), and per cue in ``<cue>/``: ``results.csv`` (one row per method, seed and test set),
 ``summary.csv`` / ``summary.md`` (mean, sd, paired p-value against the baseline, share of |WBP| on the
-cue), ``shortcut_auc.png`` (reversed and cue-free AUC per method, one dot per seed) and ``examples.png``
-(the cue and each method's saliency on cue-carrying test digits). ``--publish DIR`` copies the report and
-figures there. MLflow: one parent run per cue in experiment ``shortcut`` with the tables and figures, and
-a nested run per (method, seed) with its metrics.
+cue), ``shortcut_auc.png`` (reversed and cue-free AUC per method, one dot per seed), ``epochs.csv`` and
+``epochs.png`` (every epoch's AUC on each test set and its selection score, the chosen epoch marked: whether
+the rule chose a model that still reads the cue) and ``examples.png`` (the cue and each method's saliency on
+cue-carrying test digits). ``--publish DIR`` copies the report and figures there. MLflow: one parent run per
+cue in experiment ``shortcut`` with the tables and figures, and a nested run per (method, seed) with its
+metrics and its per-epoch curves (``epoch_<test set>_auc``, step = epoch).
 
 CLI::
 
@@ -88,6 +90,7 @@ __all__ = [
     "method_config",
     "method_label",
     "parse_fields",
+    "plot_epochs",
     "run_benchmark",
     "summarise",
     "train_and_score",
@@ -458,35 +461,62 @@ def _selection_score(model: nn.Module, selection: str, data: ShortcutData) -> fl
 
 
 class _BestEpoch:
-    """Keeps the weights of the epoch the selection rule scores best, from ``first`` on; loads them at the end."""
+    """Keeps the weights of the epoch the selection rule scores best, from ``first`` on; loads them at the end.
 
-    def __init__(self, model: nn.Module, cfg: ShortcutConfig, data: ShortcutData) -> None:
-        self.model, self.cfg, self.data = model, cfg, data
+    With ``history`` it also appends one row an epoch: the AUC on every test set and the selection score, so
+    the curves show which epochs a rule could choose from and what it gave up (``epochs.csv``).
+    """
+
+    def __init__(
+        self, model: nn.Module, cfg: ShortcutConfig, data: ShortcutData, history: list[dict] | None = None
+    ) -> None:
+        self.model, self.cfg, self.data, self.history = model, cfg, data, history
+        self._first_row = len(history) if history is not None else 0  # a shared list may hold earlier runs
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
-        if self.cfg.selection != "last":
+        if self.cfg.selection != "last" or self.history is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+        if self.cfg.selection != "last":
             engine.add_event_handler(Events.COMPLETED, self._load)
+        if self.history is not None:
+            engine.add_event_handler(Events.COMPLETED, self._mark_chosen)
 
     def _epoch(self, engine: Any) -> None:
-        if engine.state.epoch < self.cfg.first_selectable:
-            return
-        score = _selection_score(self.model, self.cfg.selection, self.data)
+        from sklearn.metrics import roc_auc_score
+
+        epoch = engine.state.epoch
+        selectable = self.cfg.selection != "last" and epoch >= self.cfg.first_selectable
+        score = _selection_score(self.model, self.cfg.selection, self.data) if selectable else float("nan")
+        if self.history is not None:
+            row: dict[str, Any] = {"epoch": epoch, "selection_score": score}
+            for name, (x, y) in self.data.tests.items():
+                row[f"{name}_auc"] = float(roc_auc_score(y.numpy(), _scores(self.model, x)))
+            self.history.append(row)
         self.model.train()
-        if self.best is None or score > self.best[0]:
+        if selectable and (self.best is None or score > self.best[0]):
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best = (score, engine.state.epoch, state)
+            self.best = (score, epoch, state)
 
     def _load(self, engine: Any) -> None:
         if self.best is not None:
             self.model.load_state_dict(self.best[2])
 
+    def _mark_chosen(self, engine: Any) -> None:
+        chosen = self.best[1] if self.best is not None else engine.state.epoch
+        for row in self.history[self._first_row :]:
+            row["chosen"] = row["epoch"] == chosen
+
 
 def train_and_score(
-    cfg: ShortcutConfig, spec: str, seed: int, data: ShortcutData, work_dir: str | Path | None = None
+    cfg: ShortcutConfig,
+    spec: str,
+    seed: int,
+    data: ShortcutData,
+    work_dir: str | Path | None = None,
+    history: list[dict] | None = None,
 ) -> tuple[nn.Module, dict[str, dict[str, float]], float]:
     """Train one method for one seed with MONAI's trainer and score it on every test set.
 
@@ -496,6 +526,8 @@ def train_and_score(
 
     Args:
         work_dir: where JTT writes its error set (a temporary folder when ``None``).
+        history: a list that gets one row an epoch (``epoch``, ``selection_score``, ``<test set>_auc``,
+            ``chosen``); the per-epoch scoring is left out when ``None``.
 
     Returns:
         The trained model, ``{test set: {"auc": ..., "acc": ...}}`` and the training time in seconds.
@@ -533,7 +565,7 @@ def train_and_score(
                     Path(work_dir) if work_dir else tmp,
                 )
             )
-        handlers.append(_BestEpoch(model, cfg, data))
+        handlers.append(_BestEpoch(model, cfg, data, history))
         trainer = SupervisedTrainer(
             device=torch.device("cpu"),
             max_epochs=cfg.epochs,
@@ -685,6 +717,55 @@ def plot_results(results: pd.DataFrame, cfg: ShortcutConfig, path: Path) -> Path
     return path
 
 
+def log_curves(client: Any, run_id: str, history: Sequence[dict]) -> None:
+    """Each epoch's test-set AUCs and selection score as MLflow metrics with the epoch as step."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"epoch_{k}", float(v), now, int(row["epoch"]))
+        for row in history
+        for k, v in row.items()
+        if k not in ("epoch", "chosen") and math.isfinite(float(v))
+    ]
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def plot_epochs(curves: pd.DataFrame, cfg: ShortcutConfig, path: Path) -> Path:
+    """Per epoch, mean over seeds: the AUC the selection rule reads and the reversed-cue test AUC, each
+    seed's chosen epoch marked; where they part, the rule picks a model that still reads the cue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    read = {"oracle": "val_reversed", "worst_site": "val_aligned"}.get(cfg.selection, "val_aligned")
+    panels = [(f"{read}_auc", f"validation ({read.split('_')[1]} cue)"), ("reversed_auc", "test, cue reversed")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for k, method in enumerate(dict.fromkeys(curves["method"])):
+        sub = curves[curves["method"] == method]
+        colour = "tab:gray" if method == "baseline" else f"C{k % 10}"
+        for ax, (column, _) in zip(axes, panels):
+            mean = sub.groupby("epoch")[column].mean()
+            ax.plot(mean.index, mean.to_numpy(), color=colour, label=method)
+            chosen = sub[sub["chosen"].astype(bool)]
+            ax.scatter(chosen["epoch"], chosen[column], color=colour, s=18, zorder=3, edgecolor="black", lw=0.5)
+    for ax, (_, title) in zip(axes, panels):
+        ax.axvline(cfg.first_selectable - 0.5, color="black", lw=0.8, ls=":")
+        ax.axhline(0.5, color="tab:red", lw=0.8, ls="--")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("AUC (mean over seeds; dots: each seed's chosen epoch)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"digits >= 5, cue '{cfg.cue}', selection '{cfg.selection}' (dotted: first selectable epoch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_examples(models: dict[str, nn.Module], data: ShortcutData, path: Path, n: int = 4) -> Path:
     """Cue-carrying positive test digits and each method's WBP saliency of the positive class."""
     import matplotlib
@@ -756,15 +837,18 @@ def run_benchmark(
     try:
         log_batch(client, parent, params=flatten_params(settings))
         rows: list[dict[str, Any]] = []
+        epochs: list[dict[str, Any]] = []
         example_models: dict[str, nn.Module] = {}
         example_data: ShortcutData | None = None
         bar = tqdm(total=cfg.seeds * len(cfg.methods), desc=f"shortcut[{cfg.cue}]", unit="model")
         for seed in range(cfg.seeds):
             data = make_data(cfg, seed)  # every method of a seed sees the same images
             for spec in cfg.methods:
+                history: list[dict] = []
                 model, scores, seconds = train_and_score(
-                    cfg, spec, seed, data, out / "jtt" / f"{_metric_name(spec)}-s{seed}"
+                    cfg, spec, seed, data, out / "jtt" / f"{_metric_name(spec)}-s{seed}", history
                 )
+                epochs += [{"method": spec, "seed": seed, **row} for row in history]
                 bar.update()
                 if seed == 0:
                     example_models[spec], example_data = model, data
@@ -779,6 +863,7 @@ def run_benchmark(
                 metrics["train_seconds"] = seconds
                 params = {"method": spec, "seed": seed, "selection": cfg.selection, "ppi": ppi, "robust": robust}
                 log_batch(client, child, flatten_params(params), metrics)
+                log_curves(client, child, history)
                 client.set_terminated(child)
                 for test, d in scores.items():
                     rows.append(
@@ -792,6 +877,9 @@ def run_benchmark(
         (out / "summary.md").write_text(summary_markdown(summary, cfg))
         (out / "settings.json").write_text(json.dumps(asdict(cfg), indent=2))
         plot_results(results, cfg, out / "shortcut_auc.png")
+        curves = pd.DataFrame(epochs)
+        curves.to_csv(out / "epochs.csv", index=False)
+        plot_epochs(curves, cfg, out / "epochs.png")
         if example_data is not None:
             plot_examples(example_models, example_data, out / "examples.png")
         deltas = {
@@ -837,7 +925,7 @@ def publish(out: Path, cues: Sequence[str], target: Path) -> None:
     shutil.copy2(out / "report.md", target / "README.md")
     for cue in cues:
         (target / cue).mkdir(exist_ok=True)
-        for name in ("shortcut_auc.png", "examples.png", "summary.csv"):
+        for name in ("shortcut_auc.png", "epochs.png", "examples.png", "summary.csv"):
             if (out / cue / name).exists():
                 shutil.copy2(out / cue / name, target / cue / name)
 

@@ -118,6 +118,16 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
     assert set(results["method"]) == {"baseline", "ppi_wbp:mode=detached"}  # the spec's label
     assert len(results) == 2 * 2 * 6  # methods x seeds x (3 test sets + 3 validation sets)
     assert "| `ppi_wbp:mode=detached` |" in (out / "line" / "summary.md").read_text()
+    # every epoch scored; the model scored in results.csv is the one epoch the rule chose, its best
+    curves = pd.read_csv(out / "line" / "epochs.csv")
+    assert len(curves) == 2 * 2 * 2 and (out / "line" / "epochs.png").stat().st_size > 0
+    for (method, seed), sub in curves.groupby(["method", "seed"]):
+        assert sorted(sub["epoch"]) == [1, 2] and sub["chosen"].sum() == 1
+        chosen = sub[sub["chosen"]].iloc[0]
+        assert chosen["selection_score"] == sub["selection_score"].max()
+        assert chosen["selection_score"] == pytest.approx(chosen["val_aligned_auc"])  # `train` reads these
+        final = results[(results.method == method) & (results.seed == seed) & (results.test == "reversed")]
+        assert chosen["reversed_auc"] == pytest.approx(final["auc"].item())
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("shortcut_test")
@@ -129,6 +139,8 @@ def test_a_small_benchmark_writes_its_tables_figures_and_mlflow_runs(tmp_path):
     child = next(r for r in children if r.data.tags["method"] == "ppi_wbp:mode=detached")
     assert child.data.params["ppi.mode"] == "detached" and 0.0 <= child.data.metrics["reversed_auc"] <= 1.0
     assert 0.0 < child.data.metrics["cue_saliency_share"] < 1.0
+    steps = client.get_metric_history(child.info.run_id, "epoch_reversed_auc")
+    assert sorted(m.step for m in steps) == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"summary.md", "shortcut_auc.png"} <= artifacts
 
