@@ -757,9 +757,13 @@ def plot_epochs(curves: pd.DataFrame, cfg: ShortcutConfig, path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.set_ylim(0, 1)
-    axes[0].set_ylabel("AUC (mean over seeds; dots: each seed's chosen epoch)")
+    axes[0].set_ylabel("AUC, mean over seeds")
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"digits >= 5, cue '{cfg.cue}', selection '{cfg.selection}' (dotted: first selectable epoch)")
+    fig.suptitle(
+        f"digits >= 5, cue '{cfg.cue}', selection '{cfg.selection}'; dots: each seed's chosen epoch, "
+        "dotted line: the first epoch that may be chosen",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
