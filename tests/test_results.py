@@ -215,3 +215,42 @@ def test_epoch_seconds_reads_the_bundle_consoles_epoch_lines(tmp_path):
     assert epoch_seconds(log, until=2) == pytest.approx(3.25)
     assert epoch_seconds(log, after=2) == pytest.approx(9.0)
     assert math.isnan(epoch_seconds(log, after=3))
+
+
+def test_goals_table_holds_each_bar_to_its_own_figure():
+    from pipelines.results.sections import goals_section
+
+    goals = {
+        "ga_baseline": 0.915,
+        "ga_reference": 0.65,
+        "ga_ppi_wbp": 0.906,  # 0.009 below: within the no-harm bar
+        "ga_switch_fall": (0.051, 5),
+        "lidc_baseline": (0.916, 0.866, 0.966, 137, 40),
+        "lidc_ppi_wbp_soft": (0.911, 0.86, 0.96, 137, 40),
+        "lidc_ppi_wbp_box": (0.903, 0.85, 0.95, 137, 40),
+        "lidc_random_mask": (0.80, 0.7, 0.9, 137, 40),  # a control, not a PPI setting
+        "confounded": {
+            "out_diff": 0.139,
+            "out_p": 4e-6,
+            "cue": 0.122,
+            "cue_base": 0.355,
+            "own": 0.83,
+            "own_base": 0.848,
+        },
+        "digits": {"patch": (0.579, 0.086), "line": (0.061, 0.047)},
+    }
+    rows = {
+        line.split(" | ")[0][2:]: line for line in goals_section(goals) if line.startswith("| ") and "---" not in line
+    }
+    status = {goal: line.rstrip(" |").rsplit("| ", 1)[1] for goal, line in rows.items()}
+    assert status["GA: the default PPI's test AUC >= the baseline's - 0.01 (no harm)"] == "met"
+    assert "0.906 against 0.915 (-0.009)" in rows["GA: the default PPI's test AUC >= the baseline's - 0.01 (no harm)"]
+    fall = "GA: after PPI switches on, no validation epoch more than 0.05 below the warm-up's last"
+    assert status[fall] == "**not met**" and "largest fall 0.051 over 5 seeds" in rows[fall]
+    lidc = "LIDC: no PPI setting more than 0.01 below the baseline's pooled AUC"
+    assert status[lidc] == "**not met**" and "worst `ppi_wbp_box` -0.013" in rows[lidc]  # the control is left out
+    payoff = [g for g in status if g.startswith("Trained on the watermarked site") or g.startswith("...")]
+    assert [status[g] for g in payoff] == ["met", "met", "met"]  # own eyes 0.018 below: within 0.02
+    digits = {g.split("`")[1]: s for g, s in status.items() if g.startswith("Digits")}
+    assert digits == {"line": "**not met**", "patch": "met"}
+    assert goals_section({}) == []

@@ -167,8 +167,8 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
         "lidc": lambda: lidc_section(out, jobs, client, goals) if any(j.part == "lidc" for j in jobs) else [],
         "saliency": lambda: saliency_section(out, jobs, fig_dir, goals),
         "shortcut": lambda: shortcut_section(out, fig_dir),
-        "outlines": lambda: outlines_section(out, jobs),
-        "comparators": lambda: comparators_section(out, fig_dir),
+        "outlines": lambda: outlines_section(out, jobs, goals),
+        "comparators": lambda: comparators_section(out, fig_dir, goals),
         "cost": lambda: cost_section(out, jobs),
     }
     for name, section in sections.items():

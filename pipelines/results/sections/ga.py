@@ -10,6 +10,7 @@ import numpy as np
 from ppi_med.stats import auc_ci
 
 from ...formatting import mean_sd
+from ...switch_on import read_run
 from ..jobs import Job
 from ..paths import BUNDLES
 from ..templates import render
@@ -19,7 +20,8 @@ __all__ = ["ga_section"]
 
 
 def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
-    """The table of the GA jobs, one row per method; leaves ``ga_<method>`` and ``ga_reference`` in ``goals``.
+    """The table of the GA jobs, one row per method; leaves ``ga_<method>``, ``ga_reference`` and
+    ``ga_switch_fall`` (the default PPI's largest validation fall after the switch-on, seeds) in ``goals``.
 
     Args:
         out: the study folder.
@@ -43,6 +45,10 @@ def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]
         pcol = "" if m == "baseline" else ", ".join(fmt(x) for x in ps)
         goals[f"ga_{m}"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else np.nan
         lines.append(f"| {m} | {mean_sd(aucs)} | {', '.join(fmt(a) for a in aucs)} | {pcol} | {mean_sd(vals)} |")
+    falls = [_switch_fall(out / "jobs" / j.name) for j in ga if j.meta["method"] == "ppi_wbp"]
+    falls = [f for f in falls if f is not None]
+    if falls:
+        goals["ga_switch_fall"] = (max(falls), len(falls))
     ref = [metrics[("baseline", s)].get("ref_test_auc", np.nan) for s in seeds if ("baseline", s) in metrics]
     goals["ga_reference"] = float(np.nanmean(ref)) if np.isfinite(ref).any() else np.nan
     n = [len(preds[("baseline", s)]) for s in seeds if preds.get(("baseline", s)) is not None]
@@ -53,3 +59,17 @@ def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]
         *render("ga", "test_eyes", counts=", ".join(map(str, n))),
         "",
     ]
+
+
+def _switch_fall(job_dir: Path) -> float | None:
+    """How far the validation AUC of a job's run fell below the warm-up's last value after the switch-on at
+    most (0 when it never fell; ``None`` without a finished run)."""
+    runs = sorted((job_dir / "runs").glob("*/metrics.jsonl"))
+    if not runs:
+        return None
+    run = read_run(runs[-1].parent)
+    before = run["val"].get(run["warmup"])
+    after = [v for e, v in run["val"].items() if e > run["warmup"]]
+    if before is None or not after:
+        return None
+    return max(0.0, before - min(after))

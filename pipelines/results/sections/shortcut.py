@@ -36,12 +36,16 @@ def shortcut_section(out: Path, fig_dir: Path) -> list[str]:
     return [*lines, ""]
 
 
-def outlines_section(out: Path, jobs: Sequence[Job]) -> list[str]:
+def outlines_section(out: Path, jobs: Sequence[Job], goals: dict) -> list[str]:
     """Reversed-cue and cue-free AUC of the outline study, per share of outlined training digits.
+
+    Leaves ``digits`` (cue -> the default's reversed-cue and cue-free AUC gains over the baseline with every
+    training digit outlined) in ``goals``.
 
     Args:
         out: the study folder.
         jobs: the study's jobs (the ``shortcut-outlines-*`` ones are read).
+        goals: figures for the goals table, filled here.
     """
     rows = []
     for job in (j for j in jobs if j.name.startswith("shortcut-outlines-")):
@@ -51,6 +55,8 @@ def outlines_section(out: Path, jobs: Sequence[Job]) -> list[str]:
     if not rows:
         return []
     table = pd.DataFrame(rows)
+    full = table[(table["share"] == 1.0) & (table["method"] == "ppi_wbp")]
+    goals["digits"] = {r["cue"]: (r["reversed_auc_delta"], r["free_auc_delta"]) for _, r in full.iterrows()}
     lines = render("shortcut", "outlines")
     for _, r in table.sort_values(["cue", "share"], kind="stable").iterrows():
         lines.append(
