@@ -97,6 +97,14 @@ def _input(sd: int, n: int = 2, side: int | None = None, seed: int = 0, dtype=to
     return torch.randn(n, 1, *([side or SPATIAL[sd]] * sd), generator=gen, dtype=dtype)
 
 
+def _seeded_rich_2d(side: int, dtype=torch.float64) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The rich 2D network in training mode with non-trivial batch norms, three inputs and a target each."""
+    torch.manual_seed(31)
+    model = rich_sequential(2).to(dtype).train()
+    _randomize_bn(model, torch.Generator().manual_seed(32))
+    return model, _input(2, n=3, side=side, dtype=dtype), torch.tensor([0, 1, 2])
+
+
 def _input_x_gradient(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
     """Reference input x gradient straight from autograd (no ppi_med code)."""
     xg = x.clone().requires_grad_(True)
@@ -264,11 +272,7 @@ def test_in_place_activations_give_the_same_map_and_second_order_gradients() -> 
 
 def test_a_traced_forward_still_backpropagates_the_exact_gradient() -> None:
     """Under WBPTracer, an ordinary backward (the training loss) must see the true Jacobian."""
-    torch.manual_seed(31)
-    model = rich_sequential(2).double().train()
-    _randomize_bn(model, torch.Generator().manual_seed(32))
-    x = _input(2, n=3, side=8, dtype=torch.float64)
-    target = torch.tensor([0, 1, 2])
+    model, x, target = _seeded_rich_2d(8)
     params = list(model.parameters())
 
     xg = x.clone().requires_grad_(True)
@@ -288,11 +292,7 @@ def test_a_traced_forward_still_backpropagates_the_exact_gradient() -> None:
 def test_without_input_gradient_the_exact_backward_stops_at_the_first_convolution() -> None:
     """``input_gradient = False`` (the PPI step's input): the saliency and the parameters' gradients (the
     loss's and the map's, second order) are unchanged; only the input's gradient from the loss is dropped."""
-    torch.manual_seed(31)
-    model = rich_sequential(2).double().train()
-    _randomize_bn(model, torch.Generator().manual_seed(32))
-    x = _input(2, n=3, side=8, dtype=torch.float64)
-    target = torch.tensor([0, 1, 2])
+    model, x, target = _seeded_rich_2d(8)
     params = list(model.parameters())
     results = []
     for input_gradient in (True, False):
@@ -423,11 +423,7 @@ def test_wbp_under_bfloat16_autocast_is_the_float32_map_and_gradients_to_bfloat1
     own convolution backward in bfloat16 (the routing switched off)."""
     import sys
 
-    torch.manual_seed(31)
-    model = rich_sequential(2).train()
-    _randomize_bn(model, torch.Generator().manual_seed(32))
-    x = _input(2, n=3, side=16)
-    target = torch.tensor([0, 1, 2])
+    model, x, target = _seeded_rich_2d(16, torch.float32)
     s32, g32 = _map_and_second_order_gradients(model, x, target, amp=False, input_gradient=input_gradient)
     s16, g16 = _map_and_second_order_gradients(model, x, target, amp=True, input_gradient=input_gradient)
     monkeypatch.setattr(sys.modules["ppi_med.saliency.wbp"], "conv_geometry", lambda module: None)
@@ -442,11 +438,7 @@ def test_wbp_under_bfloat16_autocast_is_the_float32_map_and_gradients_to_bfloat1
 
 
 def test_autocast_leaves_a_float64_network_s_map_and_gradients_in_float64() -> None:
-    torch.manual_seed(31)
-    model = rich_sequential(2).double().train()
-    _randomize_bn(model, torch.Generator().manual_seed(32))
-    x = _input(2, n=3, side=16, dtype=torch.float64)
-    target = torch.tensor([0, 1, 2])
+    model, x, target = _seeded_rich_2d(16)
     s, grads = _map_and_second_order_gradients(model, x, target, amp=False)
     s_amp, grads_amp = _map_and_second_order_gradients(model, x, target, amp=True)
     assert s_amp.dtype == torch.float64
