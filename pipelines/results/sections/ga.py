@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ppi_med.stats import auc_ci
 
@@ -23,6 +24,9 @@ def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]
     """The table of the GA jobs, one row per method; leaves ``ga_<method>``, ``ga_reference`` and
     ``ga_switch_fall`` (the default PPI's largest validation fall after the switch-on, seeds) in ``goals``.
 
+    Also writes ``results/ga_runs.csv``: one row per job (method, seed, held-out test AUC, DeLong p against the
+    baseline's same eyes, best validation AUC, the largest validation fall after the switch-on).
+
     Args:
         out: the study folder.
         jobs: the study's jobs (those of part ``ga`` are read).
@@ -32,9 +36,11 @@ def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]
     ga = [j for j in jobs if j.part == "ga"]
     seeds = sorted({j.meta["seed"] for j in ga})
     methods = list(dict.fromkeys(j.meta["method"] for j in ga))
-    preds = {(j.meta["method"], j.meta["seed"]): predictions(out, j.name) for j in ga}
+    names = {(j.meta["method"], j.meta["seed"]): j.name for j in ga}
+    preds = {key: predictions(out, name) for key, name in names.items()}
     metrics = {(j.meta["method"], j.meta["seed"]): run_metrics(out, client, "results_ga", j.name) for j in ga}
     lines = render("ga", "intro", bundle=BUNDLES["ga"])
+    rows = []
     for m in methods:
         aucs, ps, vals = [], [], []
         for s in seeds:
@@ -42,13 +48,18 @@ def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]
             aucs.append(auc_ci(p["label"], p["prob"]).auc if p is not None and p["label"].nunique() == 2 else np.nan)
             ps.append(np.nan if m == "baseline" else delong_p(preds.get(("baseline", s)), p))
             vals.append(metrics[(m, s)].get("best_val_auc", np.nan))
+            fall = _switch_fall(out / "jobs" / names[(m, s)]) if (m, s) in names else None
+            rows.append({"method": m, "seed": s, "test_auc": aucs[-1], "p_vs_baseline": ps[-1],
+                         "best_val_auc": vals[-1], "switch_fall": np.nan if fall is None else fall})  # fmt: skip
         pcol = "" if m == "baseline" else ", ".join(fmt(x) for x in ps)
         goals[f"ga_{m}"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else np.nan
         lines.append(f"| {m} | {mean_sd(aucs)} | {', '.join(fmt(a) for a in aucs)} | {pcol} | {mean_sd(vals)} |")
-    falls = [_switch_fall(out / "jobs" / j.name) for j in ga if j.meta["method"] == "ppi_wbp"]
-    falls = [f for f in falls if f is not None]
-    if falls:
-        goals["ga_switch_fall"] = (max(falls), len(falls))
+    table = pd.DataFrame(rows)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "results" / "ga_runs.csv", index=False)
+    falls = table[table["method"] == "ppi_wbp"]["switch_fall"].dropna()
+    if len(falls):
+        goals["ga_switch_fall"] = (float(falls.max()), len(falls))
     ref = [metrics[("baseline", s)].get("ref_test_auc", np.nan) for s in seeds if ("baseline", s) in metrics]
     goals["ga_reference"] = float(np.nanmean(ref)) if np.isfinite(ref).any() else np.nan
     n = [len(preds[("baseline", s)]) for s in seeds if preds.get(("baseline", s)) is not None]

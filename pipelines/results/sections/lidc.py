@@ -23,6 +23,9 @@ __all__ = ["lidc_section"]
 def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
     """One row per variant that finished every fold; leaves ``lidc_<variant>`` in ``goals``.
 
+    Also writes ``results/lidc_pooled.csv``: one row per variant (pooled AUC with DeLong's CI, DeLong p against
+    the baseline on the same nodules, the AUC per held-out fold).
+
     Args:
         out: the study folder.
         jobs: the study's jobs (those of part ``lidc`` are read).
@@ -62,12 +65,18 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         malignant=int(base["label"].sum()) if base is not None else "?",
         patients=n_pat,
     )
+    rows = []
     for v, frame in pooled.items():
         res = auc_ci(frame["label"], frame["prob"])
-        p = "" if v == "baseline" else fmt(delong_p(base, frame))
+        p = np.nan if v == "baseline" else delong_p(base, frame)
+        shown = "" if v == "baseline" else fmt(p)
         folds = ", ".join(fmt(a, 2) for a in per_fold[v])
-        lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {p} | {folds} |")
+        lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {shown} | {folds} |")
         goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
+        rows.append({"variant": v, "nodules": len(frame), "auc": res.auc, "ci_low": res.ci_low,
+                     "ci_high": res.ci_high, "p_vs_baseline": p, "fold_aucs": folds})  # fmt: skip
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "results" / "lidc_pooled.csv", index=False)
     return [
         *lines,
         f"| linear reference (mean over folds) | {mean_sd(ref)} | | {', '.join(fmt(a, 2) for a in ref)} |",
