@@ -40,11 +40,18 @@ def test_quick_study_writes_the_report_from_its_own_runs(quick_study):
     assert f"| baseline | {auc:.3f} |" in text
     # the goals table reads the same figure (one seed: its mean is that seed's AUC)
     assert f"| GA baseline test AUC >= 0.90 and >= the linear reference | {auc:.3f} (reference" in text
+    # and the rows behind the tables, as CSV beside the report
+    runs = pd.read_csv(out / "results" / "ga_runs.csv").set_index(["method", "seed"])
+    assert runs.loc[("baseline", 0), "test_auc"] == pytest.approx(auc)
+    assert runs.loc[("ppi_wbp", 0), "switch_fall"] >= 0.0
     # LIDC: every labelled nodule scored once, by the fold that held it out
     datalist = json.loads((out / "data" / "lidc" / "patches" / "datalist.json").read_text())["training"]
     pooled = pd.concat(pd.read_csv(p) for p in (out / "jobs").glob("lidc-baseline-f*/runs/*/test_predictions.csv"))
     assert len(pooled) == len(datalist) and pooled["image"].is_unique
     assert f"Nodules: {len(datalist)} " in text
+    lidc = pd.read_csv(out / "results" / "lidc_pooled.csv").set_index("variant")
+    assert lidc.loc["baseline", "nodules"] == len(datalist)
+    assert lidc.loc["baseline", "auc"] == pytest.approx(auc_ci(pooled["label"], pooled["prob"]).auc)
     assert (out / "results" / "deletion_curves.png").stat().st_size > 10_000
 
 
