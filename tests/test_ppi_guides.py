@@ -152,6 +152,19 @@ def test_adversarial_classes_keep_x_prime_to_those_labels() -> None:
         PPIConfig(adversarial_classes=["GA"])
 
 
+def test_partner_and_exclusive_change_nothing_under_the_outline_guides() -> None:
+    """The GA bundle keeps the partner form's settings; with the study guide they must not act (README)."""
+    x, y = torch.rand(4, 1, 8, 8) + 0.5, torch.tensor([1, 0, 1, 0])
+    outline = torch.zeros(4, 1, 8, 8)
+    outline[0::2, :, 2:4, 2:4] = 1
+    terms = []
+    for partner, exclusive in (("same_class", True), ("roll", False)):
+        cfg = PPIConfig(guide="study", partner=partner, exclusive=exclusive, warmup_epochs=0, contrast_classes=[1])
+        out = PPIObjective(cfg)(_net(), x, y, epoch=1, annotation=outline, annotated=torch.ones(4, dtype=torch.bool))
+        terms.append({k: float(v) for k, v in out.terms.items()})
+    assert terms[0] == terms[1] and terms[0]["loss_con"] > 0
+
+
 def test_study_guide_without_sites_or_outlines_has_no_adversarial_term() -> None:
     model = _net()
     rec = _Recorder(model)
