@@ -318,6 +318,24 @@ def test_plan_restores_entries_and_runs_a_restored_job_again_when_a_dependant_ne
     assert plan.reasons["explain"].endswith("was made after another run of train")
 
 
+def test_a_report_restores_what_a_run_would_retrain_for_its_model(tmp_path):
+    """With ``explain`` not in the ledger, a run retrains ``train`` for its model; a report (nothing may run)
+    restores ``train`` instead, so its rows are in the report."""
+    first, root = tmp_path / "first", tmp_path / "ledger"
+    jobs = _jobs(first)
+    _finish_by_hand(first, jobs[0], {"train/runs/r1/model.pt": b"w", "train/runs/r1/test_predictions.csv": b"p"})
+    Ledger(root, first).record(jobs[0])
+    new = tmp_path / "new"
+    jobs = _jobs(new)
+    running = plan_study(jobs, jobs, new, Ledger(root, new, jobs))
+    assert [j.name for j in running.run] == ["train", "explain"] and running.restored == []
+    report = tmp_path / "report"
+    jobs = _jobs(report)
+    plan = plan_study(jobs, [], report, Ledger(root, report, jobs))
+    assert plan.restored == ["train"] and plan.run == []
+    assert (report / "jobs" / "train" / "runs" / "r1" / "test_predictions.csv").read_bytes() == b"p"
+
+
 def test_plan_adds_this_folders_finished_jobs_to_the_ledger_and_sets_aside_other_commands(tmp_path):
     out, root = tmp_path / "out", tmp_path / "ledger"
     jobs = _jobs(out)

@@ -161,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"the repository's ledger keeps the full profile only; give the {args.profile} profile another")
     ledger = Ledger(ledger_dir, out, jobs) if ledger_dir is not None else None
     if ledger is not None:
-        plan = plan_study(jobs, todo, out, ledger, {j.name for j in rerun})
+        # a report runs nothing, so no job needs another's model: everything the ledger holds is restored
+        plan = plan_study(jobs, [] if args.report_only else todo, out, ledger, {j.name for j in rerun})
         for name, reason in plan.reasons.items():
             print(f"{name}: {reason}", flush=True)
         print(
