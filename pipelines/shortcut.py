@@ -717,7 +717,7 @@ def plot_results(results: pd.DataFrame, cfg: ShortcutConfig, path: Path) -> Path
     return path
 
 
-def log_curves(client: Any, run_id: str, history: Sequence[dict]) -> None:
+def _log_curves(client: Any, run_id: str, history: Sequence[dict]) -> None:
     """Each epoch's test-set AUCs and selection score as MLflow metrics with the epoch as step."""
     from mlflow.entities import Metric
 
@@ -867,7 +867,7 @@ def run_benchmark(
                 metrics["train_seconds"] = seconds
                 params = {"method": spec, "seed": seed, "selection": cfg.selection, "ppi": ppi, "robust": robust}
                 log_batch(client, child, flatten_params(params), metrics)
-                log_curves(client, child, history)
+                _log_curves(client, child, history)
                 client.set_terminated(child)
                 for test, d in scores.items():
                     rows.append(
