@@ -1,14 +1,16 @@
-"""The README's results lines, written from the files the studies generate, never typed by hand.
+"""The README's results lines, written from the files ``make results`` publishes, never typed by hand.
 
-The block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md is rendered from:
+The block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md is rendered from
+``docs/results/`` (``python -m pipelines.results --publish docs``):
 
-- ``docs/img/switch_on_average.csv`` (``python -m pipelines.switch_on``, GA pooled: the default and the baseline
-  per seed, held-out test AUC and the largest fall after the switch-on);
-- ``docs/confounded/default-average/sites_train.csv`` (``python -m pipelines.comparisons`` over the confounded
-  study: trained on the watermarked site D alone, out-of-site AUC, DeLong p, the watermark's pull on P(GA)).
+- ``ga_runs.csv``: GA pooled training, one row per method and seed (held-out test AUC, the largest validation
+  fall after PPI switches on);
+- ``comparators/sites_train.csv``: trained on the watermarked site alone (out-of-site AUC, DeLong p against
+  the baseline, the watermark's pull on P(GA)), every method under ``train`` selection;
+- ``lidc_pooled.csv``: LIDC, every fold held out once and pooled, one row per PPI mask and control.
 
-``python -m pipelines.readme_results`` rewrites the block after a study republishes those files; the test suite
-fails when the block and the files disagree.
+Each line says which method measured best there. ``python -m pipelines.readme_results`` rewrites the block
+after ``make results`` republishes; the test suite fails when the block and the files disagree.
 """
 
 from __future__ import annotations
@@ -26,16 +28,76 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 #: the generated files the block reads, relative to the repository
 SOURCES = {
-    "switch_on": Path("docs/img/switch_on_average.csv"),
-    "confounded": Path("docs/confounded/default-average/sites_train.csv"),
+    "ga": Path("docs/results/ga_runs.csv"),
+    "confounded": Path("docs/results/comparators/sites_train.csv"),
+    "lidc": Path("docs/results/lidc_pooled.csv"),
 }
-#: the groups of the switch-on table that the block compares
-DEFAULT_GROUP = "default (x prime on GA eyes, weight average 2)"
-BASELINE_GROUP = "baseline, weight average 2"
+#: the name of the project's default in each table
+DEFAULT = "ppi_wbp"
 
 
 def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _link(key: str) -> str:
+    return f"[{SOURCES[key].name}]({SOURCES[key].as_posix()})"
+
+
+def _row(table: pd.DataFrame, name: str, key: str) -> pd.Series:
+    if name not in table.index:
+        raise KeyError(f"{SOURCES[key]} has no row {name!r}")
+    return table.loc[name]
+
+
+def _ga(runs: pd.DataFrame) -> str:
+    by = runs.groupby("method")["test_auc"]
+    mean, sd = by.mean(), by.std()
+    for name in ("baseline", DEFAULT):
+        if name not in mean.index:
+            raise KeyError(f"{SOURCES['ga']} has no method {name!r}")
+    best = mean.idxmax()
+    fall = runs[runs["method"] == DEFAULT]["switch_fall"].max()
+    seeds = runs[runs["method"] == DEFAULT]["seed"].nunique()
+    return (
+        f"- GA, pooled training, {seeds} seeds: held-out test AUC {mean[DEFAULT]:.3f} ± {sd[DEFAULT]:.3f} with the PPI "
+        f"default against {mean['baseline']:.3f} ± {sd['baseline']:.3f} without PPI; after PPI switches on, no "
+        f"epoch's validation AUC falls more than {max(fall, 0.0):.3f} below its value before the switch. Best of "
+        f"the {len(mean)} methods: `{best}` ({mean[best]:.3f}) ({_link('ga')})."
+    )
+
+
+def _confounded(sites: pd.DataFrame) -> str:
+    base, ppi = _row(sites, "baseline", "confounded"), _row(sites, DEFAULT, "confounded")
+    best = sites["out_mean"].idxmax()
+    top = sites.loc[best]
+    versus = (
+        ""
+        if best == "baseline"
+        else f", {top['out_diff_baseline']:+.3f} over the baseline, DeLong {_p(top['out_p_baseline'])}"
+    )
+    return (
+        f"- Trained on the one site whose watermark marks GA, {int(ppi['seeds'])} seeds: AUC on the other sites "
+        f"{ppi['out_mean']:.3f} with PPI against {base['out_mean']:.3f} (mean over seeds; on the seed-averaged scores "
+        f"{ppi['out_diff_baseline']:+.3f}, DeLong {_p(ppi['out_p_baseline'])}); the watermark's pull on P(GA) "
+        f"{ppi['cue_effect']:+.3f} against {base['cue_effect']:+.3f}. Best out of site: `{best}` "
+        f"({top['out_mean']:.3f}{versus}) ({_link('confounded')})."
+    )
+
+
+def _lidc(pooled: pd.DataFrame) -> str:
+    base = _row(pooled, "baseline", "lidc")
+    ppi = pooled[pooled.index.str.startswith(DEFAULT + "_")]
+    if ppi.empty:
+        raise KeyError(f"{SOURCES['lidc']} has no PPI mask rows ({DEFAULT}_<mask>)")
+    diff = ppi["auc"] - base["auc"]
+    worst, top = diff.idxmin(), pooled["auc"].idxmax()
+    return (
+        f"- LIDC phantom, every patient-level fold held out once ({int(base['nodules'])} nodules): baseline "
+        f"{base['auc']:.3f} [{base['ci_low']:.3f}, {base['ci_high']:.3f}]; PPI with each mask "
+        f"{diff.min():+.3f} to {diff.max():+.3f} against it (the worst, `{worst}`, DeLong "
+        f"{_p(pooled.loc[worst, 'p_vs_baseline'])}). Best: `{top}` ({pooled.loc[top, 'auc']:.3f}) ({_link('lidc')})."
+    )
 
 
 def render_block(root: Path = ROOT) -> str:
@@ -43,36 +105,17 @@ def render_block(root: Path = ROOT) -> str:
 
     Raises:
         FileNotFoundError: a source file is missing (named).
-        KeyError: a source lacks the group or method the block reports (named).
+        KeyError: a source lacks the method the block reports (named).
     """
     for path in SOURCES.values():
         if not (root / path).is_file():
-            raise FileNotFoundError(f"{path}: the README's results block is made from it; regenerate it first")
-    runs = pd.read_csv(root / SOURCES["switch_on"])
-    groups = {}
-    for name in (DEFAULT_GROUP, BASELINE_GROUP):
-        rows = runs[runs["group"] == name]
-        if rows.empty:
-            raise KeyError(f"{SOURCES['switch_on']} has no group {name!r}")
-        groups[name] = rows
-    ppi, base = groups[DEFAULT_GROUP], groups[BASELINE_GROUP]
-    sites = pd.read_csv(root / SOURCES["confounded"]).set_index("method")
-    for method in ("baseline", "ppi_wbp"):
-        if method not in sites.index:
-            raise KeyError(f"{SOURCES['confounded']} has no method {method!r}")
-    cb, cp = sites.loc["baseline"], sites.loc["ppi_wbp"]
+            raise FileNotFoundError(f"{path}: the README's results block is made from it; run make results first")
+    read = {key: pd.read_csv(root / path) for key, path in SOURCES.items()}
     return "\n".join(
         [
-            f"- GA, pooled training, {len(ppi)} seeds: held-out test AUC {ppi['test_auc'].mean():.3f} ± "
-            f"{ppi['test_auc'].std():.3f} with the PPI default against {base['test_auc'].mean():.3f} ± "
-            f"{base['test_auc'].std():.3f} without PPI; after PPI switches on, no epoch's validation AUC falls more "
-            f"than {max(ppi['largest_fall'].max(), 0.0):.3f} below its value before the switch "
-            f"([{SOURCES['switch_on'].name}]({SOURCES['switch_on'].as_posix()})).",
-            f"- Trained on the one site whose watermark marks GA, {int(cp['seeds'])} seeds: AUC on the other sites "
-            f"{cp['out_mean']:.3f} with PPI against {cb['out_mean']:.3f} (mean over seeds; on the seed-averaged scores "
-            f"{cp['out_diff_baseline']:+.3f}, DeLong {_p(cp['out_p_baseline'])}); the watermark's pull on P(GA) "
-            f"{cp['cue_effect']:+.3f} against "
-            f"{cb['cue_effect']:+.3f} ([sites_train.csv]({SOURCES['confounded'].as_posix()})).",
+            _ga(read["ga"]),
+            _confounded(read["confounded"].set_index("method")),
+            _lidc(read["lidc"].set_index("variant")),
         ]
     )
 
