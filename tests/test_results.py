@@ -245,6 +245,7 @@ def test_goals_table_holds_each_bar_to_its_own_figure():
             "own_base": 0.848,
         },
         "digits": {"patch": (0.579, 0.086), "line": (0.061, 0.047)},
+        "wbp_tp_ppi_wbp": (0.314, 0.75, 16),
     }
     rows = {
         line.split(" | ")[0][2:]: line for line in goals_section(goals) if line.startswith("| ") and "---" not in line
@@ -260,4 +261,6 @@ def test_goals_table_holds_each_bar_to_its_own_figure():
     assert [status[g] for g in payoff] == ["met", "met", "met"]  # own eyes 0.018 below: within 0.02
     digits = {g.split("`")[1]: s for g, s in status.items() if g.startswith("Digits")}
     assert digits == {"line": "**not met**", "patch": "met"}
+    wbp = "WBP of the PPI model on true positives: share inside the lesion >= 0.3, pointing >= 0.8"
+    assert status[wbp] == "**not met**" and "0.314, 0.750 (16 eyes)" in rows[wbp]
     assert goals_section({}) == []

@@ -55,6 +55,11 @@ def goals_section(goals: dict) -> list[str]:
     for cue, (gain, free) in sorted(goals.get("digits", {}).items()):
         goal = f"Digits, cue `{cue}`, every training digit outlined: the default gains >= 0.30 reversed-cue AUC"
         row(f"{goal}, cue-free AUC within 0.02", f"{gain:+.3f}, cue-free {free:+.3f}", gain >= 0.30 and free >= -0.02)
+    tp = goals.get("wbp_tp_ppi_wbp")
+    if tp is not None:
+        share, pointing, n = tp
+        row("WBP of the PPI model on true positives: share inside the lesion >= 0.3, pointing >= 0.8",
+            f"{share:.3f}, {pointing:.3f} ({n} eyes)", share >= 0.3 and pointing >= 0.8)  # fmt: skip
     if not rows:
         return []
     return [*render("goals", "intro"), *rows, ""]
