@@ -7,7 +7,8 @@ The block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in REA
   fall after PPI switches on);
 - ``comparators/sites_train.csv``: trained on the watermarked site alone (out-of-site AUC, DeLong p against
   the baseline, the watermark's pull on P(GA)), every method under ``train`` selection;
-- ``lidc_pooled.csv``: LIDC, every fold held out once and pooled, one row per PPI mask and control.
+- ``lidc_pooled.csv``: LIDC, every fold held out once and pooled, one row per PPI mask and control;
+- ``comparators/shortcut_<cue>_train.csv``: the digits with each cue, every method under ``train`` selection.
 
 Each line says which method measured best there. ``python -m pipelines.readme_results`` rewrites the block
 after ``make results`` republishes; the test suite fails when the block and the files disagree.
@@ -22,15 +23,18 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["BEGIN", "END", "SOURCES", "render_block", "update_readme", "main"]
+__all__ = ["BEGIN", "END", "SOURCES", "CUES", "render_block", "update_readme", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+#: the digits' cues the block reports, in order
+CUES = ("patch", "line", "intensity", "texture")
 #: the generated files the block reads, relative to the repository
 SOURCES = {
     "ga": Path("docs/results/ga_runs.csv"),
     "confounded": Path("docs/results/comparators/sites_train.csv"),
     "lidc": Path("docs/results/lidc_pooled.csv"),
+    **{f"digits_{cue}": Path(f"docs/results/comparators/shortcut_{cue}_train.csv") for cue in CUES},
 }
 #: the name of the project's default in each table
 DEFAULT = "ppi_wbp"
@@ -100,6 +104,25 @@ def _lidc(pooled: pd.DataFrame) -> str:
     )
 
 
+def _digits(tables: dict[str, pd.DataFrame]) -> str:
+    parts = []
+    for cue, table in tables.items():
+        base = _row(table, "baseline", f"digits_{cue}")
+        best = table["reversed_mean"].idxmax()
+        top = table.loc[best]
+        gain = "" if best == "baseline" else f", {top['reversed_mean'] - base['reversed_mean']:+.3f}"
+        aligned = f"aligned {top['aligned_mean']:.2f} against {base['aligned_mean']:.2f}"
+        parts.append(f"{cue} `{best}` ({top['reversed_mean']:.3f}{gain}; {aligned})")
+    seeds = int(next(iter(tables.values()))["seeds"].max())
+    return (
+        f"- Digits with a cue that marks the label in training and is reversed at test, {seeds} seeds, no outlines "
+        "(the PPI default leaves every digit alone, so `ppi_wbp+dfr` is DFR on a plain model): best reversed-cue AUC "
+        "per cue, its gain over the "
+        f"baseline and the AUC it keeps where the cue is as in training: {'; '.join(parts)} "
+        f"([the comparators' tables]({SOURCES['digits_patch'].parent.as_posix()}/README.md))."
+    )
+
+
 def render_block(root: Path = ROOT) -> str:
     """The block's lines (without the markers), from the source files under ``root``.
 
@@ -116,6 +139,7 @@ def render_block(root: Path = ROOT) -> str:
             _ga(read["ga"]),
             _confounded(read["confounded"].set_index("method")),
             _lidc(read["lidc"].set_index("variant")),
+            _digits({cue: read[f"digits_{cue}"].set_index("method") for cue in CUES}),
         ]
     )
 
