@@ -119,7 +119,7 @@ def _digits(tables: dict[str, pd.DataFrame]) -> str:
         "(the PPI default leaves every digit alone, so `ppi_wbp+dfr` is DFR on a plain model): best reversed-cue AUC "
         "per cue, its gain over the "
         f"baseline and the AUC it keeps where the cue is as in training: {'; '.join(parts)} "
-        f"([the comparators' tables]({SOURCES['digits_patch'].parent.as_posix()}/README.md))."
+        "([the comparators' tables](docs/RESULTS.md#which-fix-works-here-the-comparators))."
     )
 
 
