@@ -241,6 +241,22 @@ def _lidc_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
             keeps = tuple(f"{name}/{p}" for p in _RUN_OUTPUTS)
             meta = {"variant": variant, "fold": fold}
             jobs.append(Job(name, "lidc", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["lidc"],)))
+    for attempt, overrides in profile.lidc_attempts:  # the forms tried against the LIDC bar, apart from the table
+        for fold in range(profile.lidc_folds):
+            name = f"lidc-attempt-{attempt}-f{fold}"
+            argv = [
+                *_bundle("lidc"),
+                *common,
+                *data,
+                *("--val_fold", str(fold), "--test_fold", str((fold + 1) % profile.lidc_folds)),
+                *_tracked_run(out, name, "results_lidc_attempts"),
+                *method_args("ppi_wbp", "box"),
+                *overrides,
+                *profile.lidc,
+            ]
+            keeps = tuple(f"{name}/{p}" for p in _RUN_OUTPUTS)
+            meta = {"variant": attempt, "fold": fold, "attempt": True}
+            jobs.append(Job(name, "lidc", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["lidc"],)))
     return jobs
 
 
@@ -265,6 +281,12 @@ def _shortcut_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
         name = f"shortcut-comparators-{sel}"
         argv = shortcut(name, "--selection", sel, *profile.comparator_shortcut)
         keeps = (f"{name}/out/*/results.csv", f"{name}/out/report.md")
+        jobs.append(Job(name, "shortcut", argv, meta={"selection": sel}, keeps=keeps))
+    # the settings tried against the digits' bar: under the benchmark's rule, and at the last epoch
+    for sel in ("train", "last"):
+        name = f"shortcut-attempts-{sel}"
+        argv = shortcut(name, "--selection", sel, *profile.attempts)
+        keeps = (f"{name}/out/*/summary.csv", f"{name}/out/*/epochs.png", f"{name}/out/report.md")
         jobs.append(Job(name, "shortcut", argv, meta={"selection": sel}, keeps=keeps))
     return jobs
 

@@ -17,6 +17,7 @@ from ppi_med.saliency import METHODS
 __all__ = [
     "COMPARATOR_METHODS",
     "CONTROLS",
+    "LIDC_ATTEMPTS",
     "LIDC_MASKS",
     "LIDC_SKIPPED_MASKS",
     "MAIN_SALIENCY",
@@ -25,6 +26,7 @@ __all__ = [
     "PROFILES",
     "SALIENCIES",
     "SELECTIONS",
+    "SHORTCUT_ATTEMPTS",
     "Profile",
     "lidc_masks",
     "study_saliencies",
@@ -41,6 +43,20 @@ CONTROLS = ("ppi_wbp_partner_zero", "random_mask", "random_erasing")
 SELECTIONS = ("train", "worst_site", "oracle")
 #: the outline study's methods: the default (other-class fill), the zero fill, and the default at random places
 OUTLINE_METHODS = ("baseline", "ppi", "ppi:fill=zero", "random_mask")
+#: the other forms tried against the bar "no LIDC PPI setting more than 0.01 below the baseline" (docs/DESIGN.md
+#: section 4.1): each the box mask, the one setting that misses it, with these bundle overrides
+LIDC_ATTEMPTS = (
+    ("box_std_0.8", ("--ppi#box_std", "0.8")),  # the box's half-size in std of the kept points (the text's 1.2)
+    ("box_std_1.6", ("--ppi#box_std", "1.6")),
+    ("box_guide_own", ("--ppi#guide", "own", "--ppi#contrast_classes", "[1]")),  # no partner: x* of its own map
+    ("box_no_adversarial", ("--ppi#adversarial_classes", "[]", "--ppi#contrast_classes", "[1]")),
+)
+#: the settings tried against the digits' bar on the line cue (docs/DESIGN.md section 4.7), each a change to the
+#: default that makes PPI remove the line sooner or more of it
+SHORTCUT_ATTEMPTS = (
+    "baseline", "ppi", "ppi:warmup_epochs=0", "ppi:absolute=true", "ppi:dilate=2", "ppi:sigma=0.1",
+    "ppi:mask=soft_adaptive", "ppi:w_ad=3", "ppi:w_con=3", "ppi:mask=topk,topk=60",
+)  # fmt: skip
 
 
 def study_saliencies(methods: Sequence[str] = METHODS) -> tuple[str, ...]:
@@ -102,6 +118,10 @@ class Profile:
         comparators: the comparators of the GA table and the site studies (docs/DESIGN.md section 9).
         oracle_site: the confounded study's cue-reversed site, which ``oracle`` selection validates on.
         comparator_shortcut: arguments of the shortcut comparators' jobs (one per selection rule).
+        lidc_attempts: (name, bundle overrides) of the box-mask forms tried against the LIDC bar, each run on
+            every fold as the LIDC table's settings are.
+        attempts: arguments of the shortcut jobs of the settings tried against the digits' bar, run once under
+            ``train`` selection and once scoring the last epoch (what the rule gave up).
 
     Raises:
         ValueError: a saliency or mask that its registry does not have, or an unknown ``lidc_data``.
@@ -129,6 +149,10 @@ class Profile:
     oracle_site: str = "C"
     comparator_shortcut: tuple[str, ...] = (
         "--cue", "patch,line,intensity,texture", "--grid", "comparators", "--seeds", "5",
+    )  # fmt: skip
+    lidc_attempts: tuple[tuple[str, tuple[str, ...]], ...] = LIDC_ATTEMPTS
+    attempts: tuple[str, ...] = (
+        "--cue", "line", "--outline-share", "1", "--seeds", "5", "--methods", *SHORTCUT_ATTEMPTS,
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -174,5 +198,7 @@ PROFILES = {
         comparators=("dfr",),
         oracle_site="B",
         comparator_shortcut=("--cue", "patch", "--methods", "baseline", "ppi", "dfr", "--seeds", "1", "--epochs", "1"),
+        lidc_attempts=(LIDC_ATTEMPTS[0],),
+        attempts=("--cue", "line", "--outline-share", "1", "--seeds", "1", "--epochs", "1", "--methods", "ppi"),
     ),
 }

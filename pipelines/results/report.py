@@ -87,12 +87,13 @@ def _sources(out: Path, jobs: Sequence[Job], pick: Callable[[Job], bool]) -> lis
 SECTION_JOBS: dict[str, Callable[[Job], bool]] = {
     "ga": lambda j: j.part == "ga",
     "sites": lambda j: j.name in ("sites", "sites-confounded", "sites-cue"),
-    "lidc": lambda j: j.part == "lidc",
+    "lidc": lambda j: j.part == "lidc" and not j.meta.get("attempt"),
     "saliency": lambda j: j.part == "saliency",
     "shortcut": lambda j: j.name == "shortcut",
     "outlines": lambda j: j.name.startswith("shortcut-outlines-"),
     "comparators": lambda j: j.name.startswith(("sites-confounded", "sites-cue", "shortcut-comparators-", "ga-")),
     "cost": lambda j: j.part == "ga" or j.name == "cost",
+    "attempts": lambda j: j.meta.get("attempt") or j.name.startswith("shortcut-attempts-"),
 }
 
 

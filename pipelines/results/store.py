@@ -8,7 +8,9 @@ from ppi_med.tracking import ensure_experiment
 
 __all__ = ["EXPERIMENTS", "init_store", "tracking_uri"]
 
-EXPERIMENTS = ("results_ga", "results_site_cv", "results_lidc", "results_saliency", "results_shortcut")
+EXPERIMENTS = (
+    "results_ga", "results_site_cv", "results_lidc", "results_lidc_attempts", "results_saliency", "results_shortcut",
+)  # fmt: skip
 
 
 def tracking_uri(out: Path, given: str | None = None) -> str:

@@ -32,7 +32,7 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         client: an ``mlflow.MlflowClient`` of the study's store.
         goals: figures for the goals table, filled here.
     """
-    lidc = [j for j in jobs if j.part == "lidc"]
+    lidc = [j for j in jobs if j.part == "lidc" and not j.meta.get("attempt")]
     variants = list(dict.fromkeys(j.meta["variant"] for j in lidc))
     pooled: dict[str, pd.DataFrame] = {}
     per_fold: dict[str, list[float]] = {}
