@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
 from pipelines.results import BUNDLES, PROFILES, Job, Profile, build_jobs, main, run_jobs
 from pipelines.results.paths import ROOT
+from pipelines.results.profiles import LIDC_ATTEMPTS
 from pipelines.results.sections.cost import epoch_seconds
 from pipelines.results.templates import render
 from ppi_med.stats import auc_ci
@@ -53,6 +55,9 @@ def test_quick_study_writes_the_report_from_its_own_runs(quick_study):
     assert lidc.loc["baseline", "nodules"] == len(datalist)
     assert lidc.loc["baseline", "auc"] == pytest.approx(auc_ci(pooled["label"], pooled["prob"]).auc)
     assert (out / "results" / "deletion_curves.png").stat().st_size > 10_000
+    # the form tried against the LIDC bar, in its own table and not in the LIDC table's
+    assert "### LIDC: the box mask" in text and "| `box_std_0.8` |" in text
+    assert "box_std_0.8" not in lidc.index
 
 
 @pytest.mark.slow
@@ -64,6 +69,8 @@ def test_quick_study_logs_every_run_to_one_mlflow_store(quick_study):
     assert all("test_auc" in r.data.metrics and "ref_test_auc" in r.data.metrics for r in runs)
     lidc = client.search_runs([client.get_experiment_by_name("results_lidc").experiment_id])
     assert len(lidc) == 2 * PROFILES["quick"].lidc_folds
+    tried = client.search_runs([client.get_experiment_by_name("results_lidc_attempts").experiment_id])
+    assert len(tried) == PROFILES["quick"].lidc_folds
     assert client.search_runs([client.get_experiment_by_name("results_saliency").experiment_id])
 
 
@@ -114,9 +121,21 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
     for sel in ("train", "worst_site", "oracle"):
         argv = by_name[f"shortcut-comparators-{sel}"].argv
         assert argv[argv.index("--selection") + 1] == sel and "patch,line,intensity,texture" in argv
-    lidc = [j for j in jobs if j.part == "lidc"]
+    lidc = [j for j in jobs if j.part == "lidc" and not j.meta.get("attempt")]
     # baseline, four masks and the two controls (the bundle's pairing is the earlier default's already)
     assert len(lidc) == 7 * 5 and "lidc-ppi_wbp_partner_zero-f0" not in names
+    # the forms tried against the LIDC bar: the box mask with each form's overrides, every fold, an experiment apart
+    tried = [j for j in jobs if j.meta.get("attempt")]
+    assert len(tried) == len(LIDC_ATTEMPTS) * 5
+    own = by_name["lidc-attempt-box_guide_own-f3"].argv
+    assert own[own.index("--ppi#mask") + 1] == "box" and own[own.index("--ppi#guide") + 1] == "own"
+    assert (
+        own[own.index("--val_fold") + 1] == "3" and own[own.index("--experiment_name") + 1] == "results_lidc_attempts"
+    )
+    for sel in ("train", "last"):  # the digits' line attempts: under the benchmark's rule and at the last epoch
+        argv = by_name[f"shortcut-attempts-{sel}"].argv
+        assert argv[argv.index("--selection") + 1] == sel and argv[argv.index("--cue") + 1] == "line"
+        assert "ppi:warmup_epochs=0" in argv and argv[argv.index("--outline-share") + 1] == "1"
     rm, re_ = by_name["lidc-random_mask-f2"].argv, by_name["lidc-random_erasing-f2"].argv
     assert rm[rm.index("--ppi#control") + 1] == "random_mask" and "--ppi#mask" not in rm
     assert re_[re_.index("--ppi#enabled") + 1] == "false" and float(re_[re_.index("--ppi#random_erasing") + 1]) > 0
@@ -264,3 +283,66 @@ def test_goals_table_holds_each_bar_to_its_own_figure():
     wbp = "WBP of the PPI model on true positives: share inside the lesion >= 0.3, pointing >= 0.8"
     assert status[wbp] == "**not met**" and "0.314, 0.750 (16 eyes)" in rows[wbp]
     assert goals_section({}) == []
+
+
+def _fake_lidc_run(out: Path, job: Job, images: list[str], labels: np.ndarray, prob: np.ndarray, val_auc: float):
+    """What a finished LIDC job leaves: its record, held-out predictions and metrics."""
+    run = out / "jobs" / job.name / "runs" / "run-1"
+    run.mkdir(parents=True)
+    (out / "jobs" / job.name / "done.json").write_text("{}")
+    pd.DataFrame({"image": images, "label": labels, "prob": prob}).to_csv(run / "test_predictions.csv", index=False)
+    records = [{"kind": "param", "key": "checkpoint_from_epoch", "value": "1"}]
+    records += [
+        {"kind": "metric", "key": "val_auc", "value": v, "step": s} for s, v in ((1, val_auc - 0.1), (2, val_auc))
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+
+def test_attempts_are_pooled_apart_from_the_lidc_table_and_the_goals(tmp_path):
+    from pipelines.results.sections import attempts_section, lidc_section
+
+    profile = Profile(seeds=1, lidc_folds=2, lidc_masks=("box",), lidc_controls=(), lidc_attempts=LIDC_ATTEMPTS[:1])
+    jobs = build_jobs(tmp_path, profile, ["lidc", "shortcut"], "sqlite://")
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1], 20)
+    noise = {"baseline": 0.6, "ppi_wbp_box": 0.7, "box_std_0.8": 1.5}  # the attempt reads the label worst
+    frames: dict[str, list[pd.DataFrame]] = {v: [] for v in noise}
+    for job in (j for j in jobs if j.part == "lidc"):
+        v, fold = job.meta["variant"], job.meta["fold"]
+        images = [f"n{fold}-{i}" for i in range(len(labels))]
+        prob = 1 / (1 + np.exp(-(labels - 0.5 + noise[v] * rng.standard_normal(len(labels)))))
+        _fake_lidc_run(tmp_path, job, images, labels, prob, val_auc=0.9 + 0.01 * fold)
+        frames[v].append(pd.DataFrame({"label": labels, "prob": prob}))
+    pooled = {v: auc_ci(pd.concat(f)["label"], pd.concat(f)["prob"]).auc for v, f in frames.items()}
+
+    goals: dict = {}
+    table = lidc_section(tmp_path, jobs, client=None, goals=goals)
+    assert set(goals) == {"lidc_baseline", "lidc_ppi_wbp_box"}  # the attempt neither in the goals ...
+    assert not any("box_std" in line for line in table)  # ... nor in the table
+
+    lines = attempts_section(tmp_path, jobs, tmp_path / "fig")
+    (row,) = [line for line in lines if line.startswith("| `box_std_0.8`")]
+    diff = pooled["box_std_0.8"] - pooled["baseline"]
+    assert f"| {pooled['box_std_0.8']:.3f} [" in row and f"| {diff:+.3f} |" in row
+    assert "| 0.905 |" in row  # the best validation AUC of each fold's chosen checkpoint, mean over folds
+    verdict = "met" if diff >= -0.01 else "not met"
+    assert f"Closest to the bar: `box_std_0.8`, {diff:+.3f} ({verdict})." in lines
+    assert not any(line.startswith("### Digits") for line in lines)  # the line attempts did not run
+
+    summary = tmp_path / "jobs" / "shortcut-attempts-train" / "out" / "line"
+    summary.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "method": ["baseline", "ppi_wbp", "ppi_wbp:warmup_epochs=0"],
+            "reversed_auc_delta": [0.0, 0.061, 0.35],
+            "reversed_auc_p": [np.nan, 0.1, 0.01],
+            "free_auc_delta": [0.0, 0.047, -0.05],  # the larger gain costs the digit: not the bar
+            "aligned_auc_mean": [0.965, 0.966, 0.93],
+        }
+    ).to_csv(summary / "summary.csv", index=False)
+    lines = attempts_section(tmp_path, jobs, tmp_path / "fig")
+    assert "| `ppi_wbp:warmup_epochs=0` | +0.350 (0.010) | -0.050 | 0.930 | | | |" in lines
+    best = [line for line in lines if line.startswith("Best under `train`")]
+    assert (
+        best and best[0].startswith("Best under `train`: `ppi_wbp:warmup_epochs=0`, +0.350") and "(not met:" in best[0]
+    )

@@ -18,6 +18,7 @@ from .jobs import Job
 from .ledger import RESTORED
 from .scheduler import done_path
 from .sections import (
+    attempts_section,
     comparators_section,
     cost_section,
     ga_section,
@@ -171,6 +172,7 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
         "outlines": lambda: outlines_section(out, jobs, goals),
         "comparators": lambda: comparators_section(out, fig_dir, goals),
         "cost": lambda: cost_section(out, jobs),
+        "attempts": lambda: attempts_section(out, jobs, fig_dir),
     }
     for name, section in sections.items():
         lines += _with_sources(section(), out, jobs, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .attempts import attempts_section
 from .comparators import comparators_section
 from .cost import cost_section
 from .ga import ga_section
@@ -12,6 +13,7 @@ from .shortcut import outlines_section, shortcut_section
 from .sites import sites_section
 
 __all__ = [
+    "attempts_section",
     "comparators_section",
     "cost_section",
     "ga_section",

@@ -15,9 +15,35 @@ from ..jobs import Job
 from ..paths import BUNDLES
 from ..scheduler import done_path
 from ..templates import render
-from .outputs import delong_p, fmt, predictions, run_metrics
+from .outputs import delong_p, file_metrics, fmt, predictions, run_metrics
 
-__all__ = ["lidc_section"]
+__all__ = ["lidc_section", "pool_folds"]
+
+
+def pool_folds(out: Path, jobs: Sequence[Job]) -> dict[str, tuple[pd.DataFrame, list[float], list[float]]]:
+    """Each variant's held-out predictions pooled over its folds, where every fold finished.
+
+    Args:
+        out: the study folder.
+        jobs: LIDC training jobs, each with ``variant`` and ``fold`` in its meta.
+
+    Returns:
+        Variant -> (pooled predictions, AUC per held-out fold, best validation AUC per fold), in job order.
+    """
+    pooled = {}
+    for v in dict.fromkeys(j.meta["variant"] for j in jobs):
+        mine = [j for j in jobs if j.meta["variant"] == v]
+        if not all(done_path(out, j).is_file() for j in mine):  # pooled over some folds only: not comparable
+            continue
+        frames = [f for f in (predictions(out, j.name) for j in mine) if f is not None]
+        if not frames:
+            continue
+        fold_aucs = [
+            auc_ci(f["label"], f["prob"]).auc if f["label"].value_counts().min() >= 2 else np.nan for f in frames
+        ]
+        best_val = [(file_metrics(out, j.name) or {}).get("best_val_auc", np.nan) for j in mine]
+        pooled[v] = (pd.concat(frames, ignore_index=True), fold_aucs, best_val)
+    return pooled
 
 
 def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]:
@@ -28,34 +54,21 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
 
     Args:
         out: the study folder.
-        jobs: the study's jobs (those of part ``lidc`` are read).
+        jobs: the study's jobs (those of part ``lidc`` are read, the attempts of section
+            :func:`~.attempts.attempts_section` left out).
         client: an ``mlflow.MlflowClient`` of the study's store.
         goals: figures for the goals table, filled here.
     """
     lidc = [j for j in jobs if j.part == "lidc" and not j.meta.get("attempt")]
-    variants = list(dict.fromkeys(j.meta["variant"] for j in lidc))
-    pooled: dict[str, pd.DataFrame] = {}
-    per_fold: dict[str, list[float]] = {}
-    ref: list[float] = []
-    for v in variants:
-        mine = [j for j in lidc if j.meta["variant"] == v]
-        if not all(done_path(out, j).is_file() for j in mine):  # pooled over some folds only: not comparable
-            continue
-        frames = []
-        for j in mine:
-            p = predictions(out, j.name)
-            if p is not None:
-                frames.append(p)
-            if v == "baseline":
-                ref.append(run_metrics(out, client, "results_lidc", j.name).get("ref_test_auc", np.nan))
-        if frames:
-            pooled[v] = pd.concat(frames, ignore_index=True)
-            per_fold[v] = [
-                auc_ci(f["label"], f["prob"]).auc if f["label"].value_counts().min() >= 2 else np.nan for f in frames
-            ]
+    pooled = pool_folds(out, lidc)
     if not pooled:
         return []
-    base = pooled.get("baseline")
+    ref = [
+        run_metrics(out, client, "results_lidc", j.name).get("ref_test_auc", np.nan)
+        for j in lidc
+        if j.meta["variant"] == "baseline" and "baseline" in pooled
+    ]
+    base = pooled["baseline"][0] if "baseline" in pooled else None
     n_pat = base["patient_id"].nunique() if base is not None and "patient_id" in base else "?"
     lines = render(
         "lidc",
@@ -66,11 +79,11 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         patients=n_pat,
     )
     rows = []
-    for v, frame in pooled.items():
+    for v, (frame, fold_aucs, _) in pooled.items():
         res = auc_ci(frame["label"], frame["prob"])
         p = np.nan if v == "baseline" else delong_p(base, frame)
         shown = "" if v == "baseline" else fmt(p)
-        folds = ", ".join(fmt(a, 2) for a in per_fold[v])
+        folds = ", ".join(fmt(a, 2) for a in fold_aucs)
         lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {shown} | {folds} |")
         goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
         rows.append({"variant": v, "nodules": len(frame), "auc": res.auc, "ci_low": res.ci_low,
