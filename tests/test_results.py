@@ -122,8 +122,12 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
         argv = by_name[f"shortcut-comparators-{sel}"].argv
         assert argv[argv.index("--selection") + 1] == sel and "patch,line,intensity,texture" in argv
     lidc = [j for j in jobs if j.part == "lidc" and not j.meta.get("attempt")]
-    # baseline, four masks and the two controls (the bundle's pairing is the earlier default's already)
-    assert len(lidc) == 7 * 5 and "lidc-ppi_wbp_partner_zero-f0" not in names
+    # baseline, four masks, the two controls (the bundle's pairing is the earlier default's already) and the four
+    # comparators
+    assert len(lidc) == 11 * 5 and "lidc-ppi_wbp_partner_zero-f0" not in names
+    dro, ppi_dfr = by_name["lidc-groupdro-f1"].argv, by_name["lidc-ppi_wbp+dfr-f1"].argv
+    assert dro[dro.index("--robust#method") + 1] == "groupdro" and dro[dro.index("--ppi#enabled") + 1] == "false"
+    assert ppi_dfr[ppi_dfr.index("--robust#method") + 1] == "dfr" and "--ppi#mask" not in ppi_dfr  # the bundle's
     # the forms tried against the LIDC bar: the box mask with each form's overrides, every fold, an experiment apart
     tried = [j for j in jobs if j.meta.get("attempt")]
     assert len(tried) == len(LIDC_ATTEMPTS) * 5
@@ -255,6 +259,7 @@ def test_goals_table_holds_each_bar_to_its_own_figure():
         "lidc_ppi_wbp_soft": (0.911, 0.86, 0.96, 137, 40),
         "lidc_ppi_wbp_box": (0.903, 0.85, 0.95, 137, 40),
         "lidc_random_mask": (0.80, 0.7, 0.9, 137, 40),  # a control, not a PPI setting
+        "lidc_ppi_wbp+dfr": (0.85, 0.8, 0.9, 137, 40),  # a comparator on a PPI model, not a PPI setting either
         "confounded": {
             "out_diff": 0.139,
             "out_p": 4e-6,
@@ -301,7 +306,9 @@ def _fake_lidc_run(out: Path, job: Job, images: list[str], labels: np.ndarray, p
 def test_attempts_are_pooled_apart_from_the_lidc_table_and_the_goals(tmp_path):
     from pipelines.results.sections import attempts_section, lidc_section
 
-    profile = Profile(seeds=1, lidc_folds=2, lidc_masks=("box",), lidc_controls=(), lidc_attempts=LIDC_ATTEMPTS[:1])
+    profile = Profile(
+        seeds=1, lidc_folds=2, lidc_masks=("box",), lidc_controls=(), comparators=(), lidc_attempts=LIDC_ATTEMPTS[:1]
+    )
     jobs = build_jobs(tmp_path, profile, ["lidc", "shortcut"], "sqlite://")
     rng = np.random.default_rng(0)
     labels = np.tile([0, 1], 20)

@@ -221,10 +221,12 @@ def _site_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
 
 
 def _lidc_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
-    """LIDC baseline, PPI-WBP per mask and the controls, each fold held out once (val fold k, test fold k+1)."""
+    """LIDC baseline, PPI-WBP per mask, the controls and the comparators, each fold held out once (val fold k,
+    test fold k+1)."""
     jobs = []
     data = ["--dataset_dir", str(out / "data" / "lidc" / "patches")] if profile.lidc_data == "small" else []
-    for variant in ("baseline", *(f"ppi_wbp_{m}" for m in profile.lidc_masks), *profile.lidc_controls):
+    masks = (f"ppi_wbp_{m}" for m in profile.lidc_masks)
+    for variant in ("baseline", *masks, *profile.lidc_controls, *profile.comparators):
         masked = variant.startswith("ppi_wbp_")
         method, mask = ("ppi_wbp", variant[len("ppi_wbp_") :]) if masked else (variant, "soft")
         for fold in range(profile.lidc_folds):

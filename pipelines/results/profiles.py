@@ -115,7 +115,7 @@ class Profile:
         ga_controls, site_controls: the other methods of the GA table and the site studies: the pairing of the
             earlier default (``ppi_wbp_partner_zero``) and the two controls (docs/DESIGN.md section 4.5).
         lidc_controls: the controls of the LIDC table (its bundle pairs as ``ppi_wbp_partner_zero`` does already).
-        comparators: the comparators of the GA table and the site studies (docs/DESIGN.md section 9).
+        comparators: the comparators of the GA and LIDC tables and the site studies (docs/DESIGN.md section 9).
         oracle_site: the confounded study's cue-reversed site, which ``oracle`` selection validates on.
         comparator_shortcut: arguments of the shortcut comparators' jobs (one per selection rule).
         lidc_attempts: (name, bundle overrides) of the box-mask forms tried against the LIDC bar, each run on

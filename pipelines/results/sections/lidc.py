@@ -17,7 +17,10 @@ from ..scheduler import done_path
 from ..templates import render
 from .outputs import delong_p, file_metrics, fmt, predictions, run_metrics
 
-__all__ = ["lidc_section", "pool_folds"]
+__all__ = ["LIDC_PPI", "lidc_section", "pool_folds"]
+
+#: the LIDC bundle's own PPI (WBP, soft mask), the row every other method is also tested against
+LIDC_PPI = "ppi_wbp_soft"
 
 
 def pool_folds(out: Path, jobs: Sequence[Job]) -> dict[str, tuple[pd.DataFrame, list[float], list[float]]]:
@@ -78,20 +81,23 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         malignant=int(base["label"].sum()) if base is not None else "?",
         patients=n_pat,
     )
+    ppi = pooled[LIDC_PPI][0] if LIDC_PPI in pooled else None
     rows = []
     for v, (frame, fold_aucs, _) in pooled.items():
         res = auc_ci(frame["label"], frame["prob"])
         p = np.nan if v == "baseline" else delong_p(base, frame)
+        p_ppi = np.nan if v in ("baseline", LIDC_PPI) else delong_p(ppi, frame)
         shown = "" if v == "baseline" else fmt(p)
+        shown_ppi = "" if v in ("baseline", LIDC_PPI) else fmt(p_ppi)
         folds = ", ".join(fmt(a, 2) for a in fold_aucs)
-        lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {shown} | {folds} |")
+        lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {shown} | {shown_ppi} | {folds} |")
         goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
         rows.append({"variant": v, "nodules": len(frame), "auc": res.auc, "ci_low": res.ci_low,
-                     "ci_high": res.ci_high, "p_vs_baseline": p, "fold_aucs": folds})  # fmt: skip
+                     "ci_high": res.ci_high, "p_vs_baseline": p, "p_vs_ppi": p_ppi, "fold_aucs": folds})  # fmt: skip
     (out / "results").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "results" / "lidc_pooled.csv", index=False)
     return [
         *lines,
-        f"| linear reference (mean over folds) | {mean_sd(ref)} | | {', '.join(fmt(a, 2) for a in ref)} |",
+        f"| linear reference (mean over folds) | {mean_sd(ref)} | | | {', '.join(fmt(a, 2) for a in ref)} |",
         "",
     ]
