@@ -221,43 +221,33 @@ def _site_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
 
 
 def _lidc_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
-    """LIDC baseline, PPI-WBP per mask, the controls and the comparators, each fold held out once (val fold k,
-    test fold k+1)."""
-    jobs = []
+    """LIDC baseline, PPI-WBP per mask, the controls and the comparators, and apart from them the forms tried
+    against the LIDC bar; each on every fold held out once (val fold k, test fold k+1)."""
     data = ["--dataset_dir", str(out / "data" / "lidc" / "patches")] if profile.lidc_data == "small" else []
-    masks = (f"ppi_wbp_{m}" for m in profile.lidc_masks)
-    for variant in ("baseline", *masks, *profile.lidc_controls, *profile.comparators):
+    runs = []  # (variant, job-name stem, experiment, bundle overrides, whether an attempt)
+    for variant in ("baseline", *(f"ppi_wbp_{m}" for m in profile.lidc_masks), *profile.lidc_controls,
+                    *profile.comparators):  # fmt: skip
         masked = variant.startswith("ppi_wbp_")
         method, mask = ("ppi_wbp", variant[len("ppi_wbp_") :]) if masked else (variant, "soft")
+        runs.append((variant, variant, "results_lidc", method_args(method, mask), False))
+    for attempt, overrides in profile.lidc_attempts:
+        args = [*method_args("ppi_wbp", "box"), *overrides]
+        runs.append((attempt, f"attempt-{attempt}", "results_lidc_attempts", args, True))
+    jobs = []
+    for variant, stem, experiment, args, attempt in runs:
         for fold in range(profile.lidc_folds):
-            name = f"lidc-{variant}-f{fold}"
+            name = f"lidc-{stem}-f{fold}"
             argv = [
                 *_bundle("lidc"),
                 *common,
                 *data,
                 *("--val_fold", str(fold), "--test_fold", str((fold + 1) % profile.lidc_folds)),
-                *_tracked_run(out, name, "results_lidc"),
-                *method_args(method, mask),
+                *_tracked_run(out, name, experiment),
+                *args,
                 *profile.lidc,
             ]
             keeps = tuple(f"{name}/{p}" for p in _RUN_OUTPUTS)
-            meta = {"variant": variant, "fold": fold}
-            jobs.append(Job(name, "lidc", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["lidc"],)))
-    for attempt, overrides in profile.lidc_attempts:  # the forms tried against the LIDC bar, apart from the table
-        for fold in range(profile.lidc_folds):
-            name = f"lidc-attempt-{attempt}-f{fold}"
-            argv = [
-                *_bundle("lidc"),
-                *common,
-                *data,
-                *("--val_fold", str(fold), "--test_fold", str((fold + 1) % profile.lidc_folds)),
-                *_tracked_run(out, name, "results_lidc_attempts"),
-                *method_args("ppi_wbp", "box"),
-                *overrides,
-                *profile.lidc,
-            ]
-            keeps = tuple(f"{name}/{p}" for p in _RUN_OUTPUTS)
-            meta = {"variant": attempt, "fold": fold, "attempt": True}
+            meta = {"variant": variant, "fold": fold, **({"attempt": True} if attempt else {})}
             jobs.append(Job(name, "lidc", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["lidc"],)))
     return jobs
 
