@@ -7,7 +7,7 @@ The block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in REA
   fall after PPI switches on);
 - ``comparators/sites_train.csv``: trained on the watermarked site alone (out-of-site AUC, DeLong p against
   the baseline, the watermark's pull on P(GA)), every method under ``train`` selection;
-- ``lidc_pooled.csv``: LIDC, every fold held out once and pooled, one row per PPI mask and control;
+- ``lidc_pooled.csv``: LIDC, every fold held out once and pooled, one row per PPI mask, control and comparator;
 - ``comparators/shortcut_<cue>_train.csv``: the digits with each cue, every method under ``train`` selection.
 
 Each line says which method measured best there. ``python -m pipelines.readme_results`` rewrites the block

@@ -14,11 +14,13 @@ Parts (each a set of independent jobs, every job a real command a user could typ
               hard point, box) and the two controls (random masks, random erasing), rotating the held-out fold
               over every patient-level fold; the folds' test predictions are pooled, so every labelled nodule is
               scored once by a model that neither trained on it nor chose its checkpoint on it (DeLong CI,
-              DeLong paired test against the baseline)
+              DeLong paired test against the baseline and the bundle's PPI); apart from the table, the box mask's
+              other forms tried against the bar it misses (``lidc-attempt-*``)
     saliency  figures 2.4/2.6 form: deletion curves and localisation of every saliency method on the seed-0 GA
               baseline and PPI-WBP models (test part), with WBP's localisation on the true positives
     shortcut  the shortcut benchmark (:mod:`pipelines.shortcut`, patch and line cues, default grid), the outline
-              study, and the comparators' grid on the four cues under each selection rule
+              study, the comparators' grid on the four cues under each selection rule, and the settings tried
+              against the line cue's bar (``shortcut-attempts-*``: under ``train`` and at the last epoch)
     (every part with methods runs the comparators GroupDRO, JTT, DFR and PPI+DFR beside PPI; the confounded
     study also under ``worst_site`` and ``oracle`` selection, and ``comparisons`` tables them against the
     baseline and PPI: :mod:`pipelines.comparisons`)
