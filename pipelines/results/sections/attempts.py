@@ -45,8 +45,8 @@ def _lidc_attempts(out: Path, jobs: Sequence[Job]) -> list[str]:
             f"| {np.nanmean(best_val):.3f} | {', '.join(fmt(a, 2) for a in fold_aucs)} |"
         )
     best = max(tried, key=lambda v: diffs[v])
-    met = "met" if diffs[best] >= -0.01 else "not met"
-    return [*lines, "", *render("attempts", "lidc_best", name=best, figure=f"{diffs[best]:+.3f}", met=met), ""]
+    where = "within 0.01 of it" if diffs[best] >= -0.01 else "more than 0.01 below it"
+    return [*lines, "", *render("attempts", "lidc_best", name=best, figure=f"{diffs[best]:+.3f}", where=where), ""]
 
 
 def _summary(out: Path, job: str) -> pd.DataFrame | None:
