@@ -56,7 +56,7 @@ def test_quick_study_writes_the_report_from_its_own_runs(quick_study):
     assert lidc.loc["baseline", "auc"] == pytest.approx(auc_ci(pooled["label"], pooled["prob"]).auc)
     assert (out / "results" / "deletion_curves.png").stat().st_size > 10_000
     # the form tried against the LIDC bar, in its own table and not in the LIDC table's
-    assert "### LIDC: the box mask" in text and "| `box_std_0.8` |" in text
+    assert "### LIDC: the masks' other forms" in text and "| `box_std_0.8` |" in text
     assert "box_std_0.8" not in lidc.index
 
 
@@ -335,8 +335,9 @@ def test_attempts_are_pooled_apart_from_the_lidc_table_and_the_goals(tmp_path):
     where = "within 0.01 of it" if diff >= -0.01 else "more than 0.01 below it"
     closest = [line for line in lines if line.startswith("Closest to the bar")]
     assert closest and closest[0].startswith(
-        f"Closest to the bar: `box_std_0.8`, {diff:+.3f} against the baseline, {where}."
+        f"Closest to the bar on the box: `box_std_0.8`, {diff:+.3f} against the baseline, {where}."
     )
+    assert any(line.startswith("| `ppi_wbp_box` (the table's") for line in lines)  # the row the form would replace
     assert not any(line.startswith("### Digits") for line in lines)  # the line attempts did not run
 
     summary = tmp_path / "jobs" / "shortcut-attempts-train" / "out" / "line"

@@ -224,17 +224,17 @@ def _lidc_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
     """LIDC baseline, PPI-WBP per mask, the controls and the comparators, and apart from them the forms tried
     against the LIDC bar; each on every fold held out once (val fold k, test fold k+1)."""
     data = ["--dataset_dir", str(out / "data" / "lidc" / "patches")] if profile.lidc_data == "small" else []
-    runs = []  # (variant, job-name stem, experiment, bundle overrides, whether an attempt)
+    runs = []  # (variant, job-name stem, experiment, bundle overrides, extra meta: an attempt's and its mask)
     for variant in ("baseline", *(f"ppi_wbp_{m}" for m in profile.lidc_masks), *profile.lidc_controls,
                     *profile.comparators):  # fmt: skip
         masked = variant.startswith("ppi_wbp_")
         method, mask = ("ppi_wbp", variant[len("ppi_wbp_") :]) if masked else (variant, "soft")
-        runs.append((variant, variant, "results_lidc", method_args(method, mask), False))
-    for attempt, overrides in profile.lidc_attempts:
-        args = [*method_args("ppi_wbp", "box"), *overrides]
-        runs.append((attempt, f"attempt-{attempt}", "results_lidc_attempts", args, True))
+        runs.append((variant, variant, "results_lidc", method_args(method, mask), {}))
+    for attempt, mask, overrides in profile.lidc_attempts:
+        args = [*method_args("ppi_wbp", mask), *overrides]
+        runs.append((attempt, f"attempt-{attempt}", "results_lidc_attempts", args, {"attempt": True, "mask": mask}))
     jobs = []
-    for variant, stem, experiment, args, attempt in runs:
+    for variant, stem, experiment, args, extra in runs:
         for fold in range(profile.lidc_folds):
             name = f"lidc-{stem}-f{fold}"
             argv = [
@@ -247,7 +247,7 @@ def _lidc_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
                 *profile.lidc,
             ]
             keeps = tuple(f"{name}/{p}" for p in _RUN_OUTPUTS)
-            meta = {"variant": variant, "fold": fold, **({"attempt": True} if attempt else {})}
+            meta = {"variant": variant, "fold": fold, **extra}
             jobs.append(Job(name, "lidc", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["lidc"],)))
     return jobs
 

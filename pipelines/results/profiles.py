@@ -44,12 +44,17 @@ SELECTIONS = ("train", "worst_site", "oracle")
 #: the outline study's methods: the default (other-class fill), the zero fill, and the default at random places
 OUTLINE_METHODS = ("baseline", "ppi", "ppi:fill=zero", "random_mask")
 #: the other forms tried against the bar "no LIDC PPI setting more than 0.01 below the baseline" (docs/DESIGN.md
-#: section 4.1): each the box mask, the one setting that misses it, with these bundle overrides
+#: section 4.1): (name, PPI mask, bundle overrides); the box is the mask that misses it, the `own` guide the form
+#: that holds the box, tried on the other masks too
+_OWN = ("--ppi#guide", "own", "--ppi#contrast_classes", "[1]")  # no partner: x* of the sample's own map
 LIDC_ATTEMPTS = (
-    ("box_std_0.8", ("--ppi#box_std", "0.8")),  # the box's half-size in std of the kept points (the text's 1.2)
-    ("box_std_1.6", ("--ppi#box_std", "1.6")),
-    ("box_guide_own", ("--ppi#guide", "own", "--ppi#contrast_classes", "[1]")),  # no partner: x* of its own map
-    ("box_no_adversarial", ("--ppi#adversarial_classes", "[]", "--ppi#contrast_classes", "[1]")),
+    ("box_std_0.8", "box", ("--ppi#box_std", "0.8")),  # the box's half-size in std of the kept points (text: 1.2)
+    ("box_std_1.6", "box", ("--ppi#box_std", "1.6")),
+    ("box_guide_own", "box", _OWN),
+    ("box_no_adversarial", "box", ("--ppi#adversarial_classes", "[]", "--ppi#contrast_classes", "[1]")),
+    ("soft_guide_own", "soft", _OWN),
+    ("hard_guide_own", "hard", _OWN),
+    ("soft_adaptive_guide_own", "soft_adaptive", _OWN),
 )
 #: the settings tried against the digits' bar on the line cue (docs/DESIGN.md section 4.7), each a change to the
 #: default that makes PPI remove the line sooner or more of it
@@ -118,7 +123,7 @@ class Profile:
         comparators: the comparators of the GA and LIDC tables and the site studies (docs/DESIGN.md section 9).
         oracle_site: the confounded study's cue-reversed site, which ``oracle`` selection validates on.
         comparator_shortcut: arguments of the shortcut comparators' jobs (one per selection rule).
-        lidc_attempts: (name, bundle overrides) of the box-mask forms tried against the LIDC bar, each run on
+        lidc_attempts: (name, PPI mask, bundle overrides) of the forms tried against the LIDC bar, each run on
             every fold as the LIDC table's settings are.
         attempts: arguments of the shortcut jobs of the settings tried against the digits' bar, run once under
             ``train`` selection and once scoring the last epoch (what the rule gave up).
@@ -150,7 +155,7 @@ class Profile:
     comparator_shortcut: tuple[str, ...] = (
         "--cue", "patch,line,intensity,texture", "--grid", "comparators", "--seeds", "5",
     )  # fmt: skip
-    lidc_attempts: tuple[tuple[str, tuple[str, ...]], ...] = LIDC_ATTEMPTS
+    lidc_attempts: tuple[tuple[str, str, tuple[str, ...]], ...] = LIDC_ATTEMPTS
     attempts: tuple[str, ...] = (
         "--cue", "line", "--outline-share", "1", "--seeds", "5", "--methods", *SHORTCUT_ATTEMPTS,
     )  # fmt: skip
