@@ -32,6 +32,7 @@ from scipy.stats import ttest_rel
 
 from ppi_med.stats import delong_test
 
+from .formatting import p_value
 from .portable import portable_path, portable_text
 
 __all__ = ["best_line", "ga_comparison", "main", "shortcut_comparison", "site_comparison", "write_comparisons"]
@@ -57,16 +58,12 @@ def _ms(mean: float, sd: float) -> str:
 
 def _vs(row: pd.Series, delta: str, p: str) -> str:
     d = row.get(delta, math.nan)
-    return "" if not math.isfinite(d) else f"{d:+.3f} ({_fmt_p(row[p])})"
+    return "" if not math.isfinite(d) else f"{d:+.3f} ({p_value(row[p])})"
 
 
 def _sd(values: Sequence[float]) -> float:
     v = [x for x in values if math.isfinite(x)]
     return float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
-
-
-def _fmt_p(p: float) -> str:
-    return "-" if not math.isfinite(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def shortcut_comparison(results: pd.DataFrame, references: Sequence[str] = SHORTCUT_REFERENCES) -> pd.DataFrame:
@@ -208,7 +205,7 @@ def best_line(table: pd.DataFrame, metric: str, ppi: str, what: str) -> str:
                 word = "beats" if diff < 0 else "loses to"
             else:
                 word = "does not differ significantly from"
-            verdicts.append(f"{word} `{m}` ({ppi_value:.3f} against {r[f'{metric}_mean']:.3f}, p {_fmt_p(p)})")
+            verdicts.append(f"{word} `{m}` ({ppi_value:.3f} against {r[f'{metric}_mean']:.3f}, p {p_value(p)})")
         if verdicts:
             line += f" `{ppi}` " + "; ".join(verdicts) + "."
     return line

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["mean_sd"]
+__all__ = ["mean_sd", "p_value"]
 
 
 def mean_sd(values: Sequence[float]) -> str:
@@ -15,3 +15,8 @@ def mean_sd(values: Sequence[float]) -> str:
     if not len(v):
         return "n/a"
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def p_value(p: float) -> str:
+    """A p-value with three decimals, ``< 0.001`` below that, ``-`` where there is none (NaN)."""
+    return "-" if not np.isfinite(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"

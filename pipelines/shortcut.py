@@ -76,6 +76,7 @@ from ppi_med.robust import SELECTIONS, RobustConfig
 from ppi_med.saliency import METHODS
 from ppi_med.tracking import metric_key
 
+from .formatting import p_value
 from .portable import portable_text
 
 __all__ = [
@@ -657,12 +658,6 @@ def _metric_name(spec: str) -> str:
     return metric_key(spec.replace(":", "_").replace("=", "-").replace(",", "_"))
 
 
-def _fmt_p(p: float) -> str:
-    if math.isnan(p):
-        return "-"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def summary_markdown(summary: pd.DataFrame, cfg: ShortcutConfig) -> str:
     """The summary as a Markdown table with a header saying what was measured."""
     lines = [
@@ -683,8 +678,8 @@ def summary_markdown(summary: pd.DataFrame, cfg: ShortcutConfig) -> str:
         for test in TEST_SETS:
             cells.append(f"{r[f'{test}_auc_mean']:.3f} +- {r[f'{test}_auc_sd']:.3f}")
         cells += [f"{r['reversed_acc_mean']:.3f}", f"{r['free_acc_mean']:.3f}"]
-        cells += [f"{r['reversed_auc_delta']:+.3f}", _fmt_p(r["reversed_auc_p"])]
-        cells += [f"{r['free_auc_delta']:+.3f}", _fmt_p(r["free_auc_p"])]
+        cells += [f"{r['reversed_auc_delta']:+.3f}", p_value(r["reversed_auc_p"])]
+        cells += [f"{r['free_auc_delta']:+.3f}", p_value(r["free_auc_p"])]
         cells.append("-" if math.isnan(r["cue_share_mean"]) else f"{r['cue_share_mean']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

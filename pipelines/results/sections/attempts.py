@@ -11,6 +11,7 @@ import pandas as pd
 
 from ppi_med.stats import auc_ci
 
+from ...formatting import p_value
 from ..jobs import Job
 from ..templates import render
 from .lidc import pool_folds
@@ -42,7 +43,7 @@ def _lidc_attempts(out: Path, jobs: Sequence[Job]) -> list[str]:
         frame, fold_aucs, best_val = pooled[variant]
         res = auc_ci(frame["label"], frame["prob"])
         diff = diffs[variant] = res.auc - base_auc
-        shown = ("", "") if variant == "baseline" else (f"{diff:+.3f}", fmt(delong_p(base, frame)))
+        shown = ("", "") if variant == "baseline" else (f"{diff:+.3f}", p_value(delong_p(base, frame)))
         lines.append(
             f"| {label} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {shown[0]} | {shown[1]} "
             f"| {np.nanmean(best_val):.3f} | {', '.join(fmt(a, 2) for a in fold_aucs)} |"
@@ -83,7 +84,7 @@ def _digits_attempts(out: Path, fig_dir: Path) -> list[str]:
         if method == "baseline":
             return f"| | | {r['aligned_auc_mean']:.3f} "
         return (
-            f"| {r['reversed_auc_delta']:+.3f} ({fmt(r['reversed_auc_p'])}) | {r['free_auc_delta']:+.3f} "
+            f"| {r['reversed_auc_delta']:+.3f} ({p_value(r['reversed_auc_p'])}) | {r['free_auc_delta']:+.3f} "
             f"| {r['aligned_auc_mean']:.3f} "
         )
 
