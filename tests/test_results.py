@@ -313,12 +313,13 @@ def test_attempts_are_pooled_apart_from_the_lidc_table_and_the_goals(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.tile([0, 1], 20)
     noise = {"baseline": 0.6, "ppi_wbp_box": 0.7, "box_std_0.8": 1.5}  # the attempt reads the label worst
+    validation = {"baseline": 0.0, "ppi_wbp_box": 0.01, "box_std_0.8": 0.02}  # ... but validates best
     frames: dict[str, list[pd.DataFrame]] = {v: [] for v in noise}
     for job in (j for j in jobs if j.part == "lidc"):
         v, fold = job.meta["variant"], job.meta["fold"]
         images = [f"n{fold}-{i}" for i in range(len(labels))]
         prob = 1 / (1 + np.exp(-(labels - 0.5 + noise[v] * rng.standard_normal(len(labels)))))
-        _fake_lidc_run(tmp_path, job, images, labels, prob, val_auc=0.9 + 0.01 * fold)
+        _fake_lidc_run(tmp_path, job, images, labels, prob, val_auc=0.9 + 0.01 * fold + validation[v])
         frames[v].append(pd.DataFrame({"label": labels, "prob": prob}))
     pooled = {v: auc_ci(pd.concat(f)["label"], pd.concat(f)["prob"]).auc for v, f in frames.items()}
 
@@ -331,7 +332,13 @@ def test_attempts_are_pooled_apart_from_the_lidc_table_and_the_goals(tmp_path):
     (row,) = [line for line in lines if line.startswith("| `box_std_0.8`")]
     diff = pooled["box_std_0.8"] - pooled["baseline"]
     assert f"| {pooled['box_std_0.8']:.3f} [" in row and f"| {diff:+.3f} |" in row
-    assert "| 0.905 |" in row  # the best validation AUC of each fold's chosen checkpoint, mean over folds
+    assert "| 0.925 |" in row  # the best validation AUC of each fold's chosen checkpoint, mean over folds
+    # validation, all a user has, picks the attempt over the table's row
+    (chosen,) = [line for line in lines if line.startswith("Chosen per mask")]
+    assert (
+        f"box: `box_std_0.8` (0.925 against 0.915), {diff:+.3f}" in chosen
+        and "margin behind a choice is 0.010" in chosen
+    )
     where = "within 0.01 of it" if diff >= -0.01 else "more than 0.01 below it"
     closest = [line for line in lines if line.startswith("Closest to the bar")]
     assert closest and closest[0].startswith(

@@ -37,30 +37,41 @@ def _lidc_attempts(out: Path, jobs: Sequence[Job]) -> list[str]:
     base = pooled["baseline"][0]
     base_auc = auc_ci(base["label"], base["prob"]).auc
     mask_of = {j.meta["variant"]: j.meta["mask"] for j in tried}
-    lines, diffs = render("attempts", "lidc"), {}
+    lines, diffs, val = render("attempts", "lidc"), {}, {}
 
     def row(variant: str, label: str) -> None:
         frame, fold_aucs, best_val = pooled[variant]
         res = auc_ci(frame["label"], frame["prob"])
         diff = diffs[variant] = res.auc - base_auc
+        val[variant] = float(np.nanmean(best_val))
         shown = ("", "") if variant == "baseline" else (f"{diff:+.3f}", p_value(delong_p(base, frame)))
         lines.append(
             f"| {label} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {shown[0]} | {shown[1]} "
-            f"| {np.nanmean(best_val):.3f} | {', '.join(fmt(a, 2) for a in fold_aucs)} |"
+            f"| {val[variant]:.3f} | {', '.join(fmt(a, 2) for a in fold_aucs)} |"
         )
 
     row("baseline", "baseline (the table's)")
+    forms: dict[str, list[str]] = {}  # mask -> the table's row and its attempts that finished
     for mask in masks:
-        if f"ppi_wbp_{mask}" in pooled:
-            row(f"ppi_wbp_{mask}", f"`ppi_wbp_{mask}` (the table's: the bundle's partner form)")
-        for v in (v for v, m in mask_of.items() if m == mask and v in pooled):
-            row(v, f"`{v}`")
+        forms[mask] = [v for v in (f"ppi_wbp_{mask}", *(v for v, m in mask_of.items() if m == mask)) if v in pooled]
+        for v in forms[mask]:
+            row(v, f"`{v}` (the table's: the bundle's partner form)" if v == f"ppi_wbp_{mask}" else f"`{v}`")
     lines.append("")
-    on_box = [v for v, m in mask_of.items() if m == _MISSING and v in pooled]
+    on_box = [v for v in forms.get(_MISSING, []) if v in mask_of]
     if on_box:
         best = max(on_box, key=lambda v: diffs[v])
         where = "within 0.01 of it" if diffs[best] >= -0.01 else "more than 0.01 below it"
         lines += render("attempts", "lidc_best", name=best, figure=f"{diffs[best]:+.3f}", where=where)
+    # what a user without the test folds would do: per mask, the form with the best validation AUC
+    compared = {m: sorted(f, key=lambda v: -val[v]) for m, f in forms.items() if len(f) > 1}
+    if compared:
+        chosen = "; ".join(
+            f"{m}: `{f[0]}` ({val[f[0]]:.3f} against {val[f[1]]:.3f}), {diffs[f[0]]:+.3f}" for m, f in compared.items()
+        )
+        worst = min(diffs[f[0]] for f in compared.values())
+        margin = min(val[f[0]] - val[f[1]] for f in compared.values())
+        lines += ["", *render("attempts", "lidc_by_validation", chosen=chosen, worst=f"{worst:+.3f}",
+                              margin=f"{margin:.3f}")]  # fmt: skip
     return [*lines, ""]
 
 
