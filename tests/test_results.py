@@ -68,9 +68,10 @@ def test_quick_study_logs_every_run_to_one_mlflow_store(quick_study):
     assert {r.data.tags["results_job"] for r in runs} == {"ga-baseline-s0", "ga-ppi_wbp-s0", "ga-dfr-s0"}
     assert all("test_auc" in r.data.metrics and "ref_test_auc" in r.data.metrics for r in runs)
     lidc = client.search_runs([client.get_experiment_by_name("results_lidc").experiment_id])
-    assert len(lidc) == 2 * PROFILES["quick"].lidc_folds
+    quick = PROFILES["quick"]
+    assert len(lidc) == (2 + len(quick.comparators)) * quick.lidc_folds  # baseline, PPI, the comparators
     tried = client.search_runs([client.get_experiment_by_name("results_lidc_attempts").experiment_id])
-    assert len(tried) == PROFILES["quick"].lidc_folds
+    assert len(tried) == quick.lidc_folds
     assert client.search_runs([client.get_experiment_by_name("results_saliency").experiment_id])
 
 
