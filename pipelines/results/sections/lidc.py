@@ -10,7 +10,7 @@ import pandas as pd
 
 from ppi_med.stats import auc_ci
 
-from ...formatting import mean_sd
+from ...formatting import mean_sd, p_value
 from ..jobs import Job
 from ..paths import BUNDLES
 from ..scheduler import done_path
@@ -87,8 +87,8 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         res = auc_ci(frame["label"], frame["prob"])
         p = np.nan if v == "baseline" else delong_p(base, frame)
         p_ppi = np.nan if v in ("baseline", LIDC_PPI) else delong_p(ppi, frame)
-        shown = "" if v == "baseline" else fmt(p)
-        shown_ppi = "" if v in ("baseline", LIDC_PPI) else fmt(p_ppi)
+        shown = "" if v == "baseline" else p_value(p)
+        shown_ppi = "" if v in ("baseline", LIDC_PPI) else p_value(p_ppi)
         folds = ", ".join(fmt(a, 2) for a in fold_aucs)
         lines.append(f"| {v} | {res.auc:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] | {shown} | {shown_ppi} | {folds} |")
         goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
