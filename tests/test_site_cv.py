@@ -739,6 +739,58 @@ def test_shards_then_gather_equal_the_one_process_study(cv_twice, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_studies_run_apart_merge_into_the_one_process_study(cv_twice, tmp_path, monkeypatch, capsys):
+    """One method per study, each in a store of its own; the merge equals the study that ran both."""
+    import shutil
+
+    from pipelines.site_cv.merge import main as merge_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for method in ("baseline", "ppi_wbp"):
+        argv = _argv(tmp_path, "--methods", method)  # the same generated data as the one-process study
+        argv[argv.index("--out") + 1] = str(tmp_path / method)
+        argv[argv.index("--tracking-uri") + 1] = f"sqlite:///{tmp_path / method / 'mlflow.db'}"
+        assert main(argv) == 0
+    assert merge_main(["--out", str(tmp_path / "merged"), str(tmp_path / "baseline"), str(tmp_path / "ppi_wbp")]) == 0
+    merged = tmp_path / "merged"
+    for m in ("baseline", "ppi_wbp"):
+        pd.testing.assert_frame_equal(
+            pd.read_csv(merged / f"auc_{m}.csv", index_col=0), cv_twice["first_auc"][m], check_exact=False
+        )
+    summary = json.loads((merged / "summary.json").read_text())
+    one = cv_twice["first"]["summary_metrics"]
+    for key in ("pooled_auc_ppi_wbp", "pooled_p_ppi_wbp", "offdiag_mean_diff_ppi_wbp", "n_sig_cells_ppi_wbp"):
+        assert summary["summary_metrics"][key] == pytest.approx(one[key], rel=1e-9), key
+    assert summary["methods"] == ["baseline", "ppi_wbp"] and len(summary["cells"]) == 4
+    assert "merged from 2 studies run apart" in (merged / "summary.md").read_text()
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'baseline' / 'mlflow.db'}").get_run(summary["parent_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["cv_kind"] == "site_cv_merge"
+
+    # parts that are not the same study are refused, naming the part and what differs; nothing is written
+    other = tmp_path / "other_seeds"
+    shutil.copytree(tmp_path / "ppi_wbp", other)
+    record = json.loads((other / "summary.json").read_text())
+    (other / "summary.json").write_text(json.dumps({**record, "seeds": [7]}))
+    dropped = tmp_path / "dropped_case"
+    shutil.copytree(tmp_path / "ppi_wbp", dropped)
+    preds = pd.read_csv(dropped / "predictions.csv")
+    preds.iloc[1:].to_csv(dropped / "predictions.csv", index=False)
+    capsys.readouterr()
+    for part, message in [
+        (other, "in seeds: [7] against [0]"),
+        (dropped, "ppi_wbp scored other cases than baseline"),
+        (tmp_path / "baseline", "method baseline is in both"),
+        (tmp_path / "nothing", "no finished site-CV study (summary.json missing)"),
+    ]:
+        out = tmp_path / f"refused-{part.name}"
+        assert merge_main(["--out", str(out), str(tmp_path / "baseline"), str(part)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(part) in err, err
+        assert not out.exists()
+
+
+@pytest.mark.slow
 def test_cue_effect_scores_every_eye_and_its_watermark_twin(cv_twice, monkeypatch):
     tmp = cv_twice["tmp"]
     monkeypatch.chdir(tmp)

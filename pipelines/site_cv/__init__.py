@@ -25,7 +25,9 @@ Resuming: a cell is keyed by a hash of the bundle file, the datalist, the bundle
 site and the seed; its checkpoints, predictions and record live in ``OUT/cells/<key>/attempt-<n>/``. A
 cell whose record, checkpoints and predictions exist and whose MLflow run is FINISHED in the current
 tracking store is reused, not retrained; a failed or unfinished attempt is kept and a new attempt made
-beside it. An earlier report in OUT is moved to ``OUT/history/<time>/``, never deleted.
+beside it. An earlier report in OUT is moved to ``OUT/history/<time>/``, never deleted. Studies run apart (each
+with methods of its own, in other stores or on other machines) merge into one report with
+``python -m pipelines.site_cv.merge`` (:mod:`~pipelines.site_cv.merge`).
 
 Output in OUT: ``summary.md``, ``summary.json``, ``cells.csv``, ``predictions.csv``, the matrices as CSV and
 JSON (``auc_<method>``, ``pvalue_<method>_vs_baseline``, ...), ``pooled_offdiag.csv``, and the figures
@@ -54,6 +56,7 @@ from __future__ import annotations
 from .cells import CELL_FORMAT, cell_key
 from .cli import build_parser, main
 from .config import RESERVED_OVERRIDES, SiteCVConfig, SiteCVError, parse_overrides
+from .merge import merge_studies
 from .methods import method_labels, method_overrides, split_methods
 from .study import SiteCVResult, one_class_sites, run_site_cv, run_site_cv_shard, study_overrides
 from .tables import SiteCVTables, site_cv_tables
@@ -69,6 +72,7 @@ __all__ = [
     "cell_key",
     "main",
     "method_labels",
+    "merge_studies",
     "method_overrides",
     "one_class_sites",
     "parse_overrides",

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -34,6 +34,9 @@ __all__ = [
     "archive_previous_report",
     "console_report",
     "markdown_report",
+    "selection_line",
+    "study_notes",
+    "write_report",
     "write_study_report",
     "write_tables",
 ]
@@ -235,10 +238,20 @@ def archive_previous_report(out_dir: Path) -> Path | None:
     return dest
 
 
-def _notes(study: Study, cfg: SiteCVConfig, tables: SiteCVTables) -> list[str]:
-    """Caveats for the summary: what the diagonal means, missing tests, undefined cells."""
-    where = f"Diagonal cells use the training site's held-out subjects (val_fraction {study.val_fraction}); "
-    if cfg.checkpoint == "best":
+def study_notes(
+    val_fraction: float, checkpoint: str, one_class: dict[str, str], extra: Sequence[str], tables: SiteCVTables
+) -> list[str]:
+    """Caveats for the summary: what the diagonal means, missing tests, undefined cells.
+
+    Args:
+        val_fraction: the bundle's validation share of a training site's subjects.
+        checkpoint: the checkpoint scored (``best`` or ``final``).
+        one_class: the sites with one class, each with its description.
+        extra: the study's own notes (one-class sites and the like).
+        tables: the matrices.
+    """
+    where = f"Diagonal cells use the training site's held-out subjects (val_fraction {val_fraction}); "
+    if checkpoint == "best":
         notes = [
             where + "they also chose the best checkpoint (best validation AUC), so the diagonal is optimistic; "
             "--checkpoint final scores the last epoch's weights instead."
@@ -247,17 +260,82 @@ def _notes(study: Study, cfg: SiteCVConfig, tables: SiteCVTables) -> list[str]:
         notes = [where + "the final checkpoint is scored, so they did not select the model."]
     if tables.reference is None:
         notes.append("No 'baseline' among the methods: no DeLong tests.")
-    notes += study.notes
+    notes += [n for n in extra if n not in notes]
     undefined: dict[str, list[str]] = {}
     for m, df in tables.auc.items():
         for r in df.index:
-            for c in study.sites:
+            for c in tables.test_sites:
                 if not math.isfinite(float(df.loc[r, c])):
-                    why = f"site {c} has {study.one_class[c]}" if c in study.one_class else "a class missing"
+                    why = f"site {c} has {one_class[c]}" if c in one_class else "a class missing"
                     undefined.setdefault(why, []).append(f"{m} {r}->{c}")
     for why, cells in undefined.items():
         notes.append(f"AUC undefined ({why}; no DeLong test there) in: {', '.join(cells)}")
     return notes
+
+
+def write_report(
+    out_dir: Path,
+    tables: SiteCVTables,
+    preds: pd.DataFrame,
+    cells: pd.DataFrame,
+    header: Sequence[str],
+    notes: Sequence[str],
+    record: dict,
+    client: Any,
+    run_id: str,
+) -> list[Path]:
+    """Files, figures and summary in ``out_dir``, the same in the MLflow run ``run_id``, the tables on the console.
+
+    Args:
+        out_dir: the report's folder (an earlier report there moves to ``history/<its time>/``).
+        tables: the matrices.
+        preds: every case's score.
+        cells: one row per (method, site, seed) cell, with its ``status`` and ``key``.
+        header: Markdown lines describing the study (put under the title).
+        notes: remarks appended at the end.
+        record: what ``summary.json`` records of the study besides the tables and cells (``stamp`` first).
+        client: MLflow client of the run's store.
+        run_id: the MLflow run the files and summary metrics go to.
+
+    Returns:
+        The files written (also logged as the run's artifacts).
+    """
+    archived = archive_previous_report(out_dir)
+    files = write_tables(tables, out_dir)
+    preds.to_csv(out_dir / "predictions.csv", index=False)
+    cells.to_csv(out_dir / "cells.csv", index=False)
+    files += [out_dir / "predictions.csv", out_dir / "cells.csv"]
+    figures = plot_auc_heatmaps(tables, out_dir)
+    pfig = plot_pvalue_heatmap(tables, out_dir)
+    figures += [pfig] if pfig is not None else []
+    figures += plot_roc_grids(preds, tables, out_dir)
+    files += figures
+    md = markdown_report(tables, header, figures, cells.drop(columns=["key"]), notes, base=out_dir)
+    (out_dir / "summary.md").write_text(md)
+    files.append(out_dir / "summary.md")
+    summary = {
+        **record,
+        "previous_report": str(archived) if archived else None,
+        "summary_metrics": tables.to_dict()["summary_metrics"],
+        "cells": cells.to_dict(orient="records"),
+        "files": [f.name for f in files] + [REPORT_MARKER],
+    }
+    (out_dir / REPORT_MARKER).write_text(json.dumps(summary, indent=2, default=str))
+    files.append(out_dir / REPORT_MARKER)
+
+    for name, value in tables.summary_metrics().items():
+        if math.isfinite(value):
+            client.log_metric(run_id, metric_key(name), value)
+    client.log_metric(run_id, "n_trained_cells", int(record.get("n_trained", 0)))
+    client.log_metric(run_id, "wall_seconds", float(record.get("wall_seconds", 0.0)))
+    for f in files:
+        top = f.name in ("summary.md", REPORT_MARKER)
+        client.log_artifact(
+            run_id, str(f), artifact_path="figures" if f.suffix == ".png" else None if top else "tables"
+        )
+    print("\n" + console_report(tables))
+    print(f"\nreport: {out_dir / 'summary.md'}")
+    return files
 
 
 def write_study_report(
@@ -268,7 +346,7 @@ def write_study_report(
     cells: pd.DataFrame,
     t_start: float,
 ) -> list[Path]:
-    """Files, figures and summary in the output folder, the same in the parent run, the tables on the console.
+    """A study's report (:func:`write_report`) into its output folder and its MLflow parent run.
 
     Args:
         study: the study (its output folder, sites, methods and MLflow parent run).
@@ -282,17 +360,6 @@ def write_study_report(
         The files written (also logged as the parent run's artifacts).
     """
     out_dir = study.out_dir
-    archived = archive_previous_report(out_dir)
-    files = write_tables(tables, out_dir)
-    preds.to_csv(out_dir / "predictions.csv", index=False)
-    cells.to_csv(out_dir / "cells.csv", index=False)
-    files += [out_dir / "predictions.csv", out_dir / "cells.csv"]
-    figures = plot_auc_heatmaps(tables, out_dir)
-    pfig = plot_pvalue_heatmap(tables, out_dir)
-    figures += [pfig] if pfig is not None else []
-    figures += plot_roc_grids(preds, tables, out_dir)
-    files += figures
-
     seconds = time.perf_counter() - t_start
     n_trained = int((cells["status"] == "trained").sum())
     header = [
@@ -301,30 +368,29 @@ def write_study_report(
         f"- sites: {', '.join(study.sites)} (trained on {', '.join(study.train_sites)}); "
         f"methods: {', '.join(study.methods)}; "
         f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
-        f"- checkpoint selection: **{cfg.selection}**"
-        + (
-            f" (an oracle: chosen on half of {', '.join(cfg.oracle_sites or [])}'s subjects, which are not scored)"
-            if cfg.selection == "oracle"
-            else ""
-        ),  # fmt: skip
+        selection_line(cfg.selection, cfg.oracle_sites),
         f"- bundle overrides: `{portable_text(json.dumps(dict(cfg.overrides), default=str), out_dir)}`",
         f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, "
         f"store `{portable_text(study.tracking_uri, out_dir)}`",
         f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
         f"wall time {seconds:.1f} s; git {git_commit(_REPO)[:12]}",
     ]
-    md = markdown_report(tables, header, figures, cells.drop(columns=["key"]), _notes(study, cfg, tables), base=out_dir)
-    (out_dir / "summary.md").write_text(md)
-    files.append(out_dir / "summary.md")
-    summary = {
+    record = {
         "stamp": study.stamp,
         "command": sys.argv,
         "config_file": str(study.config_file),
+        "bundle_sha256": study.bundle_sha,
         "datalist": str(study.datalist),
         "sites": study.sites,
+        "train_sites": study.train_sites,
         "methods": study.methods,
         "seeds": study.seeds,
         "checkpoint": cfg.checkpoint,
+        "selection": cfg.selection,
+        "oracle_sites": list(cfg.oracle_sites or []),
+        "val_fraction": study.val_fraction,
+        "one_class": study.one_class,
+        "study_notes": study.notes,
         "overrides": dict(cfg.overrides),
         "tracking_uri": study.tracking_uri,
         "experiment": cfg.experiment,
@@ -332,30 +398,18 @@ def write_study_report(
         "n_trained": n_trained,
         "n_reused": len(cells) - n_trained,
         "wall_seconds": round(seconds, 2),
-        "previous_report": str(archived) if archived else None,
-        "summary_metrics": tables.to_dict()["summary_metrics"],
-        "cells": cells.to_dict(orient="records"),
-        "files": [f.name for f in files] + [REPORT_MARKER],
     }
-    (out_dir / REPORT_MARKER).write_text(json.dumps(summary, indent=2, default=str))
-    files.append(out_dir / REPORT_MARKER)
-
-    client, run_id = study.client, study.parent_id
-    for name, value in tables.summary_metrics().items():
-        if math.isfinite(value):
-            client.log_metric(run_id, metric_key(name), value)
-    client.log_metric(run_id, "n_trained_cells", n_trained)
-    client.log_metric(run_id, "wall_seconds", seconds)
-    for f in files:
-        top = f.name in ("summary.md", REPORT_MARKER)
-        client.log_artifact(
-            run_id, str(f), artifact_path="figures" if f.suffix == ".png" else None if top else "tables"
-        )
-    print("\n" + console_report(tables))
-    print(f"\nreport: {out_dir / 'summary.md'}")
+    notes = study_notes(study.val_fraction, cfg.checkpoint, study.one_class, study.notes, tables)
+    files = write_report(out_dir, tables, preds, cells, header, notes, record, study.client, study.parent_id)
     if cfg.out_dir is None:
         print(f"  to resume or extend this study (more seeds, methods), run again with --out {out_dir}")
-    print(f"MLflow parent run {run_id} in experiment '{cfg.experiment}' ({study.tracking_uri})")
+    print(f"MLflow parent run {study.parent_id} in experiment '{cfg.experiment}' ({study.tracking_uri})")
     if study.tracking_uri.startswith("sqlite:///"):
         print(f"  open it with: mlflow ui --backend-store-uri {study.tracking_uri}")
     return files
+
+
+def selection_line(selection: str, oracle_sites: Sequence[str] | None) -> str:
+    """The summary's header line on checkpoint selection, the oracle named as such."""
+    oracle = f" (an oracle: chosen on half of {', '.join(oracle_sites or [])}'s subjects, which are not scored)"
+    return f"- checkpoint selection: **{selection}**" + (oracle if selection == "oracle" else "")

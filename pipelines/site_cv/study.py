@@ -30,7 +30,15 @@ from .methods import method_labels, method_overrides
 from .report import write_study_report
 from .tables import SiteCVTables, site_cv_tables
 
-__all__ = ["SiteCVResult", "Study", "one_class_sites", "run_site_cv", "run_site_cv_shard", "study_overrides"]
+__all__ = [
+    "SiteCVResult",
+    "Study",
+    "artifact_location",
+    "one_class_sites",
+    "run_site_cv",
+    "run_site_cv_shard",
+    "study_overrides",
+]
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +83,7 @@ def one_class_sites(items: Sequence[Mapping[str, Any]], sites: Sequence[str]) ->
     return out
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
+def artifact_location(tracking_uri: str) -> str | None:
     """Artifacts beside a local SQLite store (``<folder>/mlruns``), as MONAI's MLflow handler puts them."""
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
@@ -238,7 +246,7 @@ class Study:
         self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         try:
             exp_id = ensure_experiment(
-                self.client, self.cfg.experiment, artifact_location=_artifact_location(self.tracking_uri)
+                self.client, self.cfg.experiment, artifact_location=artifact_location(self.tracking_uri)
             )
         except ValueError as err:  # a deleted experiment
             raise SiteCVError(str(err)) from err
