@@ -34,7 +34,8 @@ class Job:
         name: unique folder name under ``OUT/jobs``.
         part: the part it belongs to.
         argv: the command.
-        after: jobs that must have finished first (each of them trains a model this job reads).
+        after: jobs that must have finished first (each of them trains a model this job reads, unless
+            ``reads_models`` is false).
         meta: what the report needs to know about it (method, seed, fold...).
         keeps: glob patterns, relative to ``OUT/jobs``, of the outputs the report reads (``done.json`` is
             always kept): what the ledger keeps of the job.
@@ -46,6 +47,9 @@ class Job:
         bundles: the bundle configs the job runs or reads (:data:`BUNDLES` values, relative to the repository,
             as the command names them); the ledger records the SHA-256 of each, of the files they include and
             of the metadata beside the first (:func:`~pipelines.results.ledger.bundle_files`).
+
+        reads_models: whether the job reads the models of the jobs it runs after (the ledger keeps no models, so
+            those run again when it runs), or only what their ledger entries keep (then they are restored).
     """
 
     name: str
@@ -57,6 +61,7 @@ class Job:
     writes: tuple[str, ...] = ()
     command: list[str] = field(default_factory=list)
     bundles: tuple[str, ...] = ()
+    reads_models: bool = True
 
 
 def portable_command(argv: Sequence[str], out: Path, root: Path, tracking_uri: str) -> list[str]:
@@ -94,6 +99,8 @@ def portable_command(argv: Sequence[str], out: Path, root: Path, tracking_uri: s
 _RUN_OUTPUTS = ("runs/*/test_predictions.csv", "runs/*/metrics.jsonl", "runs/*/params.json")
 #: what the report reads of a site study: its summary, verdict figures, heatmaps and pooled predictions
 _SITE_OUTPUTS = ("cv/summary.md", "cv/pooled_offdiag.json", "cv/predictions.csv", "cv/heatmap_*.png")
+#: what a merge reads of each of its parts (one method's study of the site matrices)
+_SITE_PART_OUTPUTS = ("cv/summary.json", "cv/predictions.csv", "cv/cells.csv")
 
 
 def _bundle(*configs: str, run_id: str = "run") -> list[str]:
@@ -181,34 +188,48 @@ def _saliency_jobs(out: Path, profile: Profile, common: list[str]) -> list[Job]:
 
 
 def _site_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
-    """Site CV, the confounded study under each selection rule, and the cue effect of each."""
+    """Site CV (one study per method, merged), the confounded study under each selection rule, and the cue
+    effect of each."""
     jobs = []
     oracle = ("--oracle-sites", profile.oracle_site)
+    methods = ("baseline", "ppi_wbp", *profile.site_controls, *profile.comparators)
+    confounded = ",".join(methods)
+    # (job, data, methods, extra arguments, seeds, kept outputs); the site matrices take hours of CPU, so each
+    # method is a study of its own, able to run on another machine or day, and a merge makes the one report
     studies = [
-        ("sites", "ga_sites", profile.sites, profile.seeds),
-        ("sites-confounded", "ga_sites_rev", profile.confounded, profile.confounded_seeds),
+        *((f"sites-{m}", "ga_sites", m, profile.sites, profile.seeds, _SITE_PART_OUTPUTS) for m in methods),
+        ("sites-confounded", "ga_sites_rev", confounded, profile.confounded, profile.confounded_seeds, _SITE_OUTPUTS),
         *(
             (
                 f"sites-confounded-{sel}",
                 "ga_sites_rev",
+                confounded,
                 (*profile.confounded, "--selection", sel, *oracle[: 2 * (sel == "oracle")]),
                 profile.confounded_seeds,
+                _SITE_OUTPUTS,
             )
             for sel in SELECTIONS[1:]
         ),
     ]
-    methods = ",".join(("baseline", "ppi_wbp", *profile.site_controls, *profile.comparators))
-    for name, data, extra, seeds in studies:
+    for name, data, study_methods, extra, seeds, outputs in studies:
         argv = [
             *(sys.executable, "-m", "pipelines.site_cv", "--config_file", BUNDLES["ga"]),
-            *("--methods", methods, "--seeds", str(seeds), "--out", str(out / "jobs" / name / "cv")),
+            *("--methods", study_methods, "--seeds", str(seeds), "--out", str(out / "jobs" / name / "cv")),
             *("--tracking-uri", tracking_uri, "--experiment", "results_site_cv", "--no-progress"),
             *("--num-threads", "1"),
             *("--default_dataset_dir", str(out / "data" / data), "--dataset_dir", str(out / "data" / data)),
             *extra,
         ]
-        keeps = tuple(f"{name}/{p}" for p in _SITE_OUTPUTS)
+        keeps = tuple(f"{name}/{p}" for p in outputs)
         jobs.append(Job(name, "sites", argv, keeps=keeps, bundles=(BUNDLES["ga"],)))
+    parts = tuple(f"sites-{m}" for m in methods)
+    argv = [
+        *(sys.executable, "-m", "pipelines.site_cv.merge", "--out", str(out / "jobs" / "sites" / "cv")),
+        *(str(out / "jobs" / p / "cv") for p in parts),
+        *("--tracking-uri", tracking_uri, "--experiment", "results_site_cv"),
+    ]
+    keeps = tuple(f"sites/{p}" for p in _SITE_OUTPUTS)
+    jobs.append(Job("sites", "sites", argv, after=parts, keeps=keeps, reads_models=False))
     for sel in SELECTIONS:
         study = "sites-confounded" if sel == "train" else f"sites-confounded-{sel}"
         argv = [sys.executable, "-m", "pipelines.cue_effect", str(out / "jobs" / study / "cv"), "--no-progress"]

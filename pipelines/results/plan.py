@@ -9,7 +9,8 @@ Each job of the study is, after :func:`plan_study`:
   of the same entry);
 - ``run``: to run, because the ledger has no usable entry (missing, refused, stale), ``--rerun`` names it, a
   job it runs after runs again, or a job that must run reads its model (the ledger keeps no checkpoints, so
-  a restored job that another job needs is run again).
+  a restored job whose models another job reads is run again; a job that reads only what the ledger keeps of
+  the jobs it runs after, as a merge of site studies, runs on their restored copies).
 
 A finished folder that is not used is moved aside (``<name>.attempt-<time>``), never deleted; a restored copy
 is only a copy of its entry and is deleted when it is not used.
@@ -144,7 +145,7 @@ def plan_study(
         changed = False
         for job in jobs:
             deps = [d for d in job.after if d in names]
-            if state[job.name] == "run" and job.name in allowed:
+            if state[job.name] == "run" and job.name in allowed and job.reads_models:
                 for d in deps:
                     if state[d] == "ledger":
                         state[d], ids[d], changed = "run", None, True
