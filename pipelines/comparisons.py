@@ -35,7 +35,15 @@ from ppi_med.stats import delong_test
 from .formatting import p_value
 from .portable import portable_path, portable_text
 
-__all__ = ["best_line", "ga_comparison", "main", "shortcut_comparison", "site_comparison", "write_comparisons"]
+__all__ = [
+    "best_line",
+    "ga_comparison",
+    "main",
+    "shortcut_comparison",
+    "site_comparison",
+    "site_markdown",
+    "write_comparisons",
+]
 
 #: the shortcut benchmark names its methods by their labels (``ppi`` is reported as ``ppi_wbp``)
 SHORTCUT_REFERENCES = ("baseline", "ppi_wbp")
@@ -100,11 +108,13 @@ def site_comparison(
     Columns: ``own`` (the training site's held-out records) and ``out`` (every other site pooled) AUC, mean and
     sd over seeds; per test site the seed-mean AUC (``site_<X>``); DeLong p of ``out`` against each reference
     on the seed-averaged scores of the same records (``out_p_<ref>``), with the AUC difference; the cue effect
-    (mean over seeds and sites without the watermark at training, ``cue_effect``) when ``cue`` is given.
+    (mean over seeds and sites without the watermark at training, ``cue_effect``) when ``cue`` is given. Where
+    several sites were trained on, a record counts once per model trained elsewhere, as in the site matrices'
+    pooled off-diagonal test.
     """
     rows = []
     out_rows = preds[preds["role"] == "site"]
-    averaged = out_rows.groupby(["method", "test_site", "case"], sort=False).agg(
+    averaged = out_rows.groupby(["method", "train_site", "test_site", "case"], sort=False).agg(
         label=("label", "first"), score=("score", "mean")
     )
     for method in dict.fromkeys(preds["method"]):
@@ -232,17 +242,19 @@ def _shortcut_markdown(label: str, cue: str, table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _site_markdown(label: str, table: pd.DataFrame) -> list[str]:
+def site_markdown(heading: str, table: pd.DataFrame) -> list[str]:
+    """A site study's comparison (:func:`site_comparison`) as Markdown under ``heading``, with its best line."""
     sites = sorted(c.removeprefix("site_") for c in table.columns if c.startswith("site_"))
     has_cue = "cue_effect" in table.columns
     head = ["method", "own held-out AUC", "out-of-site AUC (pooled)", *(f"site {s}" for s in sites)]
     head += ["out vs baseline (DeLong p)", "out vs `ppi_wbp` (DeLong p)"] + (["cue effect"] if has_cue else [])
     lines = [
-        f"#### Selection `{label}`" + (" (an oracle)" if label == "oracle" else ""),
+        heading,
         "",
         "AUC columns: mean (± sd) over seeds of each seed's AUC; the site columns the seed mean. The columns "
         "against a reference are the AUC difference of the scores averaged over seeds per record, with DeLong's "
-        "paired p on those records; cue effect: the watermark's mean pull on P(GA) (`pipelines.cue_effect`).",
+        "paired p on those records"
+        + ("; cue effect: the watermark's mean pull on P(GA) (`pipelines.cue_effect`)." if has_cue else "."),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -341,7 +353,7 @@ def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Pa
             table = site_comparison(pd.read_csv(path), cue)
             table.to_csv(out / f"sites_{label}.csv", index=False)
             tables[label] = table
-            lines += _site_markdown(label, table)
+            lines += site_markdown(f"#### Selection `{label}`" + (" (an oracle)" if label == "oracle" else ""), table)
         _plot(tables, "out", "pooled out-of-site AUC", out / "sites_out_of_site_auc.png")
         lines += ["![pooled out-of-site AUC per method](sites_out_of_site_auc.png)", ""]
     if shortcut:

@@ -62,6 +62,28 @@ def test_site_table_pools_out_of_site_records_and_tests_on_seed_averaged_scores(
     assert "site_A" in table.columns and "site_D" not in table.columns
 
 
+def test_with_several_training_sites_a_record_counts_once_per_model_trained_elsewhere():
+    """The site matrices' table: with one seed its out-of-site test is the matrices' pooled off-diagonal test."""
+    from pipelines.site_cv.tables import site_cv_tables
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for method, signal in (("baseline", 0.3), ("ppi_wbp", 0.8)):
+        for train in ("A", "B"):
+            for site in ("A", "B", "C"):
+                for k in range(24):
+                    y = k % 2
+                    score = 1 / (1 + np.exp(-(signal * (2 * y - 1) + rng.normal(0, 1))))
+                    rows.append({"method": method, "train_site": train, "seed": 0, "test_site": site,
+                                 "case": f"{site}{k}", "subject": f"{site}{k}", "label": y, "score": score,
+                                 "role": "heldout" if site == train else "site"})  # fmt: skip
+    preds = pd.DataFrame(rows)
+    table = site_comparison(preds).set_index("method")
+    pooled = site_cv_tables(preds, ["baseline", "ppi_wbp"], ["A", "B"], ["A", "B", "C"]).pooled["ppi_wbp"]
+    assert table.loc["ppi_wbp", "out_p_baseline"] == pytest.approx(pooled.p_value)
+    assert table.loc["ppi_wbp", "out_diff_baseline"] == pytest.approx(pooled.auc_diff)
+
+
 def test_ga_table_reads_the_held_out_predictions_of_each_seed(tmp_path):
     rng = np.random.default_rng(2)
     labels = np.arange(20) % 2

@@ -119,6 +119,13 @@ def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
     assert by_name["sites-cue-oracle"].after == ("sites-confounded-oracle",)
     methods = oracle[oracle.index("--methods") + 1].split(",")
     assert {"baseline", "ppi_wbp", "groupdro", "jtt", "dfr", "ppi_wbp+dfr", "random_mask"} <= set(methods)
+    # the site matrices: a study per method, each alone, merged by a job that reads what their entries keep
+    merge = by_name["sites"]
+    assert set(merge.after) == {f"sites-{m}" for m in methods} and not merge.reads_models
+    assert merge.argv[2] == "pipelines.site_cv.merge" and merge.argv[4].endswith("jobs/sites/cv")
+    part = by_name["sites-ppi_wbp+dfr"].argv
+    assert part[part.index("--methods") + 1] == "ppi_wbp+dfr" and "--train-sites" not in part
+    assert all(k.startswith("sites-ppi_wbp+dfr/cv/") for k in by_name["sites-ppi_wbp+dfr"].keeps)
     for sel in ("train", "worst_site", "oracle"):
         argv = by_name[f"shortcut-comparators-{sel}"].argv
         assert argv[argv.index("--selection") + 1] == sel and "patch,line,intensity,texture" in argv
@@ -176,6 +183,10 @@ def test_quick_site_studies_report_their_own_numbers(tmp_path):
     for sel in ("`train`", "`worst_site`", "`oracle` (an oracle)"):
         assert f"#### Selection {sel}" in text
     assert "| `dfr` |" in text and "Best pooled out-of-site AUC:" in text
+    # the site matrices: one study per method, merged
+    assert "merged from 3 studies run apart: baseline (`.../sites-baseline/cv`); ppi_wbp" in text
+    matrices = text.split("### Every method against the baseline and PPI")[1].split("\n#")[0]
+    assert "| `dfr` |" in matrices and "Best pooled out-of-site AUC:" in matrices
     cv = tmp_path / "jobs" / "sites-confounded" / "cv"
     pooled = json.loads((cv / "pooled_offdiag.json").read_text())["ppi_wbp"]
     assert f"pooled off-diagonal AUC {pooled['auc']:.3f} against {pooled['auc_reference']:.3f}" in text

@@ -318,6 +318,23 @@ def test_plan_restores_entries_and_runs_a_restored_job_again_when_a_dependant_ne
     assert plan.reasons["explain"].endswith("was made after another run of train")
 
 
+def test_a_job_that_reads_only_kept_outputs_runs_on_restored_copies(tmp_path):
+    """A merge of site studies reads their predictions, which the ledger keeps: they are restored, not rerun."""
+    first, root = tmp_path / "first", tmp_path / "ledger"
+    jobs = _jobs(first)
+    _finish_by_hand(first, jobs[0], {"train/runs/r1/model.pt": b"w", "train/runs/r1/test_predictions.csv": b"p"})
+    Ledger(root, first).record(jobs[0])
+    new = tmp_path / "new"
+    jobs = _jobs(new)
+    jobs[1] = dataclasses.replace(jobs[1], reads_models=False)
+    plan = plan_study(jobs, jobs, new, Ledger(root, new, jobs))
+    assert plan.restored == ["train"] and [j.name for j in plan.run] == ["explain"]
+    assert (new / "jobs" / "train" / "runs" / "r1" / "test_predictions.csv").read_bytes() == b"p"
+    # and a part that runs again still takes the merge with it
+    plan = plan_study(jobs, jobs, new, Ledger(root, new, jobs), rerun={"train"})
+    assert [j.name for j in plan.run] == ["train", "explain"]
+
+
 def test_a_report_restores_what_a_run_would_retrain_for_its_model(tmp_path):
     """With ``explain`` not in the ledger, a run retrains ``train`` for its model; a report (nothing may run)
     restores ``train`` instead, so its rows are in the report."""

@@ -131,6 +131,12 @@ def _check_parts(parts: Sequence[StudyPart]) -> list[str]:
     return list(owner)
 
 
+def _short(folder: Path, out_dir: Path) -> str:
+    """A part's folder as the report names it: portable, and its parent named where that alone is ``.../cv``."""
+    text = portable_path(folder.resolve(), out_dir)
+    return f".../{folder.resolve().parent.name}/{folder.name}" if text.startswith(".../") else text
+
+
 def _cases(preds: pd.DataFrame, method: str) -> pd.DataFrame:
     rows = preds.loc[preds["method"] == method, _CASE]
     return rows.sort_values(_CASE).reset_index(drop=True)
@@ -188,7 +194,7 @@ def merge_studies(
         n_trained = int(sum(p.record.get("n_trained", 0) for p in parts))
         header = [
             f"- merged from {len(parts)} studies run apart: "
-            + "; ".join(f"`{portable_path(p.folder, out_dir)}` ({', '.join(p.record['methods'])})" for p in parts),
+            + "; ".join(f"{', '.join(p.record['methods'])} (`{_short(p.folder, out_dir)}`)" for p in parts),
             f"- bundle: `{portable_path(first['config_file'], out_dir)}`; "
             f"datalist: `{portable_path(first['datalist'], out_dir)}`",
             f"- sites: {', '.join(first['sites'])} (trained on {', '.join(first['train_sites'])}); "

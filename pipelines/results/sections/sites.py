@@ -80,6 +80,8 @@ def sites_section(out: Path, fig_dir: Path) -> list[str]:
         text = _without_section(summary.read_text().splitlines(), "## Figures")
         body = [("#" + line) if line.startswith("#") else line for line in text if not line.startswith("# ")]
         lines += [*render("sites", prefix), "", *sites_verdict(cv), ""]
+        if job == "sites":  # the confounded study's method tables are the comparators section's
+            lines += [*render("sites", "methods"), "", *_methods_table(cv, fig_dir), ""]
         cue = cv / "cue_effect" / "cue_effect.md"
         if cue.is_file():
             lines += [*render("sites", "cue_effect"), "", *cue.read_text().splitlines(), ""]
@@ -87,6 +89,16 @@ def sites_section(out: Path, fig_dir: Path) -> list[str]:
         lines += [f"![{p.stem}](results/{p.name})" for p in sorted(fig_dir.glob(f"{prefix}_heatmap_*.png"))]
         lines.append("")
     return lines
+
+
+def _methods_table(cv: Path, fig_dir: Path) -> list[str]:
+    """Every method of the site matrices against the baseline and PPI, pooled over training sites and seeds."""
+    from ...comparisons import site_comparison, site_markdown
+
+    preds = pd.read_csv(cv / "predictions.csv", dtype={"train_site": str, "test_site": str, "case": str})
+    table = site_comparison(preds)
+    table.to_csv(fig_dir / "sites_methods.csv", index=False)
+    return site_markdown("", table)[2:]  # the template's heading stands for the table's
 
 
 def _without_section(lines: list[str], heading: str) -> list[str]:
