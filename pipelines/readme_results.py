@@ -8,7 +8,9 @@ The block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in REA
 - ``comparators/sites_train.csv``: trained on the watermarked site alone (out-of-site AUC, DeLong p against
   the baseline, the watermark's pull on P(GA)), every method under ``train`` selection;
 - ``lidc_pooled.csv``: LIDC, every fold held out once and pooled, one row per PPI mask, control and comparator;
-- ``comparators/shortcut_<cue>_train.csv``: the digits with each cue, every method under ``train`` selection.
+- ``comparators/shortcut_<cue>_train.csv``: the digits with each cue, every method under ``train`` selection;
+- ``sites_methods.csv``, once the site matrices have run (:data:`OPTIONAL`): every site trained on in turn,
+  every method's pooled out-of-site AUC against the baseline.
 
 Each line says which method measured best there. ``python -m pipelines.readme_results`` rewrites the block
 after ``make results`` republishes; the test suite fails when the block and the files disagree.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["BEGIN", "END", "SOURCES", "CUES", "render_block", "update_readme", "main"]
+__all__ = ["BEGIN", "END", "OPTIONAL", "SOURCES", "CUES", "render_block", "update_readme", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -36,6 +38,8 @@ SOURCES = {
     "lidc": Path("docs/results/lidc_pooled.csv"),
     **{f"digits_{cue}": Path(f"docs/results/comparators/shortcut_{cue}_train.csv") for cue in CUES},
 }
+#: generated files whose line the block has once they exist (studies that take many sessions to finish)
+OPTIONAL = {"matrices": Path("docs/results/sites_methods.csv")}
 #: the name of the project's default in each table
 DEFAULT = "ppi_wbp"
 
@@ -45,12 +49,13 @@ def _p(p: float) -> str:
 
 
 def _link(key: str) -> str:
-    return f"[{SOURCES[key].name}]({SOURCES[key].as_posix()})"
+    path = {**SOURCES, **OPTIONAL}[key]
+    return f"[{path.name}]({path.as_posix()})"
 
 
 def _row(table: pd.DataFrame, name: str, key: str) -> pd.Series:
     if name not in table.index:
-        raise KeyError(f"{SOURCES[key]} has no row {name!r}")
+        raise KeyError(f"{ {**SOURCES, **OPTIONAL}[key] } has no row {name!r}")
     return table.loc[name]
 
 
@@ -86,6 +91,23 @@ def _confounded(sites: pd.DataFrame) -> str:
         f"{ppi['out_diff_baseline']:+.3f}, DeLong {_p(ppi['out_p_baseline'])}); the watermark's pull on P(GA) "
         f"{ppi['cue_effect']:+.3f} against {base['cue_effect']:+.3f}. Best out of site: `{best}` "
         f"({top['out_mean']:.3f}{versus}) ({_link('confounded')})."
+    )
+
+
+def _matrices(sites: pd.DataFrame) -> str:
+    base, ppi = _row(sites, "baseline", "matrices"), _row(sites, DEFAULT, "matrices")
+    best = sites["out_mean"].idxmax()
+    top = sites.loc[best]
+    versus = (
+        ""
+        if best == "baseline"
+        else f", {top['out_diff_baseline']:+.3f} over the baseline, DeLong {_p(top['out_p_baseline'])}"
+    )
+    return (
+        f"- Site matrices, each of the four sites trained on in turn, {int(ppi['seeds'])} seeds: pooled AUC on the "
+        f"sites not trained on {ppi['out_mean']:.3f} with PPI against {base['out_mean']:.3f} (on the seed-averaged "
+        f"scores {ppi['out_diff_baseline']:+.3f}, DeLong {_p(ppi['out_p_baseline'])}). Best of the {len(sites)} "
+        f"methods: `{best}` ({top['out_mean']:.3f}{versus}) ({_link('matrices')})."
     )
 
 
@@ -134,9 +156,11 @@ def render_block(root: Path = ROOT) -> str:
         if not (root / path).is_file():
             raise FileNotFoundError(f"{path}: the README's results block is made from it; run make results first")
     read = {key: pd.read_csv(root / path) for key, path in SOURCES.items()}
+    matrices = root / OPTIONAL["matrices"]
     return "\n".join(
         [
             _ga(read["ga"]),
+            *([_matrices(pd.read_csv(matrices).set_index("method"))] if matrices.is_file() else []),
             _confounded(read["confounded"].set_index("method")),
             _lidc(read["lidc"].set_index("variant")),
             _digits({cue: read[f"digits_{cue}"].set_index("method") for cue in CUES}),

@@ -171,3 +171,33 @@ def test_the_readmes_results_block_is_what_its_source_files_say(tmp_path: Path) 
     copy.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:begin"):
         update_readme(copy, render_block())
+
+
+def test_the_site_matrices_line_joins_the_block_once_its_table_is_published(tmp_path: Path) -> None:
+    import shutil
+
+    import pandas as pd
+
+    from pipelines.readme_results import OPTIONAL, SOURCES, render_block
+
+    for path in SOURCES.values():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / path, tmp_path / path)
+    without = render_block(tmp_path)
+    assert "Site matrices" not in without
+    table = pd.DataFrame(
+        {
+            "method": ["baseline", "ppi_wbp", "dfr"],
+            "seeds": [5, 5, 5],
+            "out_mean": [0.70, 0.72, 0.78],
+            "out_diff_baseline": [float("nan"), 0.021, 0.083],
+            "out_p_baseline": [float("nan"), 0.41, 0.0004],
+        }
+    )
+    (tmp_path / OPTIONAL["matrices"]).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(tmp_path / OPTIONAL["matrices"], index=False)
+    lines = render_block(tmp_path).splitlines()
+    assert lines[0] == without.splitlines()[0] and lines[2:] == without.splitlines()[1:]
+    assert lines[1].startswith("- Site matrices, each of the four sites trained on in turn, 5 seeds: pooled AUC")
+    assert "0.720 with PPI against 0.700 (on the seed-averaged scores +0.021, DeLong p = 0.410)" in lines[1]
+    assert "Best of the 3 methods: `dfr` (0.780, +0.083 over the baseline, DeLong p < 0.001)" in lines[1]
