@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -376,3 +377,17 @@ def test_attempts_are_pooled_apart_from_the_lidc_table_and_the_goals(tmp_path):
     assert best and "`ppi_wbp:warmup_epochs=0`, +0.350" in best[0] and "(not met:" in best[0]
     backwards = [line for line in lines if line.startswith("`ppi_wbp:w_con=3.0` gains +0.800")]
     assert backwards and "falls to 0.510" in backwards[0]
+
+
+def test_a_second_run_on_a_study_folder_in_use_stops_and_names_the_first(tmp_path, capsys):
+    from pipelines.results.lock import study_lock
+
+    argv = ["--out", str(tmp_path), "--profile", "quick", "--parts", "cost", "--report-only", "--no-progress"]
+    with study_lock(tmp_path):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2
+        message = capsys.readouterr().err
+        assert f"{tmp_path} is in use by make results (pid {os.getpid()}" in message
+        assert not (tmp_path / "RESULTS.md").exists() and not (tmp_path / "jobs").exists()
+    assert main(argv) == 0 and (tmp_path / "RESULTS.md").is_file()  # free again once the first has ended

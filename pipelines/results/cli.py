@@ -5,8 +5,9 @@ Parts (each a set of independent jobs, every job a real command a user could typ
     ga        table 2.2 form: the GA bundle, baseline and PPI with each saliency (gradient, input x gradient,
               Grad-CAM, LRP, WBP), pooled training, seeds 0..S-1, each scored on its held-out test part
               (``test_fraction``) with the linear reference of the same split
-    sites     table 2.3 form: ``pipelines.site_cv`` for baseline and PPI-WBP, the confounded site D among
-              the training sites, S seeds, DeLong p-values and the pooled off-diagonal test; and the
+    sites     table 2.3 form: ``pipelines.site_cv`` for every method, the confounded site D among the
+              training sites, S seeds, DeLong p-values and the pooled off-diagonal test (a study per method,
+              merged by :mod:`pipelines.site_cv.merge`: hours of CPU, spread over machines and days); and the
               confounded study: trained on site D alone (its watermark marks GA), scored on sites without
               the watermark and on site C, generated with the correlation reversed, 5 seeds, with the cue
               effect of its models (:mod:`pipelines.cue_effect`)
@@ -69,6 +70,7 @@ from pathlib import Path
 from .data import prepare_data
 from .jobs import Job, build_jobs
 from .ledger import LEDGER, Ledger
+from .lock import StudyBusyError, study_lock
 from .plan import plan_study
 from .profiles import PARTS, PROFILES
 from .report import write_report
@@ -142,9 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     if args.workers < 1 or args.threads < 1:
         parser.error("--workers and --threads must be >= 1")
-    profile = PROFILES[args.profile]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with study_lock(out):
+            return _run(parser, args, parts, out)
+    except StudyBusyError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, parts: list[str], out: Path) -> int:
+    """:func:`main` once it holds the study folder."""
+    profile = PROFILES[args.profile]
     uri = tracking_uri(out, args.tracking_uri)
     jobs = build_jobs(out, profile, parts, uri)
     rerun = _matching(jobs, args.rerun) if args.rerun else []
