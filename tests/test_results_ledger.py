@@ -210,7 +210,8 @@ def test_every_bundle_job_names_the_bundle_files_it_reads_and_the_others_none():
     jobs = build_jobs(ROOT / "runs" / "results", PROFILES["quick"], PARTS, "sqlite://")
     named = {j.name: j.bundles for j in jobs}
     ga, saliency, lidc = (BUNDLES[k] for k in ("ga", "saliency", "lidc"))
-    assert named["ga-baseline-s0"] == named["sites"] == named["sites-cue"] == (ga,)
+    assert named["ga-baseline-s0"] == named["sites-baseline"] == named["sites-cue"] == (ga,)
+    assert named["sites"] == ()  # the merge reads its parts' predictions; a part run again takes it along
     assert named["saliency-ppi_wbp"] == (ga, saliency) and named["lidc-baseline-f0"] == (lidc,)
     assert named["shortcut"] == named["cost"] == ()
     # the site studies pass the same bundle on their command line
