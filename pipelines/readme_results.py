@@ -76,15 +76,18 @@ def _ga(runs: pd.DataFrame) -> str:
     )
 
 
-def _confounded(sites: pd.DataFrame) -> str:
-    base, ppi = _row(sites, "baseline", "confounded"), _row(sites, DEFAULT, "confounded")
+def _best_out(sites: pd.DataFrame) -> tuple[str, pd.Series, str]:
+    """The method with the best out-of-site AUC, its row, and its gain over the baseline in words."""
     best = sites["out_mean"].idxmax()
     top = sites.loc[best]
-    versus = (
-        ""
-        if best == "baseline"
-        else f", {top['out_diff_baseline']:+.3f} over the baseline, DeLong {_p(top['out_p_baseline'])}"
-    )
+    if best == "baseline":
+        return best, top, ""
+    return best, top, f", {top['out_diff_baseline']:+.3f} over the baseline, DeLong {_p(top['out_p_baseline'])}"
+
+
+def _confounded(sites: pd.DataFrame) -> str:
+    base, ppi = _row(sites, "baseline", "confounded"), _row(sites, DEFAULT, "confounded")
+    best, top, versus = _best_out(sites)
     return (
         f"- Trained on the one site whose watermark marks GA, {int(ppi['seeds'])} seeds: AUC on the other sites "
         f"{ppi['out_mean']:.3f} with PPI against {base['out_mean']:.3f} (mean over seeds; on the seed-averaged scores "
@@ -96,13 +99,7 @@ def _confounded(sites: pd.DataFrame) -> str:
 
 def _matrices(sites: pd.DataFrame) -> str:
     base, ppi = _row(sites, "baseline", "matrices"), _row(sites, DEFAULT, "matrices")
-    best = sites["out_mean"].idxmax()
-    top = sites.loc[best]
-    versus = (
-        ""
-        if best == "baseline"
-        else f", {top['out_diff_baseline']:+.3f} over the baseline, DeLong {_p(top['out_p_baseline'])}"
-    )
+    best, top, versus = _best_out(sites)
     return (
         f"- Site matrices, each of the four sites trained on in turn, {int(ppi['seeds'])} seeds: pooled AUC on the "
         f"sites not trained on {ppi['out_mean']:.3f} with PPI against {base['out_mean']:.3f} (on the seed-averaged "

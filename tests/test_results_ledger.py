@@ -319,12 +319,18 @@ def test_plan_restores_entries_and_runs_a_restored_job_again_when_a_dependant_ne
     assert plan.reasons["explain"].endswith("was made after another run of train")
 
 
-def test_a_job_that_reads_only_kept_outputs_runs_on_restored_copies(tmp_path):
-    """A merge of site studies reads their predictions, which the ledger keeps: they are restored, not rerun."""
+def _train_in_ledger(tmp_path: Path) -> Path:
+    """A ledger under ``tmp_path`` holding ``train`` alone (finished by hand in ``tmp_path/first``)."""
     first, root = tmp_path / "first", tmp_path / "ledger"
     jobs = _jobs(first)
     _finish_by_hand(first, jobs[0], {"train/runs/r1/model.pt": b"w", "train/runs/r1/test_predictions.csv": b"p"})
     Ledger(root, first).record(jobs[0])
+    return root
+
+
+def test_a_job_that_reads_only_kept_outputs_runs_on_restored_copies(tmp_path):
+    """A merge of site studies reads their predictions, which the ledger keeps: they are restored, not rerun."""
+    root = _train_in_ledger(tmp_path)
     new = tmp_path / "new"
     jobs = _jobs(new)
     jobs[1] = dataclasses.replace(jobs[1], reads_models=False)
@@ -339,10 +345,7 @@ def test_a_job_that_reads_only_kept_outputs_runs_on_restored_copies(tmp_path):
 def test_a_report_restores_what_a_run_would_retrain_for_its_model(tmp_path):
     """With ``explain`` not in the ledger, a run retrains ``train`` for its model; a report (nothing may run)
     restores ``train`` instead, so its rows are in the report."""
-    first, root = tmp_path / "first", tmp_path / "ledger"
-    jobs = _jobs(first)
-    _finish_by_hand(first, jobs[0], {"train/runs/r1/model.pt": b"w", "train/runs/r1/test_predictions.csv": b"p"})
-    Ledger(root, first).record(jobs[0])
+    root = _train_in_ledger(tmp_path)
     new = tmp_path / "new"
     jobs = _jobs(new)
     running = plan_study(jobs, jobs, new, Ledger(root, new, jobs))
