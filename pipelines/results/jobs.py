@@ -193,17 +193,17 @@ def _site_jobs(out: Path, profile: Profile, tracking_uri: str) -> list[Job]:
     jobs = []
     oracle = ("--oracle-sites", profile.oracle_site)
     methods = ("baseline", "ppi_wbp", *profile.site_controls, *profile.comparators)
-    confounded = ",".join(methods)
+    every_method = ",".join(methods)  # the confounded studies run them all in one study
     # (job, data, methods, extra arguments, seeds, kept outputs); the site matrices take hours of CPU, so each
     # method is a study of its own, able to run on another machine or day, and a merge makes the one report
     studies = [
         *((f"sites-{m}", "ga_sites", m, profile.sites, profile.seeds, _SITE_PART_OUTPUTS) for m in methods),
-        ("sites-confounded", "ga_sites_rev", confounded, profile.confounded, profile.confounded_seeds, _SITE_OUTPUTS),
+        ("sites-confounded", "ga_sites_rev", every_method, profile.confounded, profile.confounded_seeds, _SITE_OUTPUTS),
         *(
             (
                 f"sites-confounded-{sel}",
                 "ga_sites_rev",
-                confounded,
+                every_method,
                 (*profile.confounded, "--selection", sel, *oracle[: 2 * (sel == "oracle")]),
                 profile.confounded_seeds,
                 _SITE_OUTPUTS,
