@@ -4,7 +4,8 @@ Reads what the studies wrote and tests each method against both references:
 
 - a shortcut benchmark folder (``pipelines.shortcut --out DIR``: ``DIR/<cue>/results.csv``): reversed-cue and
   cue-free AUC, mean +- sd over seeds, paired t-tests across seeds;
-- ``make results``' GA jobs (``--ga OUT``): held-out test AUC, DeLong per seed;
+- ``make results``' GA jobs (``--ga OUT``): held-out test AUC, DeLong per seed, per selection rule the jobs ran
+  under;
 - a site-CV folder (``pipelines.site_cv --out DIR``: ``DIR/predictions.csv``, and ``DIR/cue_effect/cue_effect.csv``
   when :mod:`pipelines.cue_effect` has run): the training site's own held-out AUC and the pooled out-of-site
   AUC (every other site's records in one ROC) per seed, mean +- sd, with DeLong's paired test on the
@@ -38,6 +39,7 @@ from .portable import portable_path, portable_text
 __all__ = [
     "best_line",
     "ga_comparison",
+    "ga_selections",
     "main",
     "shortcut_comparison",
     "site_comparison",
@@ -141,16 +143,31 @@ def site_comparison(
     return pd.DataFrame(rows)
 
 
-def ga_comparison(jobs_dir: Path, references: Sequence[str] = SITE_REFERENCES) -> pd.DataFrame:
-    """One row per method of ``make results``' GA jobs (``jobs_dir/ga-<method>-s<seed>/runs/*/test_predictions.csv``):
-    held-out test AUC (``out``: mean, sd over seeds), the mean paired difference against each reference and the
-    largest of the seeds' DeLong p (``out_p_<ref>``: every seed must show the difference)."""
+#: a GA job's folder: ``ga-<method>-s<seed>``, under a selection rule other than ``train`` ``...-<rule>``
+_GA_JOB = r"ga-(.+?)-s(\d+)(?:-([a-z_]+))?"
+
+
+def ga_selections(jobs_dir: Path) -> list[str]:
+    """The selection rules ``make results``' GA jobs in ``jobs_dir`` ran under, ``train`` first."""
+    import re
+
+    found = {m.group(3) or "train" for p in jobs_dir.glob("ga-*-s*") if (m := re.fullmatch(_GA_JOB, p.name))}
+    return sorted(found, key=lambda s: (s != "train", s))
+
+
+def ga_comparison(
+    jobs_dir: Path, references: Sequence[str] = SITE_REFERENCES, selection: str = "train"
+) -> pd.DataFrame:
+    """One row per method of ``make results``' GA jobs under ``selection`` (``jobs_dir/ga-<method>-s<seed>`` for
+    ``train``, ``...-<selection>`` otherwise; ``runs/*/test_predictions.csv`` in each): held-out test AUC (``out``:
+    mean, sd over seeds), the mean paired difference against each reference under the same rule and the largest
+    of the seeds' DeLong p (``out_p_<ref>``: every seed must show the difference)."""
     import re
 
     found: dict[str, dict[int, pd.DataFrame]] = {}
     for path in sorted(jobs_dir.glob("ga-*-s*/runs/*/test_predictions.csv")):
-        m = re.fullmatch(r"ga-(.+)-s(\d+)", path.parents[2].name)
-        if m:
+        m = re.fullmatch(_GA_JOB, path.parents[2].name)
+        if m and (m.group(3) or "train") == selection:
             found.setdefault(m.group(1), {})[int(m.group(2))] = pd.read_csv(path)
     rows = []
     for method, seeds in found.items():
@@ -304,9 +321,10 @@ def _provenance(shortcut: dict[str, Path], sites: dict[str, Path], out: Path, ga
     if ga is not None:
         done = [json.loads(p.read_text()) for p in sorted((ga / "jobs").glob("ga-*-s*/done.json"))]
         commits = sorted({d.get("commit", "?")[:12] for d in done})
+        rules = ", ".join(f"`{r}`" for r in ga_selections(ga / "jobs"))
         lines.append(
-            f"- GA pooled (`{portable_path(ga, out)}`): {len(done)} `make results` GA jobs at commit(s) "
-            + ", ".join(commits)
+            f"- GA pooled (`{portable_path(ga, out)}`): {len(done)} `make results` GA jobs (selection {rules}) at "
+            "commit(s) " + ", ".join(commits)
         )
     for label, folder in sites.items():
         head = (folder / "summary.md").read_text().splitlines()[:9] if (folder / "summary.md").is_file() else []
@@ -336,11 +354,19 @@ def write_comparisons(shortcut: dict[str, Path], sites: dict[str, Path], out: Pa
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Which fix works here: the comparators beside PPI", "", *_provenance(shortcut, sites, out, ga), ""]
     if ga is not None:
-        table = ga_comparison(ga / "jobs")
-        if table.empty:
+        lines += ["## GA, pooled training", ""]
+        rules = ga_selections(ga / "jobs")
+        tables = {sel: ga_comparison(ga / "jobs", selection=sel) for sel in rules}
+        tables = {sel: t for sel, t in tables.items() if not t.empty}
+        if not tables:
             raise FileNotFoundError(f"{ga}: no jobs/ga-<method>-s<seed>/runs/*/test_predictions.csv")
-        table.to_csv(out / "ga_pooled.csv", index=False)
-        lines += ["## GA, pooled training", "", *_ga_markdown(table)]
+        for sel, table in tables.items():
+            table.to_csv(out / ("ga_pooled.csv" if sel == "train" else f"ga_pooled_{sel}.csv"), index=False)
+            lines += [f"#### Selection `{sel}`", ""] if len(tables) > 1 else []
+            lines += _ga_markdown(table)
+        if len(tables) > 1:
+            _plot(tables, "out", "held-out test AUC", out / "ga_pooled_test_auc.png")
+            lines += ["![held-out test AUC per method and selection rule](ga_pooled_test_auc.png)", ""]
     if sites:
         lines += ["## Site study", ""]
         tables = {}

@@ -8,7 +8,14 @@ import pytest
 from scipy.stats import ttest_rel
 from sklearn.metrics import roc_auc_score
 
-from pipelines.comparisons import best_line, ga_comparison, main, shortcut_comparison, site_comparison
+from pipelines.comparisons import (
+    best_line,
+    ga_comparison,
+    ga_selections,
+    main,
+    shortcut_comparison,
+    site_comparison,
+)
 from ppi_med.stats import delong_test
 
 
@@ -87,23 +94,31 @@ def test_with_several_training_sites_a_record_counts_once_per_model_trained_else
 def test_ga_table_reads_the_held_out_predictions_of_each_seed(tmp_path):
     rng = np.random.default_rng(2)
     labels = np.arange(20) % 2
-    for method in ("baseline", "dfr"):
+    for method, rule in (("baseline", ""), ("dfr", ""), ("baseline", "-worst_site"), ("dfr", "-worst_site")):
         for seed in range(2):
-            folder = tmp_path / "jobs" / f"ga-{method}-s{seed}" / "runs" / "r"
+            folder = tmp_path / "jobs" / f"ga-{method}-s{seed}{rule}" / "runs" / "r"
             folder.mkdir(parents=True)
-            prob = np.clip(labels * (0.6 if method == "dfr" else 0.2) + rng.uniform(0, 0.6, 20), 0, 1)
+            # under worst_site DFR separates nothing: the rules' tables must not mix
+            signal = 0.6 if method == "dfr" and not rule else 0.2
+            prob = np.clip(labels * signal + rng.uniform(0, 0.6, 20), 0, 1)
             pd.DataFrame({"image": [f"e{i}" for i in range(20)], "label": labels, "prob": prob}).to_csv(
                 folder / "test_predictions.csv", index=False
             )
-    table = ga_comparison(tmp_path / "jobs").set_index("method")
-    aucs = [
-        roc_auc_score(labels, pd.read_csv(p).prob) for p in sorted((tmp_path / "jobs").glob("ga-dfr-*/runs/r/*.csv"))
-    ]
-    assert table.loc["dfr", "out_mean"] == pytest.approx(np.mean(aucs)) and table.loc["dfr", "seeds"] == 2
-    assert 0 < table.loc["dfr", "out_p_baseline"] <= 1
+    assert ga_selections(tmp_path / "jobs") == ["train", "worst_site"]
+    for rule, pattern in (("train", "ga-dfr-s?"), ("worst_site", "ga-dfr-s?-worst_site")):
+        table = ga_comparison(tmp_path / "jobs", selection=rule).set_index("method")
+        aucs = [
+            roc_auc_score(labels, pd.read_csv(p).prob) for p in sorted((tmp_path / "jobs").glob(pattern + "/*/*/*"))
+        ]
+        assert len(aucs) == 2 and table.loc["dfr", "seeds"] == 2
+        assert table.loc["dfr", "out_mean"] == pytest.approx(np.mean(aucs))
+        assert 0 < table.loc["dfr", "out_p_baseline"] <= 1
     assert main(["--ga", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "README.md").read_text()
-    assert "## GA, pooled training" in text and "| `dfr` |" in text
+    assert "## GA, pooled training" in text and text.count("| `dfr` |") == 2
+    assert "#### Selection `worst_site`" in text and "(selection `train`, `worst_site`)" in text
+    assert (tmp_path / "report" / "ga_pooled_worst_site.csv").is_file()
+    assert (tmp_path / "report" / "ga_pooled_test_auc.png").is_file()
 
 
 def test_a_folder_without_results_is_named(tmp_path, capsys):

@@ -108,12 +108,18 @@ def test_failed_job_is_named_with_its_log_and_its_dependants_do_not_run(tmp_path
 def test_jobs_cover_every_method_seed_and_fold_of_the_full_profile(tmp_path):
     jobs = build_jobs(tmp_path, PROFILES["full"], ["ga", "saliency", "lidc", "sites", "shortcut", "cost"], "sqlite://")
     names = {j.name for j in jobs}
-    ga = {n for n in names if n.startswith("ga-")}
+    by_name = {j.name: j for j in jobs}
+    ga = {n for n in names if n.startswith("ga-") and by_name[n].ga_table}
     # baseline, five saliencies, the three controls of docs/DESIGN.md section 4.5 and four comparators, 5 seeds
     assert len(ga) == 13 * 5 and {"ga-ppi_gradcam-s2", "ga-random_mask-s0", "ga-ppi_wbp_partner_zero-s1"} <= ga
     assert {"ga-groupdro-s0", "ga-jtt-s1", "ga-dfr-s2", "ga-ppi_wbp+dfr-s0"} <= ga
+    # the baseline, PPI-WBP, its controls and the comparators again under worst_site selection, off the GA table
+    worst = {n for n in names if n.endswith("-worst_site") and n.startswith("ga-")}
+    assert len(worst) == 9 * 5 and "ga-ppi_gradcam-s0-worst_site" not in worst
+    argv = by_name["ga-ppi_wbp+dfr-s3-worst_site"].argv
+    assert argv[argv.index("--selection") + 1] == "worst_site" and "--selection" not in by_name["ga-dfr-s3"].argv
+    assert argv[argv.index("--seed") + 1] == "3" and by_name["ga-dfr-s3-worst_site"].part == "ga"
     # the confounded study under each selection rule, the oracle on the cue-reversed site, each with its cue effect
-    by_name = {j.name: j for j in jobs}
     oracle = by_name["sites-confounded-oracle"].argv
     assert oracle[oracle.index("--selection") + 1] == "oracle" and oracle[oracle.index("--oracle-sites") + 1] == "C"
     assert "--oracle-sites" not in by_name["sites-confounded-worst_site"].argv
@@ -213,6 +219,8 @@ def test_study_methods_and_masks_come_from_the_registries():
         Profile(seeds=1, saliencies=("nope",))
     with pytest.raises(ValueError, match=r"LIDC masks \['ring'\] are not PPI masks"):
         Profile(seeds=1, lidc_masks=("ring",))
+    with pytest.raises(ValueError, match=r"ga_selections may hold only 'worst_site'"):
+        Profile(seeds=1, ga_selections=("oracle",))  # the pooled GA data has nothing to be an oracle on
 
 
 def test_every_bundle_path_is_read_from_one_place(tmp_path):

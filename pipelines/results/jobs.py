@@ -63,6 +63,11 @@ class Job:
     bundles: tuple[str, ...] = ()
     reads_models: bool = True
 
+    @property
+    def ga_table(self) -> bool:
+        """A GA job of the pooled table (``train`` selection); the other rules' are the comparisons' alone."""
+        return self.part == "ga" and "selection" not in self.meta
+
 
 def portable_command(argv: Sequence[str], out: Path, root: Path, tracking_uri: str) -> list[str]:
     """``argv`` as it reads on any machine: the same job in another study folder gives the same list.
@@ -136,27 +141,32 @@ def _ga_data(out: Path) -> list[str]:
 
 
 def _ga_jobs(out: Path, profile: Profile, parts: Sequence[str], common: list[str]) -> list[Job]:
-    """GA training per method and seed; with ``saliency`` alone only the two seed-0 models it explains."""
+    """GA training per method and seed; with ``saliency`` alone only the two seed-0 models it explains. The
+    comparators, PPI-WBP, its controls and the baseline again under each of ``profile.ga_selections``
+    (``ga-<method>-s<seed>-<rule>``, meta ``selection``); the GA table reads the ``train`` jobs only."""
     jobs = []
     methods = ("baseline", *(f"ppi_{s}" for s in profile.saliencies), *profile.ga_controls, *profile.comparators)
-    for seed in range(profile.seeds):
-        for method in methods:
-            if "ga" not in parts and not (seed == 0 and method in ("baseline", "ppi_wbp")):
-                continue
-            name = f"ga-{method}-s{seed}"
-            argv = [
-                *_bundle("ga"),
-                *common,
-                *_ga_data(out),
-                *("--seed", str(seed)),
-                *_tracked_run(out, name, "results_ga"),
-                *method_args(method),
-                *profile.ga,
-            ]
-            # the cost table reads the log's epoch times and the run's warm-up (params.json)
-            keeps = tuple(f"{name}/{p}" for p in ("log.txt", *_RUN_OUTPUTS))
-            meta = {"method": method, "seed": seed}
-            jobs.append(Job(name, "ga", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["ga"],)))
+    compared = ("baseline", "ppi_wbp", *profile.ga_controls, *profile.comparators)
+    runs = [(m, s, "train") for s in range(profile.seeds) for m in methods]
+    runs += [(m, s, sel) for sel in profile.ga_selections for s in range(profile.seeds) for m in compared]
+    for method, seed, sel in runs:
+        if "ga" not in parts and not (seed == 0 and method in ("baseline", "ppi_wbp") and sel == "train"):
+            continue
+        name = f"ga-{method}-s{seed}" + ("" if sel == "train" else f"-{sel}")
+        argv = [
+            *_bundle("ga"),
+            *common,
+            *_ga_data(out),
+            *("--seed", str(seed)),
+            *_tracked_run(out, name, "results_ga"),
+            *method_args(method),
+            *(() if sel == "train" else ("--selection", sel)),
+            *profile.ga,
+        ]
+        # the cost table reads the log's epoch times and the run's warm-up (params.json)
+        keeps = tuple(f"{name}/{p}" for p in ("log.txt", *_RUN_OUTPUTS))
+        meta = {"method": method, "seed": seed, **({} if sel == "train" else {"selection": sel})}
+        jobs.append(Job(name, "ga", argv, meta=meta, keeps=keeps, bundles=(BUNDLES["ga"],)))
     return jobs
 
 

@@ -121,6 +121,9 @@ class Profile:
             earlier default (``ppi_wbp_partner_zero``) and the two controls (docs/DESIGN.md section 4.5).
         lidc_controls: the controls of the LIDC table (its bundle pairs as ``ppi_wbp_partner_zero`` does already).
         comparators: the comparators of the GA and LIDC tables and the site studies (docs/DESIGN.md section 9).
+        ga_selections: the selection rules besides ``train`` that the GA table's comparators, PPI-WBP, its
+            controls and the baseline are trained under again (no ``oracle``: the pooled data has no
+            cue-decorrelated part to validate on).
         oracle_site: the confounded study's cue-reversed site, which ``oracle`` selection validates on.
         comparator_shortcut: arguments of the shortcut comparators' jobs (one per selection rule).
         lidc_attempts: (name, PPI mask, bundle overrides) of the forms tried against the LIDC bar, each run on
@@ -129,7 +132,8 @@ class Profile:
             ``train`` selection and once scoring the last epoch (what the rule gave up).
 
     Raises:
-        ValueError: a saliency or mask that its registry does not have, or an unknown ``lidc_data``.
+        ValueError: a saliency or mask that its registry does not have, an unknown ``lidc_data``, or a GA
+            selection rule other than ``worst_site``.
     """
 
     seeds: int
@@ -151,6 +155,7 @@ class Profile:
     site_controls: tuple[str, ...] = CONTROLS
     lidc_controls: tuple[str, ...] = tuple(c for c in CONTROLS if c != "ppi_wbp_partner_zero")
     comparators: tuple[str, ...] = COMPARATOR_METHODS
+    ga_selections: tuple[str, ...] = ("worst_site",)
     oracle_site: str = "C"
     comparator_shortcut: tuple[str, ...] = (
         "--cue", "patch,line,intensity,texture", "--grid", "comparators", "--seeds", "5",
@@ -167,6 +172,8 @@ class Profile:
         unknown = [m for m in self.lidc_masks if m not in MASKS]
         if unknown:
             raise ValueError(f"profile LIDC masks {unknown} are not PPI masks; choose from {', '.join(MASKS)}")
+        if not set(self.ga_selections) <= {"worst_site"}:
+            raise ValueError(f"profile ga_selections may hold only 'worst_site', got {self.ga_selections}")
         if self.lidc_data not in ("default", "small"):
             raise ValueError(f"profile lidc_data must be 'default' or 'small', got '{self.lidc_data}'")
 
@@ -201,6 +208,7 @@ PROFILES = {
         site_controls=(),
         lidc_controls=(),
         comparators=("dfr",),
+        ga_selections=(),
         oracle_site="B",
         comparator_shortcut=("--cue", "patch", "--methods", "baseline", "ppi", "dfr", "--seeds", "1", "--epochs", "1"),
         lidc_attempts=(LIDC_ATTEMPTS[0],),

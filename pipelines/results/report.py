@@ -86,14 +86,14 @@ def _sources(out: Path, jobs: Sequence[Job], pick: Callable[[Job], bool]) -> lis
 
 #: which jobs each section's rows come from (the goals table repeats figures of the others and has none)
 SECTION_JOBS: dict[str, Callable[[Job], bool]] = {
-    "ga": lambda j: j.part == "ga",
+    "ga": lambda j: j.ga_table,
     "sites": lambda j: j.name in ("sites", "sites-confounded", "sites-cue"),
     "lidc": lambda j: j.part == "lidc" and not j.meta.get("attempt"),
     "saliency": lambda j: j.part == "saliency",
     "shortcut": lambda j: j.name == "shortcut",
     "outlines": lambda j: j.name.startswith("shortcut-outlines-"),
     "comparators": lambda j: j.name.startswith(("sites-confounded", "sites-cue", "shortcut-comparators-", "ga-")),
-    "cost": lambda j: j.part == "ga" or j.name == "cost",
+    "cost": lambda j: j.ga_table or j.name == "cost",
     "attempts": lambda j: j.meta.get("attempt") or j.name.startswith("shortcut-attempts-"),
 }
 
@@ -164,7 +164,7 @@ def write_report(out: Path, jobs: Sequence[Job], profile_name: str, publish: Pat
     goals: dict = {}  # the sections leave the figures the goals table measures; it goes before them
     at_goals = len(lines)
     sections = {
-        "ga": lambda: ga_section(out, jobs, client, goals) if any(j.part == "ga" for j in jobs) else [],
+        "ga": lambda: ga_section(out, jobs, client, goals) if any(j.ga_table for j in jobs) else [],
         "sites": lambda: sites_section(out, fig_dir),
         "lidc": lambda: lidc_section(out, jobs, client, goals) if any(j.part == "lidc" for j in jobs) else [],
         "saliency": lambda: saliency_section(out, jobs, fig_dir, goals),

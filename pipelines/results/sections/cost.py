@@ -45,10 +45,10 @@ def cost_section(out: Path, jobs: Sequence[Job]) -> list[str]:
 
     Args:
         out: the study folder.
-        jobs: the study's jobs (the finished ones of part ``ga`` are read).
+        jobs: the study's jobs (the finished GA jobs of the pooled table, ``Job.ga_table``, are read).
     """
     lines: list[str] = []
-    ga = [j for j in jobs if j.part == "ga" and done_path(out, j).is_file()]
+    ga = [j for j in jobs if j.ga_table and done_path(out, j).is_file()]
     if ga:
         lines += render("cost", "ga")
         for method in dict.fromkeys(j.meta["method"] for j in ga):

@@ -29,11 +29,11 @@ def ga_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[str]
 
     Args:
         out: the study folder.
-        jobs: the study's jobs (those of part ``ga`` are read).
+        jobs: the study's jobs (those of the pooled table, ``Job.ga_table``, are read).
         client: an ``mlflow.MlflowClient`` of the study's store.
         goals: figures for the goals table, filled here.
     """
-    ga = [j for j in jobs if j.part == "ga"]
+    ga = [j for j in jobs if j.ga_table]
     seeds = sorted({j.meta["seed"] for j in ga})
     methods = list(dict.fromkeys(j.meta["method"] for j in ga))
     names = {(j.meta["method"], j.meta["seed"]): j.name for j in ga}
