@@ -29,7 +29,7 @@ from ppi_med.tracking import TrackingServerError, check_tracking_uri, ensure_exp
 
 from ..portable import portable_path, portable_text
 from .config import SiteCVError
-from .report import REPORT_MARKER, selection_line, study_notes, write_report
+from .report import REPORT_MARKER, design_lines, study_notes, write_report
 from .study import artifact_location
 from .tables import site_cv_tables
 
@@ -192,21 +192,6 @@ def merge_studies(
     status = "FAILED"
     try:
         n_trained = int(sum(p.record.get("n_trained", 0) for p in parts))
-        header = [
-            f"- merged from {len(parts)} studies run apart: "
-            + "; ".join(f"{', '.join(p.record['methods'])} (`{_short(p.folder, out_dir)}`)" for p in parts),
-            f"- bundle: `{portable_path(first['config_file'], out_dir)}`; "
-            f"datalist: `{portable_path(first['datalist'], out_dir)}`",
-            f"- sites: {', '.join(first['sites'])} (trained on {', '.join(first['train_sites'])}); "
-            f"methods: {', '.join(methods)}; seeds: {', '.join(map(str, first['seeds']))}; "
-            f"checkpoint: {first['checkpoint']}",
-            selection_line(first["selection"], first["oracle_sites"]),
-            f"- bundle overrides: `{parts[0].overrides}`",
-            f"- MLflow: experiment `{experiment}`, merge run `{run_id}`, store `{portable_text(uri, out_dir)}`; "
-            "the parts' parent runs: " + ", ".join(f"`{p.record.get('parent_run_id')}`" for p in parts),
-            f"- cells: {len(cells)} (trained in their parts); merged in {time.perf_counter() - t_start:.1f} s; "
-            f"git {git_commit(_REPO)[:12]}",
-        ]
         extra = [n for p in parts for n in p.record.get("study_notes", [])]
         notes = study_notes(first["val_fraction"], first["checkpoint"], first["one_class"], extra, tables)
         record = {
@@ -223,6 +208,15 @@ def merge_studies(
             "n_reused": len(cells) - n_trained,
             "wall_seconds": round(time.perf_counter() - t_start, 2),
         }
+        header = [
+            f"- merged from {len(parts)} studies run apart: "
+            + "; ".join(f"{', '.join(p.record['methods'])} (`{_short(p.folder, out_dir)}`)" for p in parts),
+            *design_lines(record, parts[0].overrides, out_dir),
+            f"- MLflow: experiment `{experiment}`, merge run `{run_id}`, store `{portable_text(uri, out_dir)}`; "
+            "the parts' parent runs: " + ", ".join(f"`{p.record.get('parent_run_id')}`" for p in parts),
+            f"- cells: {len(cells)} (trained in their parts); merged in {record['wall_seconds']:.1f} s; "
+            f"git {git_commit(_REPO)[:12]}",
+        ]
         files = write_report(out_dir, tables, preds, cells, header, notes, record, client, run_id)
         status = "FINISHED"
     finally:

@@ -33,6 +33,7 @@ __all__ = [
     "REPORT_MARKER",
     "archive_previous_report",
     "console_report",
+    "design_lines",
     "markdown_report",
     "selection_line",
     "study_notes",
@@ -362,19 +363,6 @@ def write_study_report(
     out_dir = study.out_dir
     seconds = time.perf_counter() - t_start
     n_trained = int((cells["status"] == "trained").sum())
-    header = [
-        f"- bundle: `{portable_path(study.config_file, out_dir)}`; "
-        f"datalist: `{portable_path(study.datalist, out_dir)}`",
-        f"- sites: {', '.join(study.sites)} (trained on {', '.join(study.train_sites)}); "
-        f"methods: {', '.join(study.methods)}; "
-        f"seeds: {', '.join(map(str, study.seeds))}; checkpoint: {cfg.checkpoint}",
-        selection_line(cfg.selection, cfg.oracle_sites),
-        f"- bundle overrides: `{portable_text(json.dumps(dict(cfg.overrides), default=str), out_dir)}`",
-        f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, "
-        f"store `{portable_text(study.tracking_uri, out_dir)}`",
-        f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
-        f"wall time {seconds:.1f} s; git {git_commit(_REPO)[:12]}",
-    ]
     record = {
         "stamp": study.stamp,
         "command": sys.argv,
@@ -399,6 +387,13 @@ def write_study_report(
         "n_reused": len(cells) - n_trained,
         "wall_seconds": round(seconds, 2),
     }
+    header = [
+        *design_lines(record, portable_text(json.dumps(dict(cfg.overrides), default=str), out_dir), out_dir),
+        f"- MLflow: experiment `{cfg.experiment}`, parent run `{study.parent_id}`, "
+        f"store `{portable_text(study.tracking_uri, out_dir)}`",
+        f"- cells: {len(cells)} ({n_trained} trained, {len(cells) - n_trained} reused); "
+        f"wall time {seconds:.1f} s; git {git_commit(_REPO)[:12]}",
+    ]
     notes = study_notes(study.val_fraction, cfg.checkpoint, study.one_class, study.notes, tables)
     files = write_report(out_dir, tables, preds, cells, header, notes, record, study.client, study.parent_id)
     if cfg.out_dir is None:
@@ -407,6 +402,20 @@ def write_study_report(
     if study.tracking_uri.startswith("sqlite:///"):
         print(f"  open it with: mlflow ui --backend-store-uri {study.tracking_uri}")
     return files
+
+
+def design_lines(record: dict[str, Any], overrides: str, out_dir: Path) -> list[str]:
+    """The header lines that say what a study ran (bundle, datalist, sites, methods, seeds, checkpoint, selection
+    rule, bundle overrides), from its ``summary.json`` record; ``overrides`` as the report publishes them."""
+    return [
+        f"- bundle: `{portable_path(record['config_file'], out_dir)}`; "
+        f"datalist: `{portable_path(record['datalist'], out_dir)}`",
+        f"- sites: {', '.join(record['sites'])} (trained on {', '.join(record['train_sites'])}); "
+        f"methods: {', '.join(record['methods'])}; seeds: {', '.join(map(str, record['seeds']))}; "
+        f"checkpoint: {record['checkpoint']}",
+        selection_line(record["selection"], record["oracle_sites"]),
+        f"- bundle overrides: `{overrides}`",
+    ]
 
 
 def selection_line(selection: str, oracle_sites: Sequence[str] | None) -> str:
