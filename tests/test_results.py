@@ -348,6 +348,8 @@ def test_attempts_are_pooled_apart_from_the_lidc_table_and_the_goals(tmp_path):
     table = lidc_section(tmp_path, jobs, client=None, goals=goals)
     assert set(goals) == {"lidc_baseline", "lidc_ppi_wbp_box"}  # the attempt neither in the goals ...
     assert not any("box_std" in line for line in table)  # ... nor in the table
+    best = max(("baseline", "ppi_wbp_box"), key=pooled.get)
+    assert f"Best pooled held-out AUC: `{best}` ({pooled[best]:.3f})." in table
 
     lines = attempts_section(tmp_path, jobs, tmp_path / "fig")
     (row,) = [line for line in lines if line.startswith("| `box_std_0.8`")]

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ppi_med.stats import auc_ci
 
+from ...comparisons import best_line
 from ...formatting import mean_sd, p_value
 from ..jobs import Job
 from ..paths import BUNDLES
@@ -82,7 +83,8 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         patients=n_pat,
     )
     ppi = pooled[LIDC_PPI][0] if LIDC_PPI in pooled else None
-    rows = []
+    ppi_auc = auc_ci(ppi["label"], ppi["prob"]).auc if ppi is not None else np.nan
+    rows, verdict = [], []  # verdict: the rows of the sentence under the table, as pipelines.comparisons reads them
     for v, (frame, fold_aucs, _) in pooled.items():
         res = auc_ci(frame["label"], frame["prob"])
         p = np.nan if v == "baseline" else delong_p(base, frame)
@@ -94,10 +96,14 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
         rows.append({"variant": v, "nodules": len(frame), "auc": res.auc, "ci_low": res.ci_low,
                      "ci_high": res.ci_high, "p_vs_baseline": p, "p_vs_ppi": p_ppi, "fold_aucs": folds})  # fmt: skip
+        verdict.append({"method": v, "out_mean": res.auc, f"out_p_{LIDC_PPI}": p_ppi,
+                        f"out_diff_{LIDC_PPI}": res.auc - ppi_auc})  # fmt: skip
     (out / "results").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "results" / "lidc_pooled.csv", index=False)
     return [
         *lines,
         f"| linear reference (mean over folds) | {mean_sd(ref)} | | | {', '.join(fmt(a, 2) for a in ref)} |",
+        "",
+        best_line(pd.DataFrame(verdict), "out", LIDC_PPI, "pooled held-out AUC"),
         "",
     ]
