@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from ppi_med.annotations import choose_outlined
 from ppi_med.cues import CUE_KINDS, SpuriousCue, cue_flags
-from ppi_med.methods import split_comparator
+from ppi_med.methods import split_comparator, split_methods
 from ppi_med.ppi import PPIConfig, VariantError, variant, variant_label
 from ppi_med.ppi.interventions import FILLS
 from ppi_med.ppi.masks import MASKS
@@ -929,6 +929,14 @@ def publish(out: Path, cues: Sequence[str], target: Path) -> None:
                 shutil.copy2(out / cue / name, target / cue / name)
 
 
+def _method_list(items: Sequence[str]) -> list[str]:
+    """``--methods`` as given, one per argument or comma-separated (``ppi:dilate=2,fill=zero`` stays one)."""
+    try:
+        return [m for item in items for m in split_methods(item)]
+    except ValueError as err:
+        raise ShortcutError(f"--methods: {err}") from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.shortcut", description=__doc__.split("\n\n")[0])
     p.add_argument("--cue", default="patch", help=f"cue kind(s), comma-separated: {', '.join(CUE_KINDS)}")
@@ -936,7 +944,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-p-pos", type=float, default=0.95)
     p.add_argument("--train-p-neg", type=float, default=0.05)
     p.add_argument("--grid", default="default", choices=sorted(GRIDS))
-    p.add_argument("--methods", nargs="+", help="method specs; overrides --grid")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        help="method specs, comma-separated or one per argument (baseline,ppi,groupdro,jtt,dfr,random_mask); "
+        "overrides --grid",
+    )
     p.add_argument("--ppi-base", default="", help="PPI fields applied to every PPI method, as field=value,...")
     p.add_argument(
         "--outline-share",
@@ -977,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 strength=args.strength,
                 train_p_pos=args.train_p_pos,
                 train_p_neg=args.train_p_neg,
-                methods=args.methods or grid_methods(args.grid),
+                methods=_method_list(args.methods) if args.methods else grid_methods(args.grid),
                 seeds=args.seeds,
                 epochs=args.epochs,
                 batch_size=args.batch_size,

@@ -12,12 +12,36 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .ppi import PPIConfig, variant, variant_fields, variant_label
+from .ppi.variants import split_fields
 from .robust import COMPARATORS, RobustConfig
 from .saliency import METHODS as SALIENCIES
 
-__all__ = ["method_label", "method_settings", "split_comparator"]
+__all__ = ["method_label", "method_settings", "split_comparator", "split_methods"]
 
 _WORD = re.compile(r"[a-z_]+")
+_FIELD_ITEM = re.compile(r"\s*[A-Za-z_]\w*\s*=")
+
+
+def split_methods(text: str) -> list[str]:
+    """A comma-separated list of methods, where the commas between a variant's fields stay in the variant.
+
+    ``baseline,ppi:mode=detached,partner=roll,ppi_wbp+dfr`` -> ``baseline``, ``ppi:mode=detached,partner=roll``,
+    ``ppi_wbp+dfr``: an item ``<field>=<value>`` (no method name has ``=`` before a ``:``) continues the one before.
+
+    Raises:
+        ValueError: an empty list, or a ``<field>=<value>`` with no method before it.
+    """
+    methods: list[str] = []
+    for item in split_fields(text):
+        if _FIELD_ITEM.match(item) and ":" not in item.split("=", 1)[0]:
+            if not methods or ":" not in methods[-1]:
+                raise ValueError(f"methods '{text}': '{item}' follows no <method>:<field>=<value>")
+            methods[-1] += "," + item
+        else:
+            methods.append(item)
+    if not methods:
+        raise ValueError(f"expected a comma-separated list of methods, got '{text}'")
+    return methods
 
 
 def split_comparator(name: str) -> tuple[str, str]:

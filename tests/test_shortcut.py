@@ -58,6 +58,14 @@ def test_method_specs_and_their_errors():
         ShortcutConfig(cue="stamp")
 
 
+def test_a_methods_list_with_a_field_and_no_method_is_named(tmp_path, capsys):
+    assert main(["--methods", "baseline,dilate=2", "--out", str(tmp_path / "b")]) == 2
+    assert "--methods: methods 'baseline,dilate=2': 'dilate=2' follows no <method>:<field>=<value>" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
 def test_methods_are_named_by_their_configuration():
     assert method_label("ppi") == "ppi_wbp"
     assert method_label("ppi:partner=roll,mode=detached") == "ppi_wbp:mode=detached,partner=roll"
@@ -182,7 +190,7 @@ def test_ppi_moves_the_model_off_the_shortcut(spec: str, outline_share: float):
 def test_the_comparators_run_in_the_benchmark_with_their_groups_and_each_selection(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "bench"
-    methods = ["groupdro", "jtt", "dfr", "ppi+dfr"]
+    methods = ["groupdro,jtt", "dfr", "ppi+dfr"]  # comma-separated, one per argument, or both
     argv = ["--cue", "patch", "--seeds", "1", "--epochs", "4", "--methods", *methods, "--out", str(out)]
     assert main([*argv, "--tracking-uri", uri, "--selection", "oracle"]) == 0
     results = pd.read_csv(out / "patch" / "results.csv")

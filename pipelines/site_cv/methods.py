@@ -11,43 +11,31 @@ its name, ``--ppi#warmup_epochs 0`` leaves it so, and ``--ppi#mode detached`` sh
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from ppi_med.methods import method_settings, split_comparator
+from ppi_med.methods import split_methods as split_method_list
 from ppi_med.ppi import variant, variant_label
-from ppi_med.ppi.variants import RECIPE_FIELDS, split_fields
+from ppi_med.ppi.variants import RECIPE_FIELDS
 from ppi_med.robust import RobustConfig
 
 from .config import SiteCVError
 
 __all__ = ["method_labels", "method_overrides", "split_methods"]
 
-_FIELD_ITEM = re.compile(r"\s*[A-Za-z_]\w*\s*=")
-
 
 def split_methods(text: str) -> list[str]:
-    """A comma-separated ``--methods`` list, where the commas between a variant's fields stay in the variant.
-
-    ``baseline,ppi:mode=detached,partner=roll,ppi_wbp+dfr`` -> ``baseline``, ``ppi:mode=detached,partner=roll``,
-    ``ppi_wbp+dfr``: an item ``<field>=<value>`` (no method name has ``=`` before a ``:``) continues the one before.
+    """The ``--methods`` list (:func:`ppi_med.methods.split_methods`).
 
     Raises:
         SiteCVError: an empty list, or a ``<field>=<value>`` with no method before it.
     """
-    methods: list[str] = []
-    for item in split_fields(text):
-        if _FIELD_ITEM.match(item) and ":" not in item.split("=", 1)[0]:
-            if not methods or ":" not in methods[-1]:
-                raise SiteCVError(f"methods '{text}': '{item}' follows no <method>:<field>=<value>")
-            methods[-1] += "," + item
-        else:
-            methods.append(item)
-    if not methods:
-        raise SiteCVError(f"expected a comma-separated list of methods, got '{text}'")
-    return methods
+    try:
+        return split_method_list(text)
+    except ValueError as err:
+        raise SiteCVError(str(err)) from err
 
 
 def method_overrides(method: str) -> dict[str, Any]:
