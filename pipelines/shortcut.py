@@ -676,7 +676,8 @@ def summary_markdown(summary: pd.DataFrame, cfg: ShortcutConfig) -> str:
     for _, r in summary.iterrows():
         cells = [f"`{r['method']}`"]
         for test in TEST_SETS:
-            cells.append(f"{r[f'{test}_auc_mean']:.3f} +- {r[f'{test}_auc_sd']:.3f}")
+            sd = r[f"{test}_auc_sd"]  # none with one seed
+            cells.append(f"{r[f'{test}_auc_mean']:.3f}" + ("" if math.isnan(sd) else f" +- {sd:.3f}"))
         cells += [f"{r['reversed_acc_mean']:.3f}", f"{r['free_acc_mean']:.3f}"]
         cells += [f"{r['reversed_auc_delta']:+.3f}", p_value(r["reversed_auc_p"])]
         cells += [f"{r['free_auc_delta']:+.3f}", p_value(r["free_auc_p"])]
