@@ -191,7 +191,7 @@ def test_quick_site_studies_report_their_own_numbers(tmp_path):
         assert f"#### Selection {sel}" in text
     assert "| `dfr` |" in text and "Best pooled out-of-site AUC:" in text
     # the site matrices: one study per method, merged
-    assert "merged from 3 studies run apart: baseline (`.../sites-baseline/cv`); ppi_wbp" in text
+    assert "### How it ran\n\n- merged from 3 studies run apart: baseline (`.../sites-baseline/cv`); ppi_wbp" in text
     matrices = text.split("### Every method against the baseline and PPI")[1].split("\n#")[0]
     assert "| `dfr` |" in matrices and "Best pooled out-of-site AUC:" in matrices
     cv = tmp_path / "jobs" / "sites-confounded" / "cv"

@@ -79,9 +79,13 @@ def sites_section(out: Path, fig_dir: Path) -> list[str]:
         # goes too: it links files beside the summary, and the heatmaps are shown below from the figure folder
         text = _without_section(summary.read_text().splitlines(), "## Figures")
         body = [("#" + line) if line.startswith("#") else line for line in text if not line.startswith("# ")]
+        # the summary's lines before its first section say how the study ran: under a heading of their own
+        first = next((i for i, line in enumerate(body) if line.startswith("#")), len(body))
+        design = [line for line in body[:first] if line.strip()]
+        body = [*(["### How it ran", "", *design, ""] if design else []), *body[first:]]
         lines += [*render("sites", prefix), "", *sites_verdict(cv), ""]
         if job == "sites":  # the confounded study's method tables are the comparators section's
-            lines += [*render("sites", "methods"), "", *_methods_table(cv, fig_dir), ""]
+            lines += [*render("sites", "methods"), "", *_methods_table(cv, fig_dir)]  # it ends with a blank line
         cue = cv / "cue_effect" / "cue_effect.md"
         if cue.is_file():
             lines += [*render("sites", "cue_effect"), "", *cue.read_text().splitlines(), ""]
