@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,14 +145,18 @@ def site_comparison(
 
 
 #: a GA job's folder: ``ga-<method>-s<seed>``, under a selection rule other than ``train`` ``...-<rule>``
-_GA_JOB = r"ga-(.+?)-s(\d+)(?:-([a-z_]+))?"
+_GA_JOB = re.compile(r"ga-(.+?)-s(\d+)(?:-([a-z_]+))?")
+
+
+def _ga_job(folder: str) -> tuple[str, int, str] | None:
+    """(method, seed, selection rule) of a GA job's folder name; ``None`` for any other folder."""
+    m = _GA_JOB.fullmatch(folder)
+    return (m.group(1), int(m.group(2)), m.group(3) or "train") if m else None
 
 
 def ga_selections(jobs_dir: Path) -> list[str]:
     """The selection rules ``make results``' GA jobs in ``jobs_dir`` ran under, ``train`` first."""
-    import re
-
-    found = {m.group(3) or "train" for p in jobs_dir.glob("ga-*-s*") if (m := re.fullmatch(_GA_JOB, p.name))}
+    found = {job[2] for p in jobs_dir.glob("ga-*-s*") if (job := _ga_job(p.name))}
     return sorted(found, key=lambda s: (s != "train", s))
 
 
@@ -162,13 +167,11 @@ def ga_comparison(
     ``train``, ``...-<selection>`` otherwise; ``runs/*/test_predictions.csv`` in each): held-out test AUC (``out``:
     mean, sd over seeds), the mean paired difference against each reference under the same rule and the largest
     of the seeds' DeLong p (``out_p_<ref>``: every seed must show the difference)."""
-    import re
-
     found: dict[str, dict[int, pd.DataFrame]] = {}
     for path in sorted(jobs_dir.glob("ga-*-s*/runs/*/test_predictions.csv")):
-        m = re.fullmatch(_GA_JOB, path.parents[2].name)
-        if m and (m.group(3) or "train") == selection:
-            found.setdefault(m.group(1), {})[int(m.group(2))] = pd.read_csv(path)
+        job = _ga_job(path.parents[2].name)
+        if job and job[2] == selection:
+            found.setdefault(job[0], {})[job[1]] = pd.read_csv(path)
     rows = []
     for method, seeds in found.items():
         aucs = [_pooled_auc(d.rename(columns={"prob": "score"})) for d in seeds.values()]

@@ -83,8 +83,7 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         patients=n_pat,
     )
     ppi = pooled[LIDC_PPI][0] if LIDC_PPI in pooled else None
-    ppi_auc = auc_ci(ppi["label"], ppi["prob"]).auc if ppi is not None else np.nan
-    rows, verdict = [], []  # verdict: the rows of the sentence under the table, as pipelines.comparisons reads them
+    rows = []
     for v, (frame, fold_aucs, _) in pooled.items():
         res = auc_ci(frame["label"], frame["prob"])
         p = np.nan if v == "baseline" else delong_p(base, frame)
@@ -96,14 +95,17 @@ def lidc_section(out: Path, jobs: Sequence[Job], client, goals: dict) -> list[st
         goals[f"lidc_{v}"] = (res.auc, res.ci_low, res.ci_high, len(frame), n_pat)
         rows.append({"variant": v, "nodules": len(frame), "auc": res.auc, "ci_low": res.ci_low,
                      "ci_high": res.ci_high, "p_vs_baseline": p, "p_vs_ppi": p_ppi, "fold_aucs": folds})  # fmt: skip
-        verdict.append({"method": v, "out_mean": res.auc, f"out_p_{LIDC_PPI}": p_ppi,
-                        f"out_diff_{LIDC_PPI}": res.auc - ppi_auc})  # fmt: skip
     (out / "results").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out / "results" / "lidc_pooled.csv", index=False)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "results" / "lidc_pooled.csv", index=False)
+    # the sentence under the table reads the columns pipelines.comparisons' tables have
+    ppi_auc = table.set_index("variant")["auc"].get(LIDC_PPI, np.nan)
+    verdict = table.rename(columns={"variant": "method", "auc": "out_mean", "p_vs_ppi": f"out_p_{LIDC_PPI}"})
+    verdict[f"out_diff_{LIDC_PPI}"] = verdict["out_mean"] - ppi_auc
     return [
         *lines,
         f"| linear reference (mean over folds) | {mean_sd(ref)} | | | {', '.join(fmt(a, 2) for a in ref)} |",
         "",
-        best_line(pd.DataFrame(verdict), "out", LIDC_PPI, "pooled held-out AUC"),
+        best_line(verdict, "out", LIDC_PPI, "pooled held-out AUC"),
         "",
     ]
